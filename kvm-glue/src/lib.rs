@@ -1,0 +1,5 @@
+//! Applies the `x86-debugreg` model to real KVM vCPUs.
+#![deny(clippy::undocumented_unsafe_blocks)]
+#![deny(missing_docs, missing_debug_implementations)]
+
+pub mod guest;
