@@ -224,8 +224,7 @@ impl Guest {
             // SAFETY: `desc` describes exactly one mmap'ed region owned by `mem`;
             // `mem` is a field of the returned `Guest`, dropped after `vm` and
             // every vCPU, so the host mapping outlives every use KVM makes of it.
-            unsafe { vm.set_user_memory_region(desc) }
-                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+            unsafe { vm.set_user_memory_region(desc) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
         let mut guest = Guest {
             vcpus: Vec::with_capacity(vcpus),
@@ -238,10 +237,7 @@ impl Guest {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         for id in 0..vcpus {
-            let vcpu = guest
-                .vm
-                .create_vcpu(id as u64)
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let vcpu = guest.vm.create_vcpu(id as u64).map_err(kvm_err("KVM_CREATE_VCPU"))?;
             vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
             setup_long_mode(&vcpu)?;
             guest.vcpus.push(vcpu);
@@ -431,10 +427,7 @@ mod tests {
 
     #[test]
     fn routines_do_not_overlap() {
-        let mut spans: Vec<(u64, u64)> = ROUTINES
-            .iter()
-            .map(|(a, c)| (*a, *a + c.len() as u64))
-            .collect();
+        let mut spans: Vec<(u64, u64)> = ROUTINES.iter().map(|(a, c)| (*a, *a + c.len() as u64)).collect();
         spans.sort();
         for w in spans.windows(2) {
             assert!(w[0].1 <= w[1].0, "{w:x?}");

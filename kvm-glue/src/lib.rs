@@ -2,4 +2,9 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![deny(missing_docs, missing_debug_implementations)]
 
+pub mod fake;
 pub mod guest;
+pub mod vcpu;
+
+pub use vcpu::VcpuOps;
+pub mod probe;

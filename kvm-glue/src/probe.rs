@@ -1,0 +1,424 @@
+//! What this host's KVM really does with guest debugging, found by running the
+//! tiny guest ([`crate::guest`]) rather than assumed.
+//!
+//! On a plain VMX or SVM host every feature is expected to work; on a host
+//! whose KVM emulates guest code (such as `kvm_pvm`), data watchpoints, `#BP`
+//! exits and RFLAGS.RF may not. VMMs print [`Probe`] (one line per feature);
+//! tests read its fields to decide what they can check.
+//!
+//! ```no_run
+//! let probe = kvm_glue::probe::probe()?;
+//! print!("{probe}");
+//! if !probe.write_watch.supported {
+//!     println!("no data watchpoints here: {}", probe.write_watch.detail);
+//! }
+//! # Ok::<(), kvm_glue::guest::GuestError>(())
+//! ```
+
+use std::fmt;
+
+use kvm_bindings::{
+    kvm_guest_debug, kvm_guest_debug_arch, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_INJECT_BP, KVM_GUESTDBG_INJECT_DB,
+    KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP,
+};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::guest::{self, Exit, Guest, GuestError};
+
+/// Most exits one probe experiment waits for before giving up.
+const MAX_EXITS: usize = 24;
+
+/// What the probe found for one feature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    /// Whether the feature behaved as the SDM and the KVM API describe.
+    pub supported: bool,
+    /// What was seen, in a few words (values in hex).
+    pub detail: String,
+}
+
+impl Finding {
+    fn yes(detail: impl Into<String>) -> Finding {
+        Finding {
+            supported: true,
+            detail: detail.into(),
+        }
+    }
+    fn no(detail: impl Into<String>) -> Finding {
+        Finding {
+            supported: false,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Where the guest's own `int1` (ICEBP) leaves the pc of its `#DB` exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Int1Pc {
+    /// At the `int1` itself (VMX: the exit is an instruction intercept).
+    AtInstruction,
+    /// After the `int1` (a trap, as on bare metal and SVM).
+    AfterInstruction,
+    /// No `#DB` exit was seen for `int1`.
+    Unknown,
+}
+
+/// The host's guest-debug capabilities, one [`Finding`] per feature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    /// Execute breakpoints: all four slots stop at the breakpoint with DR6.Bn.
+    pub execute: Finding,
+    /// Single-step: one `#DB` exit with DR6.BS per instruction, at the next pc.
+    pub single_step: Finding,
+    /// Write watchpoints: a `#DB` exit after each write that overlaps.
+    pub write_watch: Finding,
+    /// Read/write watchpoints: a `#DB` exit after each read or write that overlaps.
+    pub rw_watch: Finding,
+    /// Software breakpoints: `int3` with `USE_SW_BP` exits with exception 3 at the `int3`.
+    pub sw_breakpoint: Finding,
+    /// RFLAGS.RF set on resume runs past an execute breakpoint at the pc.
+    pub resume_flag: Finding,
+    /// The guest's own `int3` (no debugging on) reaches its IDT handler.
+    pub guest_int3: Finding,
+    /// The guest's own `int1` with debugging on exits with exception 1.
+    pub guest_int1: Finding,
+    /// Where that exit's pc was.
+    pub guest_int1_pc: Int1Pc,
+    /// `INJECT_DB` and `INJECT_BP` deliver `#DB`/`#BP` to the guest's IDT.
+    pub inject: Finding,
+    /// The `dr7` field of debug exits holds the programmed DR7.
+    pub exit_dr7: Finding,
+}
+
+impl fmt::Display for Probe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rows: [(&str, &Finding); 10] = [
+            ("execute breakpoints", &self.execute),
+            ("single-step", &self.single_step),
+            ("write watchpoints", &self.write_watch),
+            ("read/write watchpoints", &self.rw_watch),
+            ("int3 exits (USE_SW_BP)", &self.sw_breakpoint),
+            ("RFLAGS.RF resume", &self.resume_flag),
+            ("guest's own int3", &self.guest_int3),
+            ("guest's own int1", &self.guest_int1),
+            ("INJECT_DB/INJECT_BP", &self.inject),
+            ("dr7 in debug exits", &self.exit_dr7),
+        ];
+        for (name, finding) in rows {
+            let mark = if finding.supported { "yes" } else { "NO " };
+            writeln!(f, "{name:<24} {mark}  {}", finding.detail)?;
+        }
+        Ok(())
+    }
+}
+
+/// Why the probe could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// Building the guest failed (including `/dev/kvm` missing).
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+    /// An ioctl the probe needs failed.
+    #[error("probe: {what} failed: {source}")]
+    Kvm {
+        /// Which step.
+        what: &'static str,
+        /// The ioctl's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+impl ProbeError {
+    /// Whether this is "there is no usable `/dev/kvm`".
+    pub fn is_no_kvm(&self) -> bool {
+        matches!(self, ProbeError::Guest(GuestError::NoKvm(_)))
+    }
+}
+
+fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> ProbeError {
+    move |source| ProbeError::Kvm { what, source }
+}
+
+/// `KVM_SET_GUEST_DEBUG` argument from control flags and DR0–3, DR7.
+pub(crate) fn raw_debug(control: u32, dr: [u64; 4], dr7: u64) -> kvm_guest_debug {
+    kvm_guest_debug {
+        control,
+        pad: 0,
+        arch: kvm_guest_debug_arch {
+            debugreg: [dr[0], dr[1], dr[2], dr[3], 0, 0, 0, dr7],
+        },
+    }
+}
+
+/// DR7 bit 10 (reads as 1), plus Gn for `slot`, R/W and LEN codes.
+fn dr7_for(slot: usize, rw: u64, len: u64) -> u64 {
+    0x400 | (1 << (2 * slot + 1)) | (rw << (16 + 4 * slot)) | (len << (18 + 4 * slot))
+}
+
+/// A fresh one-vCPU guest with `dbg` applied and RIP at `rip`.
+fn fresh(rip: u64, dbg: &kvm_guest_debug) -> Result<Guest, ProbeError> {
+    let mut g = Guest::new(1)?;
+    g.start(0, rip)?;
+    g.vcpu(0).set_guest_debug(dbg).map_err(kvm("KVM_SET_GUEST_DEBUG"))?;
+    Ok(g)
+}
+
+/// Runs until an exit `stop` accepts (inclusive), an exit that ends the run
+/// (hlt, internal error, shutdown, anything unexpected), or [`MAX_EXITS`].
+fn run_until(g: &mut Guest, stop: impl Fn(&Exit) -> bool) -> Result<Vec<Exit>, ProbeError> {
+    let mut exits = Vec::new();
+    for _ in 0..MAX_EXITS {
+        let exit = guest::run_once(g.vcpu(0)).map_err(kvm("KVM_RUN"))?;
+        let end = stop(&exit) || matches!(exit, Exit::Hlt | Exit::InternalError | Exit::Shutdown | Exit::Other(_));
+        exits.push(exit);
+        if end {
+            break;
+        }
+    }
+    Ok(exits)
+}
+
+/// Whether `e` is a routine's final `out` to [`guest::PORT_DONE`].
+fn done(e: &Exit) -> bool {
+    matches!(e, Exit::Out(guest::PORT_DONE, _))
+}
+
+fn describe(exits: &[Exit]) -> String {
+    let parts: Vec<String> = exits
+        .iter()
+        .map(|e| match e {
+            Exit::Debug { exception, pc, dr6, .. } => format!("#{exception}@{pc:#x}/dr6={dr6:#x}"),
+            Exit::Out(port, v) => format!("out({port:#x},{v})"),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    parts.join(" ")
+}
+
+/// Runs every experiment and reports. Takes a few milliseconds.
+///
+/// # Errors
+/// [`ProbeError::Guest`] when the guest cannot be built (see
+/// [`ProbeError::is_no_kvm`]); [`ProbeError::Kvm`] when an ioctl fails.
+pub fn probe() -> Result<Probe, ProbeError> {
+    let (execute, exit_dr7) = probe_execute()?;
+    let (guest_int1, guest_int1_pc) = probe_int1()?;
+    Ok(Probe {
+        execute,
+        single_step: probe_single_step()?,
+        write_watch: probe_watch(1, "write")?,
+        rw_watch: probe_watch(3, "read/write")?,
+        sw_breakpoint: probe_sw()?,
+        resume_flag: probe_rf()?,
+        guest_int3: probe_guest_int3()?,
+        guest_int1,
+        guest_int1_pc,
+        inject: probe_inject()?,
+        exit_dr7,
+    })
+}
+
+fn probe_execute() -> Result<(Finding, Finding), ProbeError> {
+    let mut bad = Vec::new();
+    let mut dr6s = Vec::new();
+    let mut dr7_ok = true;
+    let mut dr7_seen = 0;
+    for slot in 0..4 {
+        let addr = guest::STRAIGHT_INSNS[slot + 1];
+        let mut dr = [0u64; 4];
+        dr[slot] = addr;
+        let dr7 = dr7_for(slot, 0, 0);
+        let dbg = raw_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP, dr, dr7);
+        let mut g = fresh(guest::STRAIGHT, &dbg)?;
+        let exits = run_until(&mut g, |e| matches!(e, Exit::Debug { .. }) || done(e))?;
+        match exits.last() {
+            Some(&Exit::Debug {
+                exception: 1,
+                pc,
+                dr6,
+                dr7: exit_dr7,
+            }) if pc == addr && dr6 & 0xf == 1 << slot => {
+                dr6s.push(format!("{dr6:#x}"));
+                if exit_dr7 & 0xff != dr7 & 0xff {
+                    dr7_ok = false;
+                    dr7_seen = exit_dr7;
+                }
+            }
+            _ => bad.push(format!("slot {slot}: {}", describe(&exits))),
+        }
+    }
+    let execute = if bad.is_empty() {
+        Finding::yes(format!("slots 0-3 stop at the breakpoint, DR6 {}", dr6s.join(" ")))
+    } else {
+        Finding::no(bad.join("; "))
+    };
+    let exit_dr7 = if !bad.is_empty() && dr6s.is_empty() {
+        Finding::no("no execute-breakpoint exit to look at")
+    } else if dr7_ok {
+        Finding::yes("matches the programmed enable bits")
+    } else {
+        Finding::no(format!(
+            "reads {dr7_seen:#x}, not the programmed value (decode never uses it)"
+        ))
+    };
+    Ok((execute, exit_dr7))
+}
+
+fn probe_single_step() -> Result<Finding, ProbeError> {
+    let dbg = raw_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP, [0; 4], 0x400);
+    let mut g = fresh(guest::STRAIGHT, &dbg)?;
+    let exits = run_until(&mut g, done)?;
+    let expected: Vec<Exit> = guest::STRAIGHT_INSNS[1..]
+        .iter()
+        .map(|&pc| Exit::Debug {
+            exception: 1,
+            pc,
+            dr6: 0,
+            dr7: 0,
+        })
+        .collect();
+    let steps: Vec<&Exit> = exits.iter().filter(|e| e.debug().is_some()).collect();
+    let pcs_ok = steps.len() == expected.len()
+        && steps.iter().zip(&expected).all(|(seen, want)| {
+            matches!((seen, want), (Exit::Debug { exception: 1, pc, dr6, .. }, Exit::Debug { pc: wpc, .. })
+                if pc == wpc && dr6 & 0x4000 != 0)
+        });
+    let ended = exits.last().is_some_and(done);
+    Ok(if pcs_ok && ended {
+        let dr6 = steps.first().and_then(|e| e.debug()).map_or(0, |d| d.dr6);
+        Finding::yes(format!("one exit per instruction at the next pc, DR6 {dr6:#x}"))
+    } else {
+        Finding::no(describe(&exits))
+    })
+}
+
+fn probe_watch(rw: u64, name: &str) -> Result<Finding, ProbeError> {
+    // A 1-byte watchpoint at DATA + 8: hit by the first write, and (read/write
+    // only) by the read of DATA + 8; no other access of the routine touches it.
+    let addr = guest::DATA + 8;
+    let dbg = raw_debug(
+        KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP,
+        [addr, 0, 0, 0],
+        dr7_for(0, rw, 0),
+    );
+    let mut g = fresh(guest::DATA_ACCESS, &dbg)?;
+    let exits = run_until(&mut g, done)?;
+    let want: Vec<u64> = guest::DATA_ACCESSES
+        .iter()
+        .filter(|a| a.addr == addr && (a.write || rw == 3))
+        .map(|a| a.next)
+        .collect();
+    let seen: Vec<u64> = exits
+        .iter()
+        .filter_map(|e| e.debug())
+        .filter(|d| d.exception == 1 && d.dr6 & 1 == 1)
+        .map(|d| d.pc)
+        .collect();
+    Ok(if seen == want && exits.last().is_some_and(done) {
+        Finding::yes(format!("{name} watchpoint stops after each access"))
+    } else if seen.is_empty() {
+        Finding::no(format!(
+            "a 1-byte {name} watchpoint never fired; the guest ran on: {}",
+            describe(&exits)
+        ))
+    } else {
+        Finding::no(format!("expected stops after {want:#x?}, saw {}", describe(&exits)))
+    })
+}
+
+fn probe_sw() -> Result<Finding, ProbeError> {
+    let dbg = raw_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP, [0; 4], 0x400);
+    let mut g = fresh(guest::SW, &dbg)?;
+    g.memory()
+        .write_obj(0xCCu8, GuestAddress(guest::SW_PATCH))
+        .map_err(GuestError::Memory)?;
+    let exits = run_until(&mut g, |e| matches!(e, Exit::Debug { .. }) || done(e))?;
+    Ok(match exits.last() {
+        Some(&Exit::Debug { exception: 3, pc, .. }) if pc == guest::SW_PATCH => {
+            Finding::yes("int3 exits with exception 3 at the int3")
+        }
+        _ => Finding::no(format!("int3 gave {}", describe(&exits))),
+    })
+}
+
+fn probe_rf() -> Result<Finding, ProbeError> {
+    let addr = guest::STRAIGHT_INSNS[2];
+    let dbg = raw_debug(
+        KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP,
+        [addr, 0, 0, 0],
+        dr7_for(0, 0, 0),
+    );
+    let mut g = fresh(guest::STRAIGHT, &dbg)?;
+    let first = run_until(&mut g, |e| matches!(e, Exit::Debug { .. }) || done(e))?;
+    if !matches!(first.last(), Some(Exit::Debug { pc, .. }) if *pc == addr) {
+        return Ok(Finding::no(format!(
+            "no execute-breakpoint exit to resume from: {}",
+            describe(&first)
+        )));
+    }
+    let vcpu = g.vcpu(0);
+    let mut regs = vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?;
+    regs.rflags |= 1 << 16;
+    vcpu.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
+    let next = run_until(&mut g, |e| matches!(e, Exit::Debug { .. }) || done(e))?;
+    Ok(match next.last() {
+        Some(e) if done(e) => Finding::yes("resuming with RF set runs past the breakpoint"),
+        _ => Finding::no(format!(
+            "resuming with RF set gave {} (the same breakpoint again)",
+            describe(&next)
+        )),
+    })
+}
+
+fn probe_guest_int3() -> Result<Finding, ProbeError> {
+    let mut g = fresh(guest::INT3, &raw_debug(0, [0; 4], 0))?;
+    let exits = run_until(&mut g, done)?;
+    Ok(
+        if exits.first() == Some(&Exit::Out(guest::PORT_VECTOR, 3)) && exits.last().is_some_and(done) {
+            Finding::yes("reaches the guest's #BP handler, which returns")
+        } else {
+            Finding::no(format!(
+                "the guest's int3 gave {} instead of its #BP handler",
+                describe(&exits)
+            ))
+        },
+    )
+}
+
+fn probe_int1() -> Result<(Finding, Int1Pc), ProbeError> {
+    let dbg = raw_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP, [0; 4], 0x400);
+    let mut g = fresh(guest::INT1, &dbg)?;
+    let exits = run_until(&mut g, |e| matches!(e, Exit::Debug { .. }) || done(e))?;
+    Ok(match exits.last() {
+        Some(&Exit::Debug {
+            exception: 1, pc, dr6, ..
+        }) => {
+            let at = if pc == guest::INT1 {
+                Int1Pc::AtInstruction
+            } else if pc == guest::INT1 + 1 {
+                Int1Pc::AfterInstruction
+            } else {
+                Int1Pc::Unknown
+            };
+            (Finding::yes(format!("#DB exit at pc {pc:#x}, DR6 {dr6:#x}")), at)
+        }
+        _ => (Finding::no(format!("int1 gave {}", describe(&exits))), Int1Pc::Unknown),
+    })
+}
+
+fn probe_inject() -> Result<Finding, ProbeError> {
+    let mut seen = Vec::new();
+    let mut ok = true;
+    for (flag, vector) in [(KVM_GUESTDBG_INJECT_DB, 1u8), (KVM_GUESTDBG_INJECT_BP, 3u8)] {
+        let mut g = fresh(guest::STRAIGHT, &raw_debug(KVM_GUESTDBG_ENABLE | flag, [0; 4], 0x400))?;
+        let exits = run_until(&mut g, done)?;
+        ok &= exits.first() == Some(&Exit::Out(guest::PORT_VECTOR, vector)) && exits.last().is_some_and(done);
+        seen.push(describe(&exits));
+    }
+    Ok(if ok {
+        Finding::yes("the guest's #DB and #BP handlers run, then the guest goes on")
+    } else {
+        Finding::no(seen.join("; "))
+    })
+}
