@@ -41,11 +41,14 @@
 //! * [`control`]: `struct kvm_guest_debug` and its flags.
 //! * [`exit`]: debug-exit decoding.
 //! * [`state`]: [`DebugState`], the aggregate with the seed's API.
-//! * `reference` (feature `reference`): the integer-level oracle the tests use.
+//! * `reference` (feature `reference`): the integer-level oracle the tests use,
+//!   and `differential`, which runs both models in lock-step.
 
 extern crate alloc;
 
 pub mod control;
+#[cfg(feature = "reference")]
+pub mod differential;
 pub mod dr6;
 pub mod dr7;
 pub mod exit;
