@@ -54,6 +54,7 @@ pub mod dr7;
 pub mod exit;
 pub mod gdb;
 pub mod hw;
+pub mod predict;
 #[cfg(feature = "reference")]
 pub mod reference;
 pub mod state;
@@ -65,4 +66,5 @@ pub use dr7::{Condition, Dr7, Len, Slot};
 pub use exit::{decode, DebugExit, Decision, DecodeError, Exception, Hit, Hits, Stop};
 pub use gdb::BreakpointType;
 pub use hw::{HwBreakpoint, HwError, HwKind, HwSlots};
+pub use predict::{Access, AccessKind, SlotMask};
 pub use state::{BreakpointError, DebugState};

@@ -79,7 +79,8 @@ pub struct Access {
     /// fetch). Addresses wrap modulo 2^64.
     pub addr: u64,
     /// Bytes accessed (1, 2, 4 and 8 are the plain `mov` widths; any size
-    /// works, 0 counts as 1). Ignored for [`AccessKind::Execute`].
+    /// works, and a 0-byte access touches nothing). Ignored for
+    /// [`AccessKind::Execute`].
     pub size: u64,
     /// Read, write or fetch.
     pub kind: AccessKind,
@@ -251,12 +252,11 @@ pub const fn condition_met(dr: u64, condition: Condition, len: Len, access: Acce
         // accesses never meet an I/O condition.
         _ => false,
     };
-    if !data_match {
+    if !data_match || access.size == 0 {
         return false;
     }
     let bytes = len.bytes();
-    let size = if access.size == 0 { 1 } else { access.size };
-    overlaps(dr & !(bytes - 1), bytes, access.addr, size)
+    overlaps(dr & !(bytes - 1), bytes, access.addr, access.size)
 }
 
 /// Whether an access meets the condition of `bp` (as programmed into an
@@ -405,8 +405,18 @@ mod tests {
                 addr == 0x4000
             );
         }
-        assert!(!condition_met(0x4000, Condition::Execute, Len::B1, Access::read(0x4000, 1)));
-        assert!(!condition_met(0x4000, Condition::Execute, Len::B1, Access::write(0x4000, 8)));
+        assert!(!condition_met(
+            0x4000,
+            Condition::Execute,
+            Len::B1,
+            Access::read(0x4000, 1)
+        ));
+        assert!(!condition_met(
+            0x4000,
+            Condition::Execute,
+            Len::B1,
+            Access::write(0x4000, 8)
+        ));
     }
 
     #[test]
@@ -421,7 +431,11 @@ mod tests {
     fn io_condition_never_matches_memory() {
         for kind in [AccessKind::Read, AccessKind::Write, AccessKind::Execute] {
             for len in [Len::B1, Len::B2, Len::B4, Len::B8] {
-                let access = Access { addr: 0x80, size: 8, kind };
+                let access = Access {
+                    addr: 0x80,
+                    size: 8,
+                    kind,
+                };
                 assert!(!condition_met(0x80, Condition::Io, len, access));
             }
         }
@@ -430,11 +444,23 @@ mod tests {
     #[test]
     fn ranges_at_the_top_of_the_address_space_wrap() {
         let top = u64::MAX - 3; // 4-byte range ending at u64::MAX
-        assert!(condition_met(top, Condition::Write, Len::B4, Access::write(u64::MAX, 1)));
-        assert!(condition_met(top, Condition::Write, Len::B4, Access::write(u64::MAX - 1, 8)));
+        assert!(condition_met(
+            top,
+            Condition::Write,
+            Len::B4,
+            Access::write(u64::MAX, 1)
+        ));
+        assert!(condition_met(
+            top,
+            Condition::Write,
+            Len::B4,
+            Access::write(u64::MAX - 1, 8)
+        ));
         assert!(!condition_met(top, Condition::Write, Len::B4, Access::write(0, 1)));
         // An access that wraps from the top into address 0.
         assert!(condition_met(0, Condition::Write, Len::B1, Access::write(u64::MAX, 2)));
+        // A 0-byte access touches nothing.
+        assert!(!condition_met(0, Condition::Write, Len::B1, Access::write(0, 0)));
     }
 
     #[test]
@@ -446,9 +472,17 @@ mod tests {
             let disabled = armed.with_global(slot, false);
             assert_eq!(hits(dr, armed, access), SlotMask::single(slot));
             assert_eq!(hits(dr, disabled, access), SlotMask::EMPTY);
-            assert_eq!(hits(dr, disabled.with_local(slot, true), access), SlotMask::single(slot));
+            assert_eq!(
+                hits(dr, disabled.with_local(slot, true), access),
+                SlotMask::single(slot)
+            );
             // The condition itself is still met: the CPU may report it.
-            assert!(condition_met(0x900, disabled.condition(slot), disabled.len(slot), access));
+            assert!(condition_met(
+                0x900,
+                disabled.condition(slot),
+                disabled.len(slot),
+                access
+            ));
         }
     }
 
