@@ -1,0 +1,62 @@
+//! kvm-glue's error type.
+
+use x86_debugreg::{BreakpointError, DecodeError};
+
+use crate::memory::MemoryError;
+
+/// The result type of kvm-glue's debug handles.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a debug-handle operation failed.
+///
+/// Every operation that fails changes nothing: no half-inserted breakpoint,
+/// no half-patched memory, and no vCPU handle recording a configuration its
+/// vCPU does not have.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An ioctl failed on one vCPU.
+    #[error("vCPU {vcpu}: {op} failed: {source}")]
+    Vcpu {
+        /// The vCPU's id.
+        vcpu: usize,
+        /// The ioctl.
+        op: &'static str,
+        /// Its error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A KVM ioctl failed outside any one vCPU.
+    #[error("KVM ioctl failed: {0}")]
+    Kvm(#[source] kvm_ioctls::Error),
+    /// The core model refused a breakpoint operation (bad length, misaligned,
+    /// not set, memory failure, ...).
+    #[error(transparent)]
+    Breakpoint(#[from] BreakpointError<MemoryError>),
+    /// Guest memory could not be read, written or translated.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// A debug exit that cannot be a guest-debug exit.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// A thread panicked while holding the VM-wide debug state.
+    #[error("the VM-wide debug state is poisoned (a thread panicked while holding it)")]
+    Poisoned,
+}
+
+// Written out rather than `#[from]`, as the style asks: a bare ioctl error has
+// no vCPU to name; errors from a vCPU ioctl are built as `Error::Vcpu`.
+impl From<kvm_ioctls::Error> for Error {
+    fn from(e: kvm_ioctls::Error) -> Error {
+        Error::Kvm(e)
+    }
+}
+
+impl Error {
+    /// The vCPU whose ioctl failed, if that is what this error is.
+    pub fn vcpu(&self) -> Option<usize> {
+        match self {
+            Error::Vcpu { vcpu, .. } => Some(*vcpu),
+            _ => None,
+        }
+    }
+}
