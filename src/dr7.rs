@@ -27,7 +27,7 @@ use core::fmt;
 /// assert_eq!(Slot::new(3).map(Slot::get), Some(3));
 /// assert!(Slot::new(4).is_none());
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct Slot(SlotIndex);
 
@@ -79,6 +79,12 @@ impl TryFrom<u8> for Slot {
     type Error = InvalidSlot;
     fn try_from(n: u8) -> Result<Slot, InvalidSlot> {
         Slot::new(n).ok_or(InvalidSlot(n))
+    }
+}
+
+impl fmt::Debug for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DR{}", self.get())
     }
 }
 

@@ -46,6 +46,11 @@
 
 extern crate alloc;
 
+// The README's example is compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 pub mod control;
 #[cfg(feature = "reference")]
 pub mod differential;
