@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::memory::{AddressSpace, MemoryError, SpaceMemory};
 use crate::probe::Int1Pc;
 use crate::vcpu::VcpuOps;
-use crate::vcpu_debug::VcpuDebug;
+use crate::vcpu_debug::{effective, VcpuDebug};
 
 /// The outcome of a successful [`VmDebug::insert`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,12 +167,12 @@ impl<M: GuestMemory> VmDebug<M> {
     ) -> Result<T> {
         let mut guard = self.shared.lock()?;
         let inner = &mut *guard;
-        let before = inner.state.guest_debug_for(false);
+        let before = effective(inner.state.guest_debug_for(false));
         let mut mem = SpaceMemory { mem: &inner.mem, space };
         let out = op(&mut inner.state, &mut mem);
         // Only a change of the KVM_SET_GUEST_DEBUG argument needs the vCPUs'
         // attention: a second software breakpoint changes memory, not it.
-        if inner.state.guest_debug_for(false) != before {
+        if effective(inner.state.guest_debug_for(false)) != before {
             self.shared.bump();
         }
         Ok(out)

@@ -41,6 +41,24 @@ pub fn to_kvm(gd: &GuestDebug) -> kvm_guest_debug {
     }
 }
 
+/// `gd` with what KVM ignores cleared: without ENABLE, KVM turns guest
+/// debugging off whatever else is set; without USE_HW_BP it does not load
+/// `debugreg`. Two configurations with the same effective value need no ioctl
+/// to go from one to the other.
+pub fn effective(gd: GuestDebug) -> GuestDebug {
+    if !gd.control.contains(ControlFlags::ENABLE) {
+        return GuestDebug::DISABLED;
+    }
+    if gd.control.contains(ControlFlags::USE_HW_BP) {
+        gd
+    } else {
+        GuestDebug {
+            control: gd.control,
+            debugreg: [0; 8],
+        }
+    }
+}
+
 /// A stop for the debugger, decoded from one debug exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StopEvent {
@@ -231,7 +249,7 @@ impl<M: GuestMemory> VcpuDebug<M> {
             let inner = self.shared.lock()?;
             // Read under the lock: the generation and the state agree.
             (
-                inner.config_for(self.id),
+                effective(inner.config_for(self.id)),
                 self.shared.generation.load(Ordering::Acquire),
             )
         };
@@ -376,7 +394,7 @@ impl<M: GuestMemory> VcpuDebug<M> {
         }
         let shared = Arc::clone(&self.shared);
         let inner = shared.lock()?;
-        let mut config = inner.config_for(self.id);
+        let mut config = effective(inner.config_for(self.id));
         let mut dr7 = config.dr7();
         let mut slots = 0u8;
         for slot in Slot::ALL {
