@@ -52,6 +52,16 @@ pub enum Op {
         /// Value.
         value: u8,
     },
+    /// Make accesses to `addr` fail (or work again) from now on, in both
+    /// memories: how a breakpoint's page becomes unreadable after insertion.
+    Poison {
+        /// Address.
+        addr: u64,
+        /// Whether reads fail.
+        reads: bool,
+        /// Whether writes fail.
+        writes: bool,
+    },
     /// Apply the current configuration to the vCPU (`KVM_SET_GUEST_DEBUG`).
     Apply,
     /// Decode a debug exit of the vCPU against what it last applied.
@@ -113,6 +123,19 @@ impl TestMemory {
     /// The byte at `addr` without counting an access (for checks).
     pub fn peek(&self, addr: u64) -> Option<u8> {
         usize::try_from(addr).ok().and_then(|i| self.bytes.get(i).copied())
+    }
+}
+
+impl TestMemory {
+    /// Makes reads and/or writes of `addr` fail from now on (or work again).
+    pub fn poison(&mut self, addr: u64, reads: bool, writes: bool) {
+        for (set, on) in [(&mut self.bad_read, reads), (&mut self.bad_write, writes)] {
+            if on {
+                set.insert(addr);
+            } else {
+                set.remove(&addr);
+            }
+        }
     }
 }
 
@@ -223,6 +246,10 @@ impl RefSide {
                 }
                 Outcome::None
             }
+            Op::Poison { addr, reads, writes } => {
+                self.mem.poison(addr, reads, writes);
+                Outcome::None
+            }
             Op::Apply => {
                 self.applied = self.model.guest_debug(self.model.singlestep_enabled);
                 Outcome::None
@@ -288,6 +315,10 @@ impl TypedSide {
                 if let Some(i) = usize::try_from(addr).ok().filter(|&i| i < self.mem.bytes.len()) {
                     self.mem.bytes[i] = value;
                 }
+                Outcome::None
+            }
+            Op::Poison { addr, reads, writes } => {
+                self.mem.poison(addr, reads, writes);
                 Outcome::None
             }
             Op::Apply => {

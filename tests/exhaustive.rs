@@ -6,8 +6,8 @@
 //!
 //! The alphabet (16 operations) is chosen so that depth 5 already reaches every
 //! interesting state: five distinct valid hardware breakpoints (so the fifth
-//! finds the slots full), a duplicate, a misaligned watchpoint, software
-//! breakpoints on a good address and on one whose write fails, a guest write
+//! finds the slots full), a duplicate, a misaligned watchpoint, a software
+//! breakpoint, memory that starts failing writes under it, a guest write
 //! over a patched `0xCC`, remove-all, single-step, applying the configuration
 //! and decoding a `#DB` with B0|B1|BS and a `#BP` at the breakpoint.
 //!
@@ -20,17 +20,20 @@ mod common;
 
 use std::time::Instant;
 
-use common::{cases, memory, BAD_WRITE};
+use common::{cases, memory};
 use x86_debugreg::differential::{Lockstep, Op};
 use x86_debugreg::DebugExit;
 
 const A: u64 = 0x10;
 
 fn alphabet() -> Vec<Op> {
-    let sw = |addr| Op::Insert { ty: 0, addr, len: 1 };
     vec![
-        sw(A),
-        sw(BAD_WRITE),
+        Op::Insert { ty: 0, addr: A, len: 1 },
+        Op::Poison {
+            addr: A,
+            reads: false,
+            writes: true,
+        },
         Op::Remove { ty: 0, addr: A, len: 1 },
         Op::Insert { ty: 1, addr: A, len: 1 },
         Op::Insert {

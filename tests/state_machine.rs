@@ -4,12 +4,12 @@
 //! Transitions: insert/remove of every GDB type (and unknown ones) with
 //! addresses and lengths from small pools (to force collisions, misalignment
 //! and memory faults), remove-all, single-step on/off, guest writes over
-//! breakpoints, applying the configuration to a vCPU, and decoding
+//! breakpoints, memory faults appearing and healing, applying the configuration to a vCPU, and decoding
 //! synthesised exits. After every transition `differential::compare` checks
 //! outcome, DR0–3/DR7, control flags, tables and memory byte for byte, and
 //! `differential::invariants` the rules of every state.
 //!
-//! Cases: `SM_CASES` (default 1000), each up to 64 transitions. Failures are
+//! Cases: `SM_CASES` (or `PROPTEST_CASES`; default 1000), each up to 64 transitions. Failures are
 //! persisted in `proptest-regressions/state_machine.txt`.
 
 mod common;
@@ -58,13 +58,23 @@ impl ReferenceStateMachine for DebugModel {
         Just(RefSide::new(memory())).boxed()
     }
 
-    fn transitions(_: &RefSide) -> BoxedStrategy<Op> {
+    fn transitions(state: &RefSide) -> BoxedStrategy<Op> {
+        // Half the time, aim at a software breakpoint that is set, so removes,
+        // guest rewrites and memory faults meet live entries.
+        let live: Vec<u64> = state.model.sw_breakpoints.iter().map(|b| b.pc).collect();
+        let target = if live.is_empty() {
+            addr().boxed()
+        } else {
+            prop_oneof![addr(), prop::sample::select(live)].boxed()
+        };
         prop_oneof![
             8 => (gdb_type(), addr(), len()).prop_map(|(ty, addr, len)| Op::Insert { ty, addr, len }),
             6 => (gdb_type(), addr(), len()).prop_map(|(ty, addr, len)| Op::Remove { ty, addr, len }),
+            3 => target.clone().prop_map(|addr| Op::Remove { ty: 0, addr, len: 1 }),
             1 => Just(Op::RemoveAll),
             1 => any::<bool>().prop_map(Op::SingleStep),
-            1 => (addr(), any::<u8>()).prop_map(|(addr, value)| Op::GuestWrite { addr, value }),
+            2 => (target.clone(), any::<u8>()).prop_map(|(addr, value)| Op::GuestWrite { addr, value }),
+            1 => (target, any::<bool>(), any::<bool>()).prop_map(|(addr, reads, writes)| Op::Poison { addr, reads, writes }),
             2 => Just(Op::Apply),
             3 => exit().prop_map(Op::Decode),
         ]
@@ -82,6 +92,11 @@ impl StateMachineTest for DebugModel {
     type Reference = DebugModel;
 
     fn init_test(reference: &RefSide) -> TypedSide {
+        static ANNOUNCE: std::sync::Once = std::sync::Once::new();
+        ANNOUNCE.call_once(|| {
+            let n = cases("SM_CASES", cases("PROPTEST_CASES", 1000));
+            println!("state machine: {n} cases of 1-63 transitions, typed model vs reference");
+        });
         TypedSide::new(reference.mem.clone())
     }
 
@@ -102,7 +117,7 @@ impl StateMachineTest for DebugModel {
 
 prop_state_machine! {
     #![proptest_config(Config {
-        cases: cases("SM_CASES", 1000),
+        cases: cases("SM_CASES", cases("PROPTEST_CASES", 1000)),
         failure_persistence: Some(Box::new(proptest::test_runner::FileFailurePersistence::Direct(
             concat!(env!("CARGO_MANIFEST_DIR"), "/proptest-regressions/state_machine.txt"),
         ))),
@@ -113,4 +128,66 @@ prop_state_machine! {
     /// agree with the seed's behaviour (defects fixed) after every transition.
     #[test]
     fn typed_model_matches_reference_state_machine(sequential 1..64 => DebugModel);
+}
+
+/// The generator is not vacuous: random sequences of the suite's shape reach
+/// every outcome the seed can give (each errno, the guest-overwrote result,
+/// remove-all with failures, every kind of decision).
+#[test]
+fn transitions_reach_every_outcome() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    use x86_debugreg::differential::Outcome;
+    use x86_debugreg::reference as r;
+
+    let mut runner = TestRunner::deterministic();
+    let strategy = DebugModel::sequential_strategy(1..64);
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..500 {
+        let (mut state, ops, _) = strategy.new_tree(&mut runner).expect("strategy").current();
+        for op in &ops {
+            state.apply(op);
+            seen.insert(match &state.last {
+                Outcome::None => "none",
+                Outcome::Code(0) => "ok",
+                Outcome::Code(r::REMOVED_GUEST_OVERWROTE) => "guest overwrote",
+                Outcome::Code(c) if *c == -r::EINVAL => "EINVAL",
+                Outcome::Code(c) if *c == -r::ENOENT => "ENOENT",
+                Outcome::Code(c) if *c == -r::EEXIST => "EEXIST",
+                Outcome::Code(c) if *c == -r::ENOSYS => "ENOSYS",
+                Outcome::Code(c) if *c == -r::ENOBUFS => "ENOBUFS",
+                Outcome::Code(_) => "other errno",
+                Outcome::RemoveAll { failed, .. } if failed.is_empty() => "remove-all",
+                Outcome::RemoveAll { .. } => "remove-all with failures",
+                Outcome::Decision(d) if d.handle < 0 => "decode error",
+                Outcome::Decision(d) if d.sw => "software stop",
+                Outcome::Decision(d) if d.single_step && d.hit_mask != 0 => "step and hit",
+                Outcome::Decision(d) if d.single_step => "step",
+                Outcome::Decision(d) if d.hit_mask != 0 => "hardware stop",
+                Outcome::Decision(d) if d.inject == r::KVM_GUESTDBG_INJECT_DB => "reinject #DB",
+                Outcome::Decision(_) => "reinject #BP",
+            });
+        }
+    }
+    let want = [
+        "none",
+        "ok",
+        "guest overwrote",
+        "EINVAL",
+        "ENOENT",
+        "EEXIST",
+        "ENOSYS",
+        "ENOBUFS",
+        "remove-all",
+        "remove-all with failures",
+        "decode error",
+        "software stop",
+        "step and hit",
+        "step",
+        "hardware stop",
+        "reinject #DB",
+        "reinject #BP",
+    ];
+    let missing: Vec<_> = want.iter().filter(|w| !seen.contains(*w)).collect();
+    assert!(missing.is_empty(), "never reached: {missing:?} (seen {seen:?})");
 }
