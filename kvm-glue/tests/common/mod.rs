@@ -1,0 +1,104 @@
+//! Helpers for the tests that run the tiny guest on /dev/kvm.
+#![allow(dead_code)]
+
+use std::cell::Cell;
+use std::sync::OnceLock;
+
+use kvm_bindings::{kvm_guest_debug, kvm_regs, kvm_translation};
+use kvm_glue::guest::{self, Exit, Guest, GuestError};
+use kvm_glue::probe::{self, Probe};
+use kvm_glue::{Handled, StopEvent, VcpuDebug, VcpuOps};
+use kvm_ioctls::VcpuFd;
+use vm_memory::GuestMemoryMmap;
+
+/// The tiny guest, or `None` after printing one line when /dev/kvm cannot be
+/// opened (`.ci/run` turns that into a failure where /dev/kvm exists).
+pub fn guest(test: &str, vcpus: usize) -> Option<Guest> {
+    match Guest::new(vcpus) {
+        Ok(g) => Some(g),
+        Err(GuestError::NoKvm(e)) => {
+            println!("{test}: SKIPPED: /dev/kvm cannot be opened ({e})");
+            None
+        }
+        Err(e) => panic!("{test}: cannot build the tiny guest: {e}"),
+    }
+}
+
+/// The probe, run once per test binary.
+pub fn probe() -> &'static Probe {
+    static PROBE: OnceLock<Probe> = OnceLock::new();
+    PROBE.get_or_init(|| probe::probe().expect("the probe runs where the guest does"))
+}
+
+/// A `VcpuFd` that counts the `KVM_SET_GUEST_DEBUG` calls made through it.
+pub struct Counting<'a> {
+    pub fd: &'a VcpuFd,
+    pub set_guest_debug: Cell<usize>,
+}
+
+impl<'a> Counting<'a> {
+    pub fn new(fd: &'a VcpuFd) -> Counting<'a> {
+        Counting {
+            fd,
+            set_guest_debug: Cell::new(0),
+        }
+    }
+}
+
+impl VcpuOps for Counting<'_> {
+    fn set_guest_debug(&self, dbg: &kvm_guest_debug) -> Result<(), kvm_ioctls::Error> {
+        self.set_guest_debug.set(self.set_guest_debug.get() + 1);
+        self.fd.set_guest_debug(dbg)
+    }
+    fn get_regs(&self) -> Result<kvm_regs, kvm_ioctls::Error> {
+        self.fd.get_regs()
+    }
+    fn set_regs(&self, regs: &kvm_regs) -> Result<(), kvm_ioctls::Error> {
+        self.fd.set_regs(regs)
+    }
+    fn translate_gva(&self, gva: u64) -> Result<kvm_translation, kvm_ioctls::Error> {
+        self.fd.translate_gva(gva)
+    }
+}
+
+/// What a resumed vCPU came back with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A stop for the debugger.
+    Stop(StopEvent),
+    /// Any exit that is not a debug exit.
+    Exit(Exit),
+}
+
+/// `sync`, `KVM_RUN`, `handle_exit`, repeated while the answer is "run again".
+pub fn resume(h: &mut VcpuDebug<GuestMemoryMmap>, vcpu: &mut VcpuFd) -> Event {
+    for _ in 0..64 {
+        h.sync(&*vcpu).expect("sync");
+        let exit = guest::run_once(vcpu).expect("KVM_RUN");
+        let Some(arch) = exit.debug() else {
+            return Event::Exit(exit);
+        };
+        match h.handle_exit(&*vcpu, &arch).expect("handle_exit") {
+            Handled::Stop(ev) => return Event::Stop(ev),
+            Handled::Resume(_) => continue,
+        }
+    }
+    panic!("64 debug exits in a row without a stop");
+}
+
+/// Resumes until the routine's `out` to PORT_DONE, collecting every stop
+/// (stepping over execute and software breakpoints as needed).
+pub fn stops_until_done(h: &mut VcpuDebug<GuestMemoryMmap>, vcpu: &mut VcpuFd) -> Vec<StopEvent> {
+    let mut stops = Vec::new();
+    for _ in 0..32 {
+        match resume(h, vcpu) {
+            Event::Stop(ev) => {
+                stops.push(ev);
+                h.step_over(&*vcpu).expect("step_over");
+            }
+            Event::Exit(Exit::Out(guest::PORT_DONE, _)) => return stops,
+            Event::Exit(other) => panic!("unexpected exit {other:?} after stops {stops:x?}"),
+        }
+    }
+    panic!("no end after 32 stops: {stops:x?}");
+}
