@@ -13,11 +13,12 @@ use nix::libc;
 use nix::sys::ptrace;
 use nix::sys::signal::{raise, Signal};
 
-/// Bytes in the data buffer the child reads and writes.
-pub const BUFFER_LEN: usize = 4096;
+/// Bytes in the data buffer the child reads and writes: two pages, so that
+/// accesses can straddle a page boundary.
+pub const BUFFER_LEN: usize = 8192;
 
 /// The data buffer. Page-aligned so that its offsets have the same alignment
-/// as its addresses, and so that no other data shares its page.
+/// as its addresses, and so that no other data shares its pages.
 #[repr(C, align(4096))]
 struct Buffer([AtomicU8; BUFFER_LEN]);
 

@@ -23,7 +23,7 @@ use std::sync::Once;
 use nix::errno::Errno;
 
 pub use child::{buffer_addr, sled_addr, BUFFER_LEN, SLED_INSNS, SLED_LEN};
-pub use ptrace::{Oracle, Trap};
+pub use ptrace::Oracle;
 
 /// What an access does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -89,7 +89,7 @@ impl fmt::Display for OracleError {
                 None => write!(f, "{op} not permitted"),
             },
             OracleError::Rejected { dr, dr7, errno } => {
-                write!(f, "kernel refused DR0-3 {dr:#x?} DR7 {dr7:#x}: {errno}")
+                write!(f, "kernel refused DR0-3 {dr:x?} DR7 {dr7:#x}: {errno}")
             }
             OracleError::Ptrace { op, errno } => write!(f, "{op} failed: {errno}"),
             OracleError::ChildExited(code) => write!(f, "traced child exited with {code}"),

@@ -144,8 +144,11 @@ impl Oracle {
     }
 
     /// Program DR0–3 and DR7, in an order the kernel accepts from any previous
-    /// state: DR7 = 0 first turns every existing slot into a disabled 1-byte
-    /// slot, which accepts any user address, then the addresses, then DR7.
+    /// state: DR7 = 0 first re-types every existing slot as a disabled
+    /// execute breakpoint (R/W = 00, LEN = 00), which accepts any user
+    /// address; then the addresses; then DR7. (Writing a DRn while its slot
+    /// still holds, say, an 8-byte watch would be refused for an address that
+    /// is not 8-aligned, even with the slot disabled.)
     ///
     /// # Errors
     /// The kernel's answer to the first write it refuses.
