@@ -45,6 +45,9 @@
 //!   and `differential`, which runs both models in lock-step.
 
 extern crate alloc;
+// `arbitrary` (fuzzing only) is a std crate and its derives name `std`.
+#[cfg(feature = "arbitrary")]
+extern crate std;
 
 // The README's example is compiled and run as a doctest.
 #[cfg(doctest)]
