@@ -12,7 +12,7 @@
 //! if !probe.write_watch.supported {
 //!     println!("no data watchpoints here: {}", probe.write_watch.detail);
 //! }
-//! # Ok::<(), kvm_glue::guest::GuestError>(())
+//! # Ok::<(), kvm_glue::probe::ProbeError>(())
 //! ```
 
 use std::fmt;
