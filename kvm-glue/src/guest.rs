@@ -88,6 +88,9 @@ pub enum GuestError {
     /// More vCPUs were asked for than the guest has stacks for, or none.
     #[error("the tiny guest supports 1 to {MAX_VCPUS} vCPUs, not {0}")]
     VcpuCount(usize),
+    /// No vCPU with this id.
+    #[error("the guest has no vCPU {0}")]
+    NoSuchVcpu(usize),
     /// The host's KVM allows fewer vCPUs than asked for.
     #[error("this KVM allows at most {max} vCPUs, {asked} asked for")]
     HostVcpuLimit {
@@ -283,12 +286,11 @@ impl Guest {
     /// TF and RF clear), general registers zeroed, and makes it runnable.
     ///
     /// # Errors
+    /// [`GuestError::NoSuchVcpu`] for an `id` not below [`Guest::vcpu_count`];
     /// `KVM_SET_REGS` or `KVM_SET_MP_STATE` failing.
-    ///
-    /// # Panics
-    /// If `id` is not below [`Guest::vcpu_count`].
     pub fn start(&mut self, id: usize, rip: u64) -> Result<(), GuestError> {
-        start_vcpu(&self.vcpus[id], id, rip)
+        let vcpu = self.vcpus.get(id).ok_or(GuestError::NoSuchVcpu(id))?;
+        start_vcpu(vcpu, id, rip)
     }
 
     /// Writes the original bytes of every routine back (undoing any patching).

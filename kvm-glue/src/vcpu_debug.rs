@@ -339,7 +339,7 @@ impl<M: GuestMemory> VcpuDebug<M> {
                         op: "KVM_GET_REGS",
                         source,
                     })?;
-                    regs.rip += 1;
+                    regs.rip = regs.rip.wrapping_add(1);
                     vcpu.set_regs(&regs).map_err(|source| Error::Vcpu {
                         vcpu: self.id,
                         op: "KVM_SET_REGS",
