@@ -43,6 +43,7 @@
 //! * [`state`]: [`DebugState`], the aggregate with the seed's API.
 //! * `reference` (feature `reference`): the integer-level oracle the tests use,
 //!   and `differential`, which runs both models in lock-step.
+//! * `fuzzing` (features `reference` + `arbitrary`): the fuzz targets' bodies.
 
 extern crate alloc;
 // `arbitrary` (fuzzing only) is a std crate and its derives name `std`.
@@ -60,6 +61,8 @@ pub mod differential;
 pub mod dr6;
 pub mod dr7;
 pub mod exit;
+#[cfg(all(feature = "reference", feature = "arbitrary"))]
+pub mod fuzzing;
 pub mod gdb;
 pub mod hw;
 pub mod predict;
