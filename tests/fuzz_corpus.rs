@@ -98,6 +98,7 @@ fn dr7_seeds() -> Vec<(&'static str, Dr7Case)> {
                     rm(1, 0x1003, 1),
                     rm(2, 0x1000, 8),
                     rm(2, 0x1000, 4),
+                    rm(4, 0x2004, 4),
                     rm(0, 0x10, 1),
                     rm(0, 0x10, 1),
                 ],
