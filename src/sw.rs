@@ -16,7 +16,7 @@
 //! Lookups are `O(log n)` (a B-tree keyed by address), not the seed's linear
 //! list scan: a debug exit looks the faulting pc up on every `#BP`.
 
-use alloc::collections::BTreeMap;
+use alloc::collections::btree_map::{BTreeMap, Entry};
 use alloc::vec::Vec;
 
 /// The `int3` opcode.
@@ -214,15 +214,20 @@ impl SwBreakpoints {
     /// [`SwError::Read`]/[`SwError::Write`] if memory fails,
     /// [`SwError::CountOverflow`] past `u32::MAX` uses. Nothing changes on error.
     pub fn insert<M: ByteMemory>(&mut self, mem: &mut M, addr: u64) -> Result<Inserted, SwError<M::Error>> {
-        if let Some(entry) = self.entries.get_mut(&addr) {
-            entry.count = entry.count.checked_add(1).ok_or(SwError::CountOverflow { addr })?;
-            return Ok(Inserted::Counted { count: entry.count });
+        // One descent of the tree whether the address is new or known.
+        match self.entries.entry(addr) {
+            Entry::Occupied(mut known) => {
+                let entry = known.get_mut();
+                entry.count = entry.count.checked_add(1).ok_or(SwError::CountOverflow { addr })?;
+                Ok(Inserted::Counted { count: entry.count })
+            }
+            Entry::Vacant(new) => {
+                let saved = mem.read_byte(addr).map_err(|source| SwError::Read { addr, source })?;
+                mem.write_byte(addr, INT3).map_err(|source| SwError::Write { addr, source })?;
+                new.insert(SwEntry { saved, count: 1 });
+                Ok(Inserted::Patched { saved })
+            }
         }
-        let saved = mem.read_byte(addr).map_err(|source| SwError::Read { addr, source })?;
-        mem.write_byte(addr, INT3)
-            .map_err(|source| SwError::Write { addr, source })?;
-        self.entries.insert(addr, SwEntry { saved, count: 1 });
-        Ok(Inserted::Patched { saved })
     }
 
     /// Removes one use of the breakpoint at `addr`; the last use restores the
