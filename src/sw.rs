@@ -223,7 +223,8 @@ impl SwBreakpoints {
             }
             Entry::Vacant(new) => {
                 let saved = mem.read_byte(addr).map_err(|source| SwError::Read { addr, source })?;
-                mem.write_byte(addr, INT3).map_err(|source| SwError::Write { addr, source })?;
+                mem.write_byte(addr, INT3)
+                    .map_err(|source| SwError::Write { addr, source })?;
                 new.insert(SwEntry { saved, count: 1 });
                 Ok(Inserted::Patched { saved })
             }
