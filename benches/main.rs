@@ -72,15 +72,38 @@ const HW: [(u64, u64, u64); 4] = [
 
 mod dr7 {
     use super::*;
+    use x86_debugreg::{HwBreakpoint, HwSlots};
 
-    /// DR7 (and the whole `kvm_guest_debug`) for 1–4 used slots.
+    /// DR7 for 1–4 used slots, two ways. `compose`: from nothing — validate
+    /// and insert n breakpoints, then read DR0–3/DR7 (the typed model
+    /// recomputes the registers on every change) against the reference's
+    /// inserts plus `kvm_arch_update_guest_debug`. `guest_debug`: the whole
+    /// `kvm_guest_debug` for a vCPU entry from an existing state.
     pub fn bench(c: &mut Criterion) {
         let mut g = c.benchmark_group("dr7_compose");
         for n in 1..=4 {
-            let (typed, reference) = both(&mut Ram(vec![0; 16]), &HW[..n], false);
-            g.bench_with_input(BenchmarkId::new("typed_hwslots_dr7", n), &typed, |b, s| {
-                b.iter(|| black_box(s).hw().dr7())
+            let bps = &HW[..n];
+            g.bench_with_input(BenchmarkId::new("typed_compose", n), bps, |b, bps| {
+                b.iter(|| {
+                    let mut slots = HwSlots::new();
+                    for &(ty, addr, len) in black_box(bps) {
+                        let ty = BreakpointType::try_from(ty).expect("valid type");
+                        let _ = HwBreakpoint::from_gdb(ty, addr, len).and_then(|bp| slots.insert(bp));
+                    }
+                    (slots.addresses(), slots.dr7())
+                })
             });
+            g.bench_with_input(BenchmarkId::new("reference_compose", n), bps, |b, bps| {
+                let mut mem = Ram(Vec::new());
+                b.iter(|| {
+                    let mut reference = Reference::new();
+                    for &(ty, addr, len) in black_box(bps) {
+                        reference.insert(&mut mem, addr, len, ty);
+                    }
+                    reference.guest_debug(false)
+                })
+            });
+            let (typed, reference) = both(&mut Ram(vec![0; 16]), bps, false);
             g.bench_with_input(BenchmarkId::new("typed_guest_debug", n), &typed, |b, s| {
                 b.iter(|| black_box(s).guest_debug())
             });
@@ -332,14 +355,16 @@ mod summary {
         let m = |id: &str| median(&dir, id, since);
         let mut out: Vec<Option<String>> = Vec::new();
         for n in 1..=4 {
-            let r = m(&format!("dr7_compose/reference/{n}"));
-            for (name, id) in [
-                ("HwSlots::dr7", "typed_hwslots_dr7"),
-                ("DebugState::guest_debug", "typed_guest_debug"),
-            ] {
-                let t = m(&format!("dr7_compose/{id}/{n}"));
-                out.push(line(&format!("DR7, {n} slot(s): {name}"), t, r, ""));
-            }
+            let (t, r) = (
+                m(&format!("dr7_compose/typed_compose/{n}")),
+                m(&format!("dr7_compose/reference_compose/{n}")),
+            );
+            out.push(line(&format!("DR7 from nothing, {n} slot(s)"), t, r, ""));
+            let (t, r) = (
+                m(&format!("dr7_compose/typed_guest_debug/{n}")),
+                m(&format!("dr7_compose/reference/{n}")),
+            );
+            out.push(line(&format!("kvm_guest_debug, {n} slot(s)"), t, r, ""));
         }
         let (t, r) = (m("dr6_normalise/typed"), m("dr6_normalise/reference"));
         out.push(line("DR6 normalisation (5 values)", t, r, ""));

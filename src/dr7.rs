@@ -370,6 +370,15 @@ impl Dr7 {
         Dr7::from_bits(bits)
     }
 
+    /// Disarms `slot`: clears Ln, Gn, R/Wn and LENn (DRn itself is another
+    /// register). A debugger stepping over its own execute breakpoint does
+    /// this for one instruction.
+    #[must_use]
+    pub const fn without_slot(self, slot: Slot) -> Dr7 {
+        let fields = 0xf_u64 << (16 + 4 * slot.get()) | 0b11 << (2 * slot.get());
+        Dr7::from_bits(self.into_bits() & !fields)
+    }
+
     /// Programs `slot`: writes R/Wn and LENn and sets Gn (the enable a
     /// hypervisor uses: it must survive guest task switches).
     #[must_use]
@@ -433,6 +442,22 @@ mod tests {
                 let enables = [dr7.g0(), dr7.g1(), dr7.g2(), dr7.g3()];
                 assert!(enables[slot.index()] && dr7.global(slot) && !dr7.local(slot));
             }
+        }
+    }
+
+    #[test]
+    fn without_slot_clears_exactly_that_slots_enables_and_fields() {
+        let all = Slot::ALL.iter().fold(Dr7::EMPTY.with_ge(true), |d, &s| {
+            d.with_slot(s, Condition::ReadWrite, Len::B4).with_local(s, true)
+        });
+        for slot in Slot::ALL {
+            let d = all.without_slot(slot);
+            assert!(!d.enabled(slot));
+            assert_eq!((d.condition(slot), d.len(slot)), (Condition::Execute, Len::B1));
+            for other in Slot::ALL.into_iter().filter(|&o| o != slot) {
+                assert!(d.local(other) && d.global(other) && d.condition(other) == Condition::ReadWrite);
+            }
+            assert!(d.ge() && d.fixed1());
         }
     }
 

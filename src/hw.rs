@@ -226,10 +226,21 @@ impl fmt::Display for HwBreakpoint {
 /// assert_eq!(slots.addresses(), [0x40_1000, 0, 0, 0]);
 /// # Ok::<(), x86_debugreg::HwError>(())
 /// ```
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct HwSlots {
     slots: [Option<HwBreakpoint>; 4],
     used: u8,
+    /// DR0–DR3, updated with every change: read on every `KVM_RUN`
+    /// preparation, written only when a slot changes.
+    addresses: [u64; 4],
+    /// DR7, updated with every change.
+    dr7: Dr7,
+}
+
+impl Default for HwSlots {
+    fn default() -> HwSlots {
+        HwSlots::new()
+    }
 }
 
 impl HwSlots {
@@ -238,7 +249,18 @@ impl HwSlots {
         HwSlots {
             slots: [None; 4],
             used: 0,
+            addresses: [0; 4],
+            dr7: Dr7::EMPTY.with_ge(true),
         }
+    }
+
+    /// Puts `bp` (or nothing) in `slot` and its registers.
+    fn set(&mut self, slot: Slot, bp: Option<HwBreakpoint>) {
+        self.slots[slot.index()] = bp;
+        (self.addresses[slot.index()], self.dr7) = match bp {
+            Some(bp) => (bp.addr, self.dr7.with_slot(slot, bp.kind.condition(), bp.len)),
+            None => (0, self.dr7.without_slot(slot)),
+        };
     }
 
     /// How many slots are in use.
@@ -282,7 +304,7 @@ impl HwSlots {
         if self.find(&bp).is_some() {
             return Err(HwError::AlreadyPresent { bp });
         }
-        self.slots[slot.index()] = Some(bp);
+        self.set(slot, Some(bp));
         self.used += 1;
         Ok(slot)
     }
@@ -294,10 +316,10 @@ impl HwSlots {
     /// [`HwError::NotFound`] if no slot holds `bp`; nothing changes.
     pub fn remove(&mut self, bp: &HwBreakpoint) -> Result<Slot> {
         let slot = self.find(bp).ok_or(HwError::NotFound { bp: *bp })?;
-        let last = usize::from(self.used) - 1;
-        self.slots[slot.index()] = self.slots[last];
-        self.slots[last] = None;
         self.used -= 1;
+        let last = Slot::ALL[usize::from(self.used)];
+        self.set(slot, self.slots[last.index()]);
+        self.set(last, None);
         Ok(slot)
     }
 
@@ -307,15 +329,13 @@ impl HwSlots {
     }
 
     /// DR0–DR3: each used slot's address, 0 for free slots.
-    pub fn addresses(&self) -> [u64; 4] {
-        self.slots.map(|b| b.map_or(0, HwBreakpoint::addr))
+    pub const fn addresses(&self) -> [u64; 4] {
+        self.addresses
     }
 
     /// DR7 for the used slots: `0x600` (GE and the fixed bit 10) plus, per used
     /// slot n, Gn, R/Wn and LENn. With no slot in use this is `0x600`.
-    pub fn dr7(&self) -> Dr7 {
-        self.iter().fold(Dr7::EMPTY.with_ge(true), |dr7, (slot, bp)| {
-            dr7.with_slot(slot, bp.kind.condition(), bp.len)
-        })
+    pub const fn dr7(&self) -> Dr7 {
+        self.dr7
     }
 }
