@@ -330,6 +330,15 @@ impl TypedSide {
     }
 }
 
+/// The GDB type number the reference stores for a hardware kind.
+fn gdb_type(kind: crate::HwKind) -> u64 {
+    match kind {
+        crate::HwKind::Execute => r::GDB_BREAKPOINT_HW,
+        crate::HwKind::Write => r::GDB_WATCHPOINT_WRITE,
+        crate::HwKind::ReadWrite => r::GDB_WATCHPOINT_ACCESS,
+    }
+}
+
 /// The seed's errno for a typed error.
 pub fn errno<E>(e: &BreakpointError<E>) -> i32 {
     -match e {
@@ -420,7 +429,7 @@ pub fn compare(t: &TypedSide, r: &RefSide) -> Result<(), Mismatch> {
         .state
         .hw()
         .iter()
-        .map(|(_, b)| (b.addr(), b.len().bytes(), [1, 2, 4][b.kind() as usize]))
+        .map(|(_, b)| (b.addr(), b.len().bytes(), gdb_type(b.kind())))
         .collect();
     ensure_eq!("hardware slots", typed_hw, hw);
     if t.mem.bytes != r.mem.bytes {

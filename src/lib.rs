@@ -41,6 +41,7 @@
 //! * [`control`]: `struct kvm_guest_debug` and its flags.
 //! * [`exit`]: debug-exit decoding.
 //! * [`state`]: [`DebugState`], the aggregate with the seed's API.
+//! * [`predict`]: which DR6 B-bits an access sets (checked against the CPU).
 //! * `reference` (feature `reference`): the integer-level oracle the tests use,
 //!   and `differential`, which runs both models in lock-step.
 //! * `fuzzing` (features `reference` + `arbitrary`): the fuzz targets' bodies.
