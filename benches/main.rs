@@ -169,7 +169,7 @@ mod exit {
         let mut mem = Ram(vec![0x90; 0x100]);
         let bps = [HW[0], HW[1], (0, 0x10, 1), (0, 0x20, 1)];
         let (typed, reference) = both(&mut mem, &bps, true);
-        let applied = typed.guest_debug();
+        let applied = x86_debugreg::Applied::was_set(typed.guest_debug());
         let (control, debugreg) = reference.guest_debug(true);
         let mut g = c.benchmark_group("exit_decode");
         for (name, e) in KINDS {
@@ -199,7 +199,7 @@ mod sw_lookup {
         for n in SIZES {
             let bps: Vec<_> = (0..n).map(|i| (0, i * 4, 1)).collect();
             let (typed, reference) = both(&mut Ram(vec![0x90; n as usize * 4]), &bps, false);
-            let applied = typed.guest_debug();
+            let applied = x86_debugreg::Applied::was_set(typed.guest_debug());
             let (control, debugreg) = reference.guest_debug(false);
             for (case, pc) in [("hit", n / 2 * 4), ("miss", n / 2 * 4 + 1)] {
                 let e = DebugExit {

@@ -59,7 +59,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("Z1,401030,1: refused: {e}");
     }
 
-    let applied = state.guest_debug();
+    let applied = x86_debugreg::Applied::was_set(state.guest_debug());
     println!("\nKVM_SET_GUEST_DEBUG control = {:?}", applied.control);
     for (n, value) in applied.debugreg.iter().enumerate() {
         println!("  debugreg[{n}] = {value:#018x}");

@@ -154,3 +154,46 @@ impl GuestDebug {
         }
     }
 }
+
+/// A configuration that **was applied** to a vCPU: the argument of a
+/// `KVM_SET_GUEST_DEBUG` that succeeded. Exits are decoded against it
+/// ([`decode`](fn@crate::decode)), never against the debugger's newest intent
+/// (the vCPU may still run an older configuration) nor the exit's `dr7`.
+///
+/// A distinct type so that the intent cannot be passed where the applied
+/// configuration is needed by accident: the only way to get one is to say
+/// "this is what I set" with [`Applied::was_set`]. `kvm-glue`'s per-vCPU
+/// handle is the only place that calls it there, right after its ioctl.
+///
+/// ```
+/// use x86_debugreg::{Applied, ControlFlags, GuestDebug};
+/// let intent = GuestDebug { control: ControlFlags::ENABLE | ControlFlags::SINGLESTEP, debugreg: [0; 8] };
+/// // vcpu.set_guest_debug(&intent)?;  -- and only when it succeeded:
+/// let applied = Applied::was_set(intent);
+/// assert!(applied.single_step());
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Applied(GuestDebug);
+
+impl Applied {
+    /// Debugging off: what KVM holds for a vCPU nobody configured.
+    pub const DISABLED: Applied = Applied(GuestDebug::DISABLED);
+
+    /// Records that `config` was handed to `KVM_SET_GUEST_DEBUG` and the call
+    /// succeeded.
+    pub const fn was_set(config: GuestDebug) -> Applied {
+        Applied(config)
+    }
+
+    /// The configuration.
+    pub const fn config(&self) -> &GuestDebug {
+        &self.0
+    }
+}
+
+impl core::ops::Deref for Applied {
+    type Target = GuestDebug;
+    fn deref(&self) -> &GuestDebug {
+        &self.0
+    }
+}

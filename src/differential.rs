@@ -17,7 +17,7 @@ use core::fmt;
 use crate::reference::{self as r, RefDecision, RefMemory, Reference};
 use crate::state::{BreakpointError, Removed};
 use crate::sw::{self, ByteMemory, SwError};
-use crate::{DebugExit, DebugState, Decision, GuestDebug, HwError, Stop};
+use crate::{DebugExit, DebugState, Decision, HwError, Stop};
 
 /// One operation on a VM's debug state (or on its guest).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -204,7 +204,7 @@ pub struct TypedSide {
     /// Its guest memory.
     pub mem: TestMemory,
     /// What was last applied to the vCPU.
-    pub applied: GuestDebug,
+    pub applied: crate::Applied,
     /// The last outcome, translated.
     pub last: Outcome,
 }
@@ -282,7 +282,7 @@ impl TypedSide {
         TypedSide {
             state: DebugState::new(),
             mem,
-            applied: GuestDebug::DISABLED,
+            applied: crate::Applied::DISABLED,
             last: Outcome::None,
         }
     }
@@ -322,7 +322,7 @@ impl TypedSide {
                 Outcome::None
             }
             Op::Apply => {
-                self.applied = self.state.guest_debug();
+                self.applied = crate::Applied::was_set(self.state.guest_debug());
                 Outcome::None
             }
             Op::Decode(e) => Outcome::Decision(decision(self.state.decode(&e, &self.applied))),

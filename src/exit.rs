@@ -2,14 +2,14 @@
 //! its own exception back" (the seed's `kvm_arch_debug`, made total and typed).
 //!
 //! The decision depends on the configuration **applied to the vCPU that
-//! exited** ([`GuestDebug`]), never on the `dr7` reported in the exit (hosts
+//! exited** ([`Applied`]), never on the `dr7` reported in the exit (hosts
 //! report 0 there) and never on the newest intent (the vCPU may still run an
 //! older configuration). GDB's x86 code keeps the same rule: "dr_mirror
 //! represents intention, not what the thread has".
 
 use core::fmt;
 
-use crate::{Dr6, GuestDebug, HwBreakpoint, Slot};
+use crate::{Applied, Dr6, HwBreakpoint, Slot};
 
 /// `#DB`, the debug exception vector.
 pub const DB_VECTOR: u32 = 1;
@@ -158,14 +158,14 @@ pub enum DecodeError {
 /// [`DecodeError::UnexpectedException`] for any other vector. Never panics.
 ///
 /// ```
-/// use x86_debugreg::{decode, ControlFlags, Decision, DebugExit, GuestDebug, Stop};
-/// let applied = GuestDebug { control: ControlFlags::ENABLE | ControlFlags::SINGLESTEP, debugreg: [0; 8] };
+/// use x86_debugreg::{decode, Applied, ControlFlags, Decision, DebugExit, GuestDebug, Stop};
+/// let applied = Applied::was_set(GuestDebug { control: ControlFlags::ENABLE | ControlFlags::SINGLESTEP, debugreg: [0; 8] });
 /// let exit = DebugExit { exception: 1, pc: 0x1000, dr6: 0xffff_4ff0, dr7: 0 };
 /// assert!(matches!(decode(&exit, &applied, |_| false), Ok(Decision::Stop(Stop::Debug { single_step: true, .. }))));
 /// ```
 pub fn decode(
     exit: &DebugExit,
-    applied: &GuestDebug,
+    applied: &Applied,
     is_sw_breakpoint: impl FnOnce(u64) -> bool,
 ) -> Result<Decision, DecodeError> {
     match exit.exception {

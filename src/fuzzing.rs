@@ -320,10 +320,10 @@ impl ExitCase {
                 }
             }
             Applied::Raw { control, debugreg, sw } => {
-                let applied = GuestDebug {
+                let applied = crate::Applied::was_set(GuestDebug {
                     control: ControlFlags::from_bits_retain(*control),
                     debugreg: *debugreg,
-                };
+                });
                 let mut reference = Reference::new();
                 reference.sw_breakpoints = sw
                     .iter()

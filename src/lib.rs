@@ -10,7 +10,7 @@
 //! applies it to real KVM vCPUs.
 //!
 //! ```
-//! use x86_debugreg::{BreakpointType, DebugExit, DebugState, Decision, Stop, Slot};
+//! use x86_debugreg::{Applied, BreakpointType, DebugExit, DebugState, Decision, Stop, Slot};
 //! # use x86_debugreg::sw::ByteMemory;
 //! # struct NoMemory;
 //! # impl ByteMemory for NoMemory {
@@ -22,7 +22,7 @@
 //! // GDB "Z1,401000,1" then "Z2,602000,4": hardware breakpoint and write watchpoint.
 //! state.insert(&mut NoMemory, BreakpointType::Hardware, 0x40_1000, 1)?;
 //! state.insert(&mut NoMemory, BreakpointType::WriteWatch, 0x60_2000, 4)?;
-//! let applied = state.guest_debug(); // what KVM_SET_GUEST_DEBUG gets
+//! let applied = Applied::was_set(state.guest_debug()); // KVM_SET_GUEST_DEBUG took it
 //! assert_eq!(applied.debugreg[7], 0x600 | 0b10 | 0b1000 | (0b01 | 0b11 << 2) << 20);
 //!
 //! // KVM reports a #DB with B1 set: the write watchpoint in DR1 fired.
@@ -72,7 +72,7 @@ pub mod reference;
 pub mod state;
 pub mod sw;
 
-pub use control::{ControlFlags, GuestDebug};
+pub use control::{Applied, ControlFlags, GuestDebug};
 pub use dr6::Dr6;
 pub use dr7::{Condition, Dr7, Len, Slot};
 pub use exit::{decode, DebugExit, Decision, DecodeError, Exception, Hit, Hits, Stop};

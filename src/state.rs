@@ -5,7 +5,7 @@
 use crate::gdb::UnknownBreakpointType;
 use crate::hw::{HwBreakpoint, HwError, HwSlots};
 use crate::sw::{self, ByteMemory, RemoveAll, SwBreakpoints, SwError};
-use crate::{decode, BreakpointType, ControlFlags, DebugExit, Decision, DecodeError, GuestDebug, Slot};
+use crate::{decode, Applied, BreakpointType, ControlFlags, DebugExit, Decision, DecodeError, GuestDebug, Slot};
 
 /// Why a [`DebugState`] operation failed. `E` is the guest memory's error.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -211,7 +211,7 @@ impl DebugState {
     ///
     /// # Errors
     /// [`DecodeError`] for a vector other than 1 or 3.
-    pub fn decode(&self, exit: &DebugExit, applied: &GuestDebug) -> Result<Decision, DecodeError> {
+    pub fn decode(&self, exit: &DebugExit, applied: &Applied) -> Result<Decision, DecodeError> {
         decode(exit, applied, |pc| self.sw.contains(pc))
     }
 }

@@ -10,8 +10,8 @@ use x86_debugreg::hw::HwError;
 use x86_debugreg::state::{Inserted, Removed};
 use x86_debugreg::sw::{self, SwError};
 use x86_debugreg::{
-    BreakpointError, BreakpointType as T, ControlFlags as F, DebugExit, DebugState, Decision, DecodeError, Exception,
-    HwBreakpoint, HwKind, HwSlots, Len, Slot, Stop,
+    Applied, BreakpointError, BreakpointType as T, ControlFlags as F, DebugExit, DebugState, Decision, DecodeError,
+    Exception, HwBreakpoint, HwKind, HwSlots, Len, Slot, Stop,
 };
 
 fn hw(kind: HwKind, addr: u64, len: u64) -> HwBreakpoint {
@@ -294,7 +294,7 @@ fn configured() -> DebugState {
 fn single_step_exit_with_single_step_applied_is_a_step() {
     let state = configured();
     for dr6 in [0xffff_4ff0, 0xfffe_4ff0] {
-        let d = state.decode(&exit(1, 0x11, dr6), &state.guest_debug_for(true));
+        let d = state.decode(&exit(1, 0x11, dr6), &Applied::was_set(state.guest_debug_for(true)));
         assert_eq!(
             d,
             Ok(Decision::Stop(Stop::Debug {
@@ -304,7 +304,7 @@ fn single_step_exit_with_single_step_applied_is_a_step() {
         );
         // Without single-step applied, BS is the guest's own trap flag.
         assert_eq!(
-            state.decode(&exit(1, 0x11, dr6), &state.guest_debug()),
+            state.decode(&exit(1, 0x11, dr6), &Applied::was_set(state.guest_debug())),
             Ok(Decision::Reinject(Exception::Debug))
         );
     }
@@ -313,7 +313,7 @@ fn single_step_exit_with_single_step_applied_is_a_step() {
 #[test]
 fn each_b_bit_of_a_configured_slot_is_reported_with_its_breakpoint_all_hits_not_the_last() {
     let state = configured();
-    let applied = state.guest_debug();
+    let applied = Applied::was_set(state.guest_debug());
     let Ok(Decision::Stop(Stop::Debug {
         single_step: false,
         hits,
@@ -335,14 +335,17 @@ fn each_b_bit_of_a_configured_slot_is_reported_with_its_breakpoint_all_hits_not_
 #[test]
 fn a_b_bit_the_debugger_did_not_set_is_given_back_to_the_guest() {
     let state = configured();
-    let d = state.decode(&exit(1, 0x40, 0xffff_0ff0 | 0b1000), &state.guest_debug());
+    let d = state.decode(
+        &exit(1, 0x40, 0xffff_0ff0 | 0b1000),
+        &Applied::was_set(state.guest_debug()),
+    );
     assert_eq!(d, Ok(Decision::Reinject(Exception::Debug)));
 }
 
 #[test]
 fn decoding_never_reads_the_kind_from_the_exit_dr7() {
     let state = configured();
-    let applied = state.guest_debug();
+    let applied = Applied::was_set(state.guest_debug());
     let want = state.decode(&exit(1, 0x40, 0xffff_0ff2), &applied);
     for dr7 in [0, 0x400, u64::MAX, 0x0001_0602] {
         assert_eq!(
@@ -361,14 +364,17 @@ fn decoding_never_reads_the_kind_from_the_exit_dr7() {
 #[test]
 fn decoding_uses_the_configuration_the_vcpu_applied_not_the_newest() {
     let mut state = configured();
-    let applied = state.guest_debug();
+    let applied = Applied::was_set(state.guest_debug());
     state.remove_all(&mut memory());
     let d = state.decode(&exit(1, 0x10, 0xffff_0ff1), &applied);
     assert!(matches!(d, Ok(Decision::Stop(Stop::Debug { hits, .. })) if hits.get(Slot::DR0).is_some()));
     // And a slot armed only in the newest intent is not a hit for an older vCPU.
     let fresh = configured();
     assert_eq!(
-        fresh.decode(&exit(1, 0x10, 0xffff_0ff1), &DebugState::new().guest_debug()),
+        fresh.decode(
+            &exit(1, 0x10, 0xffff_0ff1),
+            &Applied::was_set(DebugState::new().guest_debug())
+        ),
         Ok(Decision::Reinject(Exception::Debug))
     );
 }
@@ -376,7 +382,7 @@ fn decoding_uses_the_configuration_the_vcpu_applied_not_the_newest() {
 #[test]
 fn breakpoint_exit_at_a_known_software_breakpoint_stops_else_reinjects() {
     let state = configured();
-    let applied = state.guest_debug();
+    let applied = Applied::was_set(state.guest_debug());
     assert_eq!(
         state.decode(&exit(3, 0x30, 0), &applied),
         Ok(Decision::Stop(Stop::Software { addr: 0x30 }))
@@ -394,7 +400,7 @@ fn other_exception_vectors_are_a_typed_error() {
     let state = configured();
     for exception in [0, 2, 4, 13, 14, u32::MAX] {
         assert_eq!(
-            state.decode(&exit(exception, 0x30, 0), &state.guest_debug()),
+            state.decode(&exit(exception, 0x30, 0), &Applied::was_set(state.guest_debug())),
             Err(DecodeError::UnexpectedException { exception })
         );
     }
@@ -406,7 +412,7 @@ proptest! {
     #[test]
     fn garbage_exits_never_panic(exception in any::<u32>(), pc in any::<u64>(), dr6 in any::<u64>(), dr7 in any::<u64>(),
                                  control in any::<u32>(), regs in any::<[u64; 8]>()) {
-        let applied = x86_debugreg::GuestDebug { control: F::from_bits_retain(control), debugreg: regs };
+        let applied = Applied::was_set(x86_debugreg::GuestDebug { control: F::from_bits_retain(control), debugreg: regs });
         let state = configured();
         if let Ok(Decision::Stop(Stop::Debug { hits, .. })) = state.decode(&DebugExit { exception, pc, dr6, dr7 }, &applied) {
             for hit in hits.iter() {

@@ -294,7 +294,9 @@ impl<M: GuestMemory> VcpuDebug<M> {
             // apply the intent again.
             self.applied.generation = None;
         }
-        let decision = inner.state.decode(&dexit, &self.applied.config)?;
+        let decision = inner
+            .state
+            .decode(&dexit, &x86_debugreg::Applied::was_set(self.applied.config))?;
         match decision {
             Decision::Stop(Stop::Debug { single_step, hits }) => {
                 if let Some(step) = stepped {
