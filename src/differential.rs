@@ -296,7 +296,7 @@ impl TypedSide {
                     .map_or_else(|e| errno(&e), |_| 0),
             ),
             Op::Remove { ty, addr, len } => Outcome::Code(match self.state.remove_gdb(&mut self.mem, ty, addr, len) {
-                Ok(Removed::Software(sw::Removed::GuestOverwrote { .. })) => r::REMOVED_GUEST_OVERWROTE,
+                Ok(Removed::Software(sw::SwRemoved::GuestOverwrote { .. })) => r::REMOVED_GUEST_OVERWROTE,
                 Ok(_) => 0,
                 Err(e) => errno(&e),
             }),

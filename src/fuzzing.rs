@@ -584,7 +584,7 @@ impl SwRun {
                             "failed ({e:x?}) on healthy memory"
                         );
                     }
-                    Ok(sw::Inserted::Patched { saved }) => {
+                    Ok(sw::SwInserted::Patched { saved }) => {
                         ensure!(entry.is_none() && Some(saved) == byte(addr), "patched over {entry:x?}");
                         ensure!(self.mem.peek(addr) == Some(sw::INT3), "no int3 written");
                         ensure!(
@@ -593,7 +593,7 @@ impl SwRun {
                         );
                         self.only_changed(&bytes, Some(addr))?;
                     }
-                    Ok(sw::Inserted::Counted { count }) => {
+                    Ok(sw::SwInserted::Counted { count }) => {
                         ensure!(
                             entry.map(|e| e.count + 1) == Some(count),
                             "counted {count} over {entry:x?}"
@@ -621,16 +621,16 @@ impl SwRun {
                         );
                     }
                     (Ok(removed), None) => return Err(Mismatch(format!("{removed:x?} without an entry"))),
-                    (Ok(sw::Removed::Counted { remaining }), Some(e)) => {
+                    (Ok(sw::SwRemoved::Counted { remaining }), Some(e)) => {
                         ensure!(remaining + 1 == e.count, "{remaining} remaining of {e:x?}");
                         self.only_changed(&bytes, None)?;
                     }
-                    (Ok(sw::Removed::Restored), Some(e)) => {
+                    (Ok(sw::SwRemoved::Restored), Some(e)) => {
                         ensure!(e.count == 1 && byte(addr) == Some(sw::INT3), "restored {e:x?}");
                         ensure!(self.mem.peek(addr) == Some(e.saved), "byte not restored");
                         self.only_changed(&bytes, Some(addr))?;
                     }
-                    (Ok(sw::Removed::GuestOverwrote { found }), Some(e)) => {
+                    (Ok(sw::SwRemoved::GuestOverwrote { found }), Some(e)) => {
                         ensure!(
                             e.count == 1 && found != sw::INT3 && Some(found) == byte(addr),
                             "{found:#x}, {e:x?}"

@@ -25,7 +25,7 @@ pub enum BreakpointError<E> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Inserted {
     /// A software breakpoint was patched in or counted.
-    Software(sw::Inserted),
+    Software(sw::SwInserted),
     /// A hardware breakpoint went into this slot.
     Hardware(Slot),
 }
@@ -34,7 +34,7 @@ pub enum Inserted {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Removed {
     /// A software breakpoint was counted down, restored, or found overwritten.
-    Software(sw::Removed),
+    Software(sw::SwRemoved),
     /// A hardware breakpoint left this slot (the last slot moved into it).
     Hardware(Slot),
 }

@@ -94,7 +94,7 @@ pub struct SwEntry {
 
 /// What an insert did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Inserted {
+pub enum SwInserted {
     /// A new breakpoint: `0xCC` was written over `saved`.
     Patched {
         /// The original byte.
@@ -109,7 +109,7 @@ pub enum Inserted {
 
 /// What a successful remove did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Removed {
+pub enum SwRemoved {
     /// Other inserts are outstanding: only the use count shrank.
     Counted {
         /// The remaining use count (≥ 1).
@@ -148,7 +148,7 @@ impl<E> RemoveAll<E> {
 /// The software-breakpoint table, keyed by guest address.
 ///
 /// ```
-/// use x86_debugreg::sw::{ByteMemory, Removed, SwBreakpoints};
+/// use x86_debugreg::sw::{ByteMemory, SwBreakpoints, SwRemoved};
 ///
 /// struct Ram([u8; 16]);
 /// impl ByteMemory for Ram {
@@ -166,7 +166,7 @@ impl<E> RemoveAll<E> {
 /// table.insert(&mut ram, 4)?; // a second user: counted, memory untouched
 /// assert_eq!(ram.0[4], 0xcc);
 /// table.remove(&mut ram, 4)?;
-/// assert_eq!(table.remove(&mut ram, 4)?, Removed::Restored);
+/// assert_eq!(table.remove(&mut ram, 4)?, SwRemoved::Restored);
 /// assert_eq!(ram.0, [0x90; 16]);
 /// # Ok::<(), x86_debugreg::sw::SwError<()>>(())
 /// ```
@@ -213,20 +213,20 @@ impl SwBreakpoints {
     /// # Errors
     /// [`SwError::Read`]/[`SwError::Write`] if memory fails,
     /// [`SwError::CountOverflow`] past `u32::MAX` uses. Nothing changes on error.
-    pub fn insert<M: ByteMemory>(&mut self, mem: &mut M, addr: u64) -> Result<Inserted, SwError<M::Error>> {
+    pub fn insert<M: ByteMemory>(&mut self, mem: &mut M, addr: u64) -> Result<SwInserted, SwError<M::Error>> {
         // One descent of the tree whether the address is new or known.
         match self.entries.entry(addr) {
             Entry::Occupied(mut known) => {
                 let entry = known.get_mut();
                 entry.count = entry.count.checked_add(1).ok_or(SwError::CountOverflow { addr })?;
-                Ok(Inserted::Counted { count: entry.count })
+                Ok(SwInserted::Counted { count: entry.count })
             }
             Entry::Vacant(new) => {
                 let saved = mem.read_byte(addr).map_err(|source| SwError::Read { addr, source })?;
                 mem.write_byte(addr, INT3)
                     .map_err(|source| SwError::Write { addr, source })?;
                 new.insert(SwEntry { saved, count: 1 });
-                Ok(Inserted::Patched { saved })
+                Ok(SwInserted::Patched { saved })
             }
         }
     }
@@ -237,11 +237,11 @@ impl SwBreakpoints {
     /// # Errors
     /// [`SwError::NotFound`] if none is set; [`SwError::Read`]/[`SwError::Write`]
     /// if memory fails on the last use. Nothing changes on error.
-    pub fn remove<M: ByteMemory>(&mut self, mem: &mut M, addr: u64) -> Result<Removed, SwError<M::Error>> {
+    pub fn remove<M: ByteMemory>(&mut self, mem: &mut M, addr: u64) -> Result<SwRemoved, SwError<M::Error>> {
         let entry = self.entries.get_mut(&addr).ok_or(SwError::NotFound { addr })?;
         if entry.count > 1 {
             entry.count -= 1;
-            return Ok(Removed::Counted { remaining: entry.count });
+            return Ok(SwRemoved::Counted { remaining: entry.count });
         }
         let saved = entry.saved;
         let removed = unpatch(mem, addr, saved)?;
@@ -260,7 +260,7 @@ impl SwBreakpoints {
         };
         self.entries
             .retain(|&addr, entry| match unpatch(mem, addr, entry.saved) {
-                Ok(Removed::GuestOverwrote { .. }) => {
+                Ok(SwRemoved::GuestOverwrote { .. }) => {
                     report.overwritten.push(addr);
                     false
                 }
@@ -278,12 +278,12 @@ impl SwBreakpoints {
 }
 
 /// Puts `saved` back at `addr` if `0xCC` is still there.
-fn unpatch<M: ByteMemory>(mem: &mut M, addr: u64, saved: u8) -> Result<Removed, SwError<M::Error>> {
+fn unpatch<M: ByteMemory>(mem: &mut M, addr: u64, saved: u8) -> Result<SwRemoved, SwError<M::Error>> {
     let found = mem.read_byte(addr).map_err(|source| SwError::Read { addr, source })?;
     if found != INT3 {
-        return Ok(Removed::GuestOverwrote { found });
+        return Ok(SwRemoved::GuestOverwrote { found });
     }
     mem.write_byte(addr, saved)
         .map_err(|source| SwError::Write { addr, source })?;
-    Ok(Removed::Restored)
+    Ok(SwRemoved::Restored)
 }

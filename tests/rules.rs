@@ -144,7 +144,7 @@ fn insert_of_a_new_address_saves_the_byte_and_writes_int3() {
     let original = mem.bytes[0x10];
     assert_eq!(
         state.insert(&mut mem, T::Software, 0x10, 1),
-        Ok(Inserted::Software(sw::Inserted::Patched { saved: original }))
+        Ok(Inserted::Software(sw::SwInserted::Patched { saved: original }))
     );
     assert_eq!(mem.bytes[0x10], 0xcc);
     assert_eq!(
@@ -160,7 +160,7 @@ fn insert_of_a_known_address_only_counts() {
     let (bytes, accesses) = (mem.bytes.clone(), mem.accesses);
     assert_eq!(
         state.insert(&mut mem, T::Software, 0x10, 1),
-        Ok(Inserted::Software(sw::Inserted::Counted { count: 2 }))
+        Ok(Inserted::Software(sw::SwInserted::Counted { count: 2 }))
     );
     assert_eq!(
         (mem.bytes == bytes, mem.accesses),
@@ -187,7 +187,7 @@ fn remove_with_count_above_one_only_counts_down() {
     let accesses = mem.accesses;
     assert_eq!(
         state.remove(&mut mem, T::Software, 0x10, 1),
-        Ok(Removed::Software(sw::Removed::Counted { remaining: 1 }))
+        Ok(Removed::Software(sw::SwRemoved::Counted { remaining: 1 }))
     );
     assert_eq!((mem.bytes[0x10], mem.accesses), (0xcc, accesses));
 }
@@ -199,7 +199,7 @@ fn last_remove_restores_the_saved_byte() {
     state.insert(&mut mem, T::Software, 0x10, 1).expect("healthy");
     assert_eq!(
         state.remove(&mut mem, T::Software, 0x10, 1),
-        Ok(Removed::Software(sw::Removed::Restored))
+        Ok(Removed::Software(sw::SwRemoved::Restored))
     );
     assert_eq!(mem.bytes, original);
     assert!(state.sw().is_empty());
@@ -212,7 +212,7 @@ fn last_remove_after_the_guest_rewrote_int3_reports_it_and_leaves_the_byte() {
     mem.bytes[0x10] = 0x90;
     assert_eq!(
         state.remove(&mut mem, T::Software, 0x10, 1),
-        Ok(Removed::Software(sw::Removed::GuestOverwrote { found: 0x90 }))
+        Ok(Removed::Software(sw::SwRemoved::GuestOverwrote { found: 0x90 }))
     );
     assert_eq!(mem.bytes[0x10], 0x90);
     assert!(!state.sw().contains(0x10), "the entry is forgotten (the seed kept it)");
