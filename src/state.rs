@@ -90,6 +90,13 @@ impl DebugState {
         &self.sw
     }
 
+    /// See [`SwBreakpoints::replace_saved`]: a debugger's write over the
+    /// software breakpoint at `addr` keeps the `int3` and updates the byte
+    /// it will restore.
+    pub fn replace_saved(&mut self, addr: u64, byte: u8) -> Option<u8> {
+        self.sw.replace_saved(addr, byte)
+    }
+
     /// Inserts a breakpoint of GDB type `ty` at `addr`. `len` matters for
     /// watchpoints only. Software breakpoints patch `mem`.
     ///

@@ -208,6 +208,35 @@ impl SwBreakpoints {
         self.entries.iter().map(|(&a, &e)| (a, e))
     }
 
+    /// Replaces the byte the breakpoint at `addr` saved, leaving `0xCC` in
+    /// memory: what a debugger's memory write over a breakpoint must do (the
+    /// guest then runs the new byte once the breakpoint is removed). Returns
+    /// the byte it replaced, or `None` (and changes nothing) if no
+    /// breakpoint is set at `addr`.
+    ///
+    /// ```
+    /// # use x86_debugreg::sw::{ByteMemory, SwBreakpoints};
+    /// # struct Ram(Vec<u8>);
+    /// # impl ByteMemory for Ram {
+    /// #     type Error = ();
+    /// #     fn read_byte(&mut self, a: u64) -> Result<u8, ()> { self.0.get(a as usize).copied().ok_or(()) }
+    /// #     fn write_byte(&mut self, a: u64, v: u8) -> Result<(), ()> { *self.0.get_mut(a as usize).ok_or(())? = v; Ok(()) }
+    /// # }
+    /// let mut ram = Ram(vec![0x90; 8]);
+    /// let mut table = SwBreakpoints::new();
+    /// table.insert(&mut ram, 4)?;
+    /// assert_eq!(table.replace_saved(4, 0xc3), Some(0x90));
+    /// assert_eq!(ram.0[4], 0xcc);
+    /// table.remove(&mut ram, 4)?;
+    /// assert_eq!(ram.0[4], 0xc3);
+    /// assert_eq!(table.replace_saved(4, 0x90), None);
+    /// # Ok::<(), x86_debugreg::sw::SwError<()>>(())
+    /// ```
+    pub fn replace_saved(&mut self, addr: u64, byte: u8) -> Option<u8> {
+        let entry = self.entries.get_mut(&addr)?;
+        Some(core::mem::replace(&mut entry.saved, byte))
+    }
+
     /// Inserts a breakpoint at `addr`, or counts one more use of it.
     ///
     /// # Errors
