@@ -52,7 +52,11 @@ fn both(mem: &mut Ram, bps: &[(u64, u64, u64)], single_step: bool) -> (DebugStat
     let mut ref_mem = Ram(mem.0.clone());
     for &(ty, addr, len) in bps {
         typed.insert_gdb(mem, ty, addr, len).expect("typed insert");
-        assert_eq!(reference.insert(&mut ref_mem, addr, len, ty), 0, "reference insert");
+        assert_eq!(
+            reference.insert(&mut ref_mem, addr, len, ty).code,
+            0,
+            "reference insert"
+        );
     }
     typed.set_single_step(single_step);
     reference.singlestep_enabled = single_step;

@@ -14,8 +14,8 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::reference::{self as r, RefDecision, RefMemory, Reference};
-use crate::state::{BreakpointError, Removed};
+use crate::reference::{self as r, RefDecision, RefMemory, RefRemoveAll, RefResult, Reference};
+use crate::state::{BreakpointError, Inserted, Removed};
 use crate::sw::{self, ByteMemory, SwError};
 use crate::{DebugExit, DebugState, Decision, HwError, Stop};
 
@@ -160,23 +160,30 @@ impl RefMemory for TestMemory {
     }
 }
 
-/// The result of the last operation, in the reference's integer vocabulary.
+/// The result of the last operation, in the reference's integer vocabulary,
+/// with every detail of the typed answer (slot, saved byte, use count, which
+/// memory access failed, the remove-all report, the stop's address).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Outcome {
     /// No operation yet, or one without a result.
     #[default]
     None,
-    /// Insert/remove: 0, [`r::REMOVED_GUEST_OVERWROTE`] or a negative errno.
-    Code(i32),
-    /// Remove-all: addresses that failed (kept) and that the guest overwrote.
-    RemoveAll {
-        /// Failed, ascending.
-        failed: Vec<u64>,
-        /// Overwritten, ascending.
-        overwritten: Vec<u64>,
-    },
+    /// Insert/remove.
+    Result(RefResult),
+    /// Remove-all.
+    RemoveAll(RefRemoveAll),
     /// Exit decoding.
     Decision(RefDecision),
+}
+
+impl Outcome {
+    /// The insert/remove return value, if the last operation was one.
+    pub fn code(&self) -> Option<i32> {
+        match self {
+            Outcome::Result(r) => Some(r.code),
+            _ => None,
+        }
+    }
 }
 
 /// The reference side, plus the bookkeeping the invariants need.
@@ -194,6 +201,9 @@ pub struct RefSide {
     pub tampered: BTreeSet<u64>,
     /// The last outcome.
     pub last: Outcome,
+    /// How it began: the memory and the preset use counts
+    /// ([`RefSide::with_counts`]), so the typed side can begin the same way.
+    pub start: (TestMemory, Vec<(u64, u32)>),
 }
 
 /// The typed side.
@@ -207,6 +217,9 @@ pub struct TypedSide {
     pub applied: crate::Applied,
     /// The last outcome, translated.
     pub last: Outcome,
+    /// A typed error whose fields do not name the request (address, length,
+    /// type, the failing access), if the last operation returned one.
+    pub wrong_fields: Option<String>,
 }
 
 impl RefSide {
@@ -215,6 +228,7 @@ impl RefSide {
         let shadow = mem.bytes.clone();
         RefSide {
             model: Reference::new(),
+            start: (mem.clone(), Vec::new()),
             mem,
             applied: (0, [0; 8]),
             shadow,
@@ -223,15 +237,28 @@ impl RefSide {
         }
     }
 
+    /// A reference over `mem` that begins with a software breakpoint at each
+    /// address of `counts`, inserted once and its use count then set to the
+    /// given value (at least 1): how the suites reach counts near `u32::MAX`.
+    /// Inserts that fail are skipped.
+    pub fn with_counts(mem: TestMemory, counts: &[(u64, u32)]) -> RefSide {
+        let mut side = RefSide::new(mem.clone());
+        side.start = (mem, counts.to_vec());
+        for &(addr, count) in counts {
+            side.model.insert(&mut side.mem, addr, 1, r::GDB_BREAKPOINT_SW);
+            if let Some(i) = side.model.find_sw_breakpoint(addr) {
+                side.model.sw_breakpoints[i].use_count = count.max(1);
+            }
+        }
+        side
+    }
+
     /// Applies `op`.
     pub fn apply(&mut self, op: &Op) {
         self.last = match *op {
-            Op::Insert { ty, addr, len } => Outcome::Code(self.model.insert(&mut self.mem, addr, len, ty)),
-            Op::Remove { ty, addr, len } => Outcome::Code(self.model.remove(&mut self.mem, addr, len, ty)),
-            Op::RemoveAll => {
-                let (failed, overwritten) = self.model.remove_all(&mut self.mem);
-                Outcome::RemoveAll { failed, overwritten }
-            }
+            Op::Insert { ty, addr, len } => Outcome::Result(self.model.insert(&mut self.mem, addr, len, ty)),
+            Op::Remove { ty, addr, len } => Outcome::Result(self.model.remove(&mut self.mem, addr, len, ty)),
+            Op::RemoveAll => Outcome::RemoveAll(self.model.remove_all(&mut self.mem)),
             Op::SingleStep(on) => {
                 self.model.singlestep_enabled = on;
                 Outcome::None
@@ -284,28 +311,91 @@ impl TypedSide {
             mem,
             applied: crate::Applied::DISABLED,
             last: Outcome::None,
+            wrong_fields: None,
         }
+    }
+
+    /// A typed model that begins as `reference` began (same memory, same
+    /// preset use counts; see [`RefSide::with_counts`]).
+    pub fn starting_like(reference: &RefSide) -> TypedSide {
+        let (mem, counts) = &reference.start;
+        let mut side = TypedSide::new(mem.clone());
+        for &(addr, count) in counts {
+            // As the reference: insert, then set the count of whatever is there.
+            let _ = side
+                .state
+                .insert(&mut side.mem, crate::BreakpointType::Software, addr, 1);
+            side.state.sw_mut_for_testing().set_count_for_testing(addr, count);
+        }
+        side
     }
 
     /// Applies `op`.
     pub fn apply(&mut self, op: &Op) {
+        self.wrong_fields = None;
         self.last = match *op {
-            Op::Insert { ty, addr, len } => Outcome::Code(
-                self.state
-                    .insert_gdb(&mut self.mem, ty, addr, len)
-                    .map_or_else(|e| errno(&e), |_| 0),
-            ),
-            Op::Remove { ty, addr, len } => Outcome::Code(match self.state.remove_gdb(&mut self.mem, ty, addr, len) {
-                Ok(Removed::Software(sw::SwRemoved::GuestOverwrote { .. })) => r::REMOVED_GUEST_OVERWROTE,
-                Ok(_) => 0,
-                Err(e) => errno(&e),
-            }),
+            Op::Insert { ty, addr, len } => {
+                let result = self.state.insert_gdb(&mut self.mem, ty, addr, len);
+                self.wrong_fields = result.as_ref().err().and_then(|e| wrong_fields(e, ty, addr, len));
+                Outcome::Result(match result {
+                    Ok(Inserted::Software(sw::SwInserted::Patched { saved })) => RefResult {
+                        byte: Some(saved),
+                        ..RefResult::code(0)
+                    },
+                    Ok(Inserted::Software(sw::SwInserted::Counted { count })) => RefResult {
+                        count: Some(count),
+                        ..RefResult::code(0)
+                    },
+                    Ok(Inserted::Hardware(slot)) => RefResult {
+                        slot: Some(slot.index()),
+                        ..RefResult::code(0)
+                    },
+                    Err(e) => error_result(&e),
+                })
+            }
+            Op::Remove { ty, addr, len } => {
+                let result = self.state.remove_gdb(&mut self.mem, ty, addr, len);
+                self.wrong_fields = result.as_ref().err().and_then(|e| wrong_fields(e, ty, addr, len));
+                Outcome::Result(match result {
+                    Ok(Removed::Software(sw::SwRemoved::Counted { remaining })) => RefResult {
+                        count: Some(remaining),
+                        ..RefResult::code(0)
+                    },
+                    Ok(Removed::Software(sw::SwRemoved::Restored)) => RefResult::code(0),
+                    Ok(Removed::Software(sw::SwRemoved::GuestOverwrote { found })) => RefResult {
+                        byte: Some(found),
+                        ..RefResult::code(r::REMOVED_GUEST_OVERWROTE)
+                    },
+                    Ok(Removed::Hardware(slot)) => RefResult {
+                        slot: Some(slot.index()),
+                        ..RefResult::code(0)
+                    },
+                    Err(e) => error_result(&e),
+                })
+            }
             Op::RemoveAll => {
                 let report = self.state.remove_all(&mut self.mem);
-                Outcome::RemoveAll {
-                    failed: report.failed.iter().map(|(a, _)| *a).collect(),
-                    overwritten: report.overwritten,
+                let mut failed = Vec::new();
+                for (addr, e) in &report.failed {
+                    let fault = match e {
+                        SwError::Read { addr: a, source } if a == addr && source.addr == *addr && !source.write => {
+                            Some((*addr, false))
+                        }
+                        SwError::Write { addr: a, source } if a == addr && source.addr == *addr && source.write => {
+                            Some((*addr, true))
+                        }
+                        _ => None,
+                    };
+                    match fault {
+                        Some(f) => failed.push(f),
+                        None => self.wrong_fields = Some(format!("remove-all failure at {addr:#x} is {e:x?}")),
+                    }
                 }
+                Outcome::RemoveAll(RefRemoveAll {
+                    restored: report.restored,
+                    overwritten: report.overwritten,
+                    failed,
+                })
             }
             Op::SingleStep(on) => {
                 self.state.set_single_step(on);
@@ -352,6 +442,45 @@ pub fn errno<E>(e: &BreakpointError<E>) -> i32 {
     }
 }
 
+/// A typed error as the reference reports it: the errno and, for memory
+/// failures, which access failed (read or write, as the variant says).
+fn error_result(e: &BreakpointError<MemFault>) -> RefResult {
+    match e {
+        BreakpointError::Sw(SwError::Read { addr, .. }) => RefResult::fault(*addr, false),
+        BreakpointError::Sw(SwError::Write { addr, .. }) => RefResult::fault(*addr, true),
+        e => RefResult::code(errno(e)),
+    }
+}
+
+/// Whether the fields of the error answering `(ty, addr, len)` name that
+/// request: `None` if they do, else what is wrong. (The reference's errno
+/// carries no fields; the request itself is the expected value.)
+fn wrong_fields(e: &BreakpointError<MemFault>, ty: u64, addr: u64, len: u64) -> Option<String> {
+    let kind = match ty {
+        r::GDB_BREAKPOINT_HW => Some(crate::HwKind::Execute),
+        r::GDB_WATCHPOINT_WRITE => Some(crate::HwKind::Write),
+        r::GDB_WATCHPOINT_ACCESS => Some(crate::HwKind::ReadWrite),
+        _ => None,
+    };
+    // The breakpoint a hardware request names: execute breakpoints are 1 byte.
+    let names_bp = |bp: &crate::HwBreakpoint| {
+        let want_len = if ty == r::GDB_BREAKPOINT_HW { 1 } else { len };
+        Some(bp.kind()) == kind && bp.addr() == addr && bp.len().bytes() == want_len
+    };
+    let ok = match e {
+        BreakpointError::Hw(HwError::Misaligned { addr: a, len: l }) => *a == addr && *l == len,
+        BreakpointError::Hw(HwError::BadLength { len: l }) => *l == len,
+        BreakpointError::Hw(HwError::Unsupported { ty: t }) => u64::from(t.gdb_number()) == ty,
+        BreakpointError::Hw(HwError::Full) => true,
+        BreakpointError::Hw(HwError::AlreadyPresent { bp } | HwError::NotFound { bp }) => names_bp(bp),
+        BreakpointError::UnknownType(t) => t.0 == ty,
+        BreakpointError::Sw(SwError::NotFound { addr: a } | SwError::CountOverflow { addr: a }) => *a == addr,
+        BreakpointError::Sw(SwError::Read { addr: a, source }) => *a == addr && source.addr == addr && !source.write,
+        BreakpointError::Sw(SwError::Write { addr: a, source }) => *a == addr && source.addr == addr && source.write,
+    };
+    (!ok).then(|| format!("error {e:x?} does not name the request (type {ty}, address {addr:#x}, length {len:#x})"))
+}
+
 /// A typed decision in the reference's vocabulary.
 pub fn decision(d: Result<Decision, crate::DecodeError>) -> RefDecision {
     let mut out = RefDecision::default();
@@ -369,12 +498,15 @@ pub fn decision(d: Result<Decision, crate::DecodeError>) -> RefDecision {
                 );
             }
         }
-        Ok(Decision::Stop(Stop::Software { .. })) => {
+        Ok(Decision::Stop(Stop::Software { addr })) => {
             out.handle = 1;
-            out.sw = true;
+            out.sw = Some(addr);
         }
         Ok(Decision::Reinject(e)) => out.inject = e.inject_flag().bits(),
-        Err(_) => out.handle = -r::EINVAL,
+        Err(crate::DecodeError::UnexpectedException { exception }) => {
+            out.handle = -r::EINVAL;
+            out.bad_exception = Some(exception);
+        }
     }
     out
 }
@@ -406,6 +538,9 @@ macro_rules! ensure_eq {
 /// The first difference found.
 pub fn compare(t: &TypedSide, r: &RefSide) -> Result<(), Mismatch> {
     ensure_eq!("outcome", t.last, r.last);
+    if let Some(wrong) = &t.wrong_fields {
+        return Err(Mismatch(wrong.clone()));
+    }
     let dbg = t.state.guest_debug();
     let (control, debugreg) = r.model.guest_debug(r.model.singlestep_enabled);
     ensure_eq!("control flags", dbg.control.bits(), control);
@@ -502,9 +637,16 @@ pub struct Lockstep {
 impl Lockstep {
     /// Both models over copies of `mem`.
     pub fn new(mem: TestMemory) -> Lockstep {
+        Lockstep::with_counts(mem, &[])
+    }
+
+    /// Both models over copies of `mem`, beginning with the software
+    /// breakpoints and use counts of `counts` ([`RefSide::with_counts`]).
+    pub fn with_counts(mem: TestMemory, counts: &[(u64, u32)]) -> Lockstep {
+        let reference = RefSide::with_counts(mem, counts);
         Lockstep {
-            typed: TypedSide::new(mem.clone()),
-            reference: RefSide::new(mem),
+            typed: TypedSide::starting_like(&reference),
+            reference,
         }
     }
 

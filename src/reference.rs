@@ -122,10 +122,62 @@ pub struct RefDecision {
     pub hit_mask: u8,
     /// Per slot: (address, R/W code, length in bytes) of each hit.
     pub hits: [(u64, u64, u64); 4],
-    /// A software breakpoint was hit.
-    pub sw: bool,
+    /// The software breakpoint hit: its address.
+    pub sw: Option<u64>,
     /// `KVM_GUESTDBG_INJECT_DB`/`_BP` to re-inject, else 0.
     pub inject: u32,
+    /// With `handle == -EINVAL`: the vector that was not a debug vector.
+    pub bad_exception: Option<u32>,
+}
+
+/// What [`Reference::insert`] or [`Reference::remove`] did: the seed's return
+/// value and the facts its code had at hand when it returned.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RefResult {
+    /// 0, [`REMOVED_GUEST_OVERWROTE`] or a negative errno.
+    pub code: i32,
+    /// Hardware: the `n` of `hw_breakpoint[n]` filled (insert) or emptied
+    /// (remove; the last entry moved into it).
+    pub slot: Option<usize>,
+    /// Software: the byte saved by an insert that wrote `0xCC`, or the byte a
+    /// remove found where the guest had rewritten the `0xCC`.
+    pub byte: Option<u8>,
+    /// Software: `use_count` after an insert or remove that only counted.
+    pub count: Option<u32>,
+    /// A memory access that failed (`-EINVAL`): its address and whether it
+    /// was a write.
+    pub fault: Option<(u64, bool)>,
+}
+
+impl RefResult {
+    /// Only a return value.
+    pub fn code(code: i32) -> RefResult {
+        RefResult {
+            code,
+            ..RefResult::default()
+        }
+    }
+
+    /// `-EINVAL` for a failed read (`write == false`) or write of `addr`.
+    pub fn fault(addr: u64, write: bool) -> RefResult {
+        RefResult {
+            code: -EINVAL,
+            fault: Some((addr, write)),
+            ..RefResult::default()
+        }
+    }
+}
+
+/// What [`Reference::remove_all`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RefRemoveAll {
+    /// How many original bytes were written back.
+    pub restored: usize,
+    /// Addresses whose `0xCC` the guest had rewritten (forgotten), ascending.
+    pub overwritten: Vec<u64>,
+    /// Addresses whose memory failed (kept in the list), ascending, each
+    /// with whether the failed access was the write.
+    pub failed: Vec<(u64, bool)>,
 }
 
 /// The seed's state for one VM.
@@ -188,110 +240,132 @@ impl Reference {
         }
     }
 
-    /// `kvm_insert_breakpoint`: 0 or a negative errno.
-    pub fn insert(&mut self, mem: &mut impl RefMemory, addr: u64, len: u64, ty: u64) -> i32 {
+    /// `kvm_insert_breakpoint`: 0 or a negative errno, and what it did.
+    pub fn insert(&mut self, mem: &mut impl RefMemory, addr: u64, len: u64, ty: u64) -> RefResult {
         if ty == GDB_BREAKPOINT_SW {
             if let Some(i) = self.find_sw_breakpoint(addr) {
                 if self.sw_breakpoints[i].use_count == u32::MAX {
-                    return -EOVERFLOW;
+                    return RefResult::code(-EOVERFLOW);
                 }
                 self.sw_breakpoints[i].use_count += 1;
-                return 0;
+                return RefResult {
+                    count: Some(self.sw_breakpoints[i].use_count),
+                    ..RefResult::code(0)
+                };
             }
             let Some(saved_insn) = mem.ref_read(addr) else {
-                return -EINVAL;
+                return RefResult::fault(addr, false);
             };
             if !mem.ref_write(addr, 0xcc) {
-                return -EINVAL;
+                return RefResult::fault(addr, true);
             }
             self.sw_breakpoints.push(RefSwBreakpoint {
                 pc: addr,
                 saved_insn,
                 use_count: 1,
             });
-            return 0;
+            return RefResult {
+                byte: Some(saved_insn),
+                ..RefResult::code(0)
+            };
         }
         let len = match Self::check_hw(addr, len, ty) {
             Ok(len) => len,
-            Err(e) => return e,
+            Err(e) => return RefResult::code(e),
         };
         if self.nb_hw_breakpoint == 4 {
-            return -ENOBUFS;
+            return RefResult::code(-ENOBUFS);
         }
         if self.find_hw_breakpoint(addr, len, ty).is_some() {
-            return -EEXIST;
+            return RefResult::code(-EEXIST);
         }
-        self.hw_breakpoint[self.nb_hw_breakpoint] = RefHwBreakpoint { addr, len, ty };
+        let n = self.nb_hw_breakpoint;
+        self.hw_breakpoint[n] = RefHwBreakpoint { addr, len, ty };
         self.nb_hw_breakpoint += 1;
-        0
+        RefResult {
+            slot: Some(n),
+            ..RefResult::code(0)
+        }
     }
 
     /// `kvm_arch_remove_sw_breakpoint` on its own: 0, [`REMOVED_GUEST_OVERWROTE`]
-    /// or `-EINVAL`; memory is touched only when `0xCC` is still there.
-    fn unpatch(mem: &mut impl RefMemory, bp: RefSwBreakpoint) -> i32 {
+    /// (with the byte found) or `-EINVAL`; memory is touched only when `0xCC`
+    /// is still there.
+    fn unpatch(mem: &mut impl RefMemory, bp: RefSwBreakpoint) -> RefResult {
         let Some(byte) = mem.ref_read(bp.pc) else {
-            return -EINVAL;
+            return RefResult::fault(bp.pc, false);
         };
         if byte != 0xcc {
-            return REMOVED_GUEST_OVERWROTE;
+            return RefResult {
+                byte: Some(byte),
+                ..RefResult::code(REMOVED_GUEST_OVERWROTE)
+            };
         }
         if !mem.ref_write(bp.pc, bp.saved_insn) {
-            return -EINVAL;
+            return RefResult::fault(bp.pc, true);
         }
-        0
+        RefResult::code(0)
     }
 
-    /// `kvm_remove_breakpoint`: 0, [`REMOVED_GUEST_OVERWROTE`] or a negative errno.
-    pub fn remove(&mut self, mem: &mut impl RefMemory, addr: u64, len: u64, ty: u64) -> i32 {
+    /// `kvm_remove_breakpoint`: 0, [`REMOVED_GUEST_OVERWROTE`] or a negative
+    /// errno, and what it did.
+    pub fn remove(&mut self, mem: &mut impl RefMemory, addr: u64, len: u64, ty: u64) -> RefResult {
         if ty == GDB_BREAKPOINT_SW {
             let Some(i) = self.find_sw_breakpoint(addr) else {
-                return -ENOENT;
+                return RefResult::code(-ENOENT);
             };
             if self.sw_breakpoints[i].use_count > 1 {
                 self.sw_breakpoints[i].use_count -= 1;
-                return 0;
+                return RefResult {
+                    count: Some(self.sw_breakpoints[i].use_count),
+                    ..RefResult::code(0)
+                };
             }
             let r = Self::unpatch(mem, self.sw_breakpoints[i]);
-            if r >= 0 {
+            if r.code >= 0 {
                 self.sw_breakpoints.remove(i);
             }
             return r;
         }
         let len = match Self::check_hw(addr, len, ty) {
             Ok(len) => len,
-            Err(e) => return e,
+            Err(e) => return RefResult::code(e),
         };
         let Some(n) = self.find_hw_breakpoint(addr, len, ty) else {
-            return -ENOENT;
+            return RefResult::code(-ENOENT);
         };
         self.nb_hw_breakpoint -= 1;
         self.hw_breakpoint[n] = self.hw_breakpoint[self.nb_hw_breakpoint];
         self.hw_breakpoint[self.nb_hw_breakpoint] = RefHwBreakpoint::default();
-        0
+        RefResult {
+            slot: Some(n),
+            ..RefResult::code(0)
+        }
     }
 
-    /// `kvm_remove_all_breakpoints`: returns the addresses that could not be
-    /// restored (kept in the list) and those the guest had overwritten
-    /// (forgotten), both in ascending address order.
-    pub fn remove_all(&mut self, mem: &mut impl RefMemory) -> (Vec<u64>, Vec<u64>) {
-        let mut failed = Vec::new();
-        let mut overwritten = Vec::new();
+    /// `kvm_remove_all_breakpoints`: restores every byte it can, in ascending
+    /// address order; entries whose memory fails stay in the list, those the
+    /// guest had overwritten are forgotten.
+    pub fn remove_all(&mut self, mem: &mut impl RefMemory) -> RefRemoveAll {
+        let mut report = RefRemoveAll::default();
         let mut kept = Vec::new();
         let mut list = self.sw_breakpoints.clone();
         list.sort_by_key(|bp| bp.pc);
         for bp in list {
             let r = Self::unpatch(mem, bp);
-            if r < 0 {
-                failed.push(bp.pc);
+            if let Some((addr, write)) = r.fault {
+                report.failed.push((addr, write));
                 kept.push(bp);
-            } else if r == REMOVED_GUEST_OVERWROTE {
-                overwritten.push(bp.pc);
+            } else if r.code == REMOVED_GUEST_OVERWROTE {
+                report.overwritten.push(bp.pc);
+            } else {
+                report.restored += 1;
             }
         }
         self.sw_breakpoints = kept;
         self.nb_hw_breakpoint = 0;
         self.hw_breakpoint = [RefHwBreakpoint::default(); 4];
-        (failed, overwritten)
+        report
     }
 
     /// `kvm_update_guest_debug` + `kvm_arch_update_guest_debug`: the control
@@ -353,12 +427,13 @@ impl Reference {
         } else if exception == 3 {
             if self.find_sw_breakpoint(pc).is_some() {
                 d.handle = 1;
-                d.sw = true;
+                d.sw = Some(pc);
             } else {
                 d.inject = KVM_GUESTDBG_INJECT_BP;
             }
         } else {
             d.handle = -EINVAL;
+            d.bad_exception = Some(exception);
         }
         d
     }

@@ -97,6 +97,14 @@ impl DebugState {
         self.sw.replace_saved(addr, byte)
     }
 
+    /// Test support (feature `reference`): the software-breakpoint table,
+    /// mutable (see [`SwBreakpoints::set_count_for_testing`]).
+    #[cfg(feature = "reference")]
+    #[doc(hidden)]
+    pub fn sw_mut_for_testing(&mut self) -> &mut SwBreakpoints {
+        &mut self.sw
+    }
+
     /// Inserts a breakpoint of GDB type `ty` at `addr`. `len` matters for
     /// watchpoints only. Software breakpoints patch `mem`.
     ///

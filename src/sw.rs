@@ -237,6 +237,21 @@ impl SwBreakpoints {
         Some(core::mem::replace(&mut entry.saved, byte))
     }
 
+    /// Test support (feature `reference`): sets the use count of the entry
+    /// at `addr` to `count` (at least 1), so suites can start near `u32::MAX`
+    /// without four billion inserts. Returns whether there was an entry.
+    #[cfg(feature = "reference")]
+    #[doc(hidden)]
+    pub fn set_count_for_testing(&mut self, addr: u64, count: u32) -> bool {
+        match self.entries.get_mut(&addr) {
+            Some(entry) => {
+                entry.count = count.max(1);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Inserts a breakpoint at `addr`, or counts one more use of it.
     ///
     /// # Errors

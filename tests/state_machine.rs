@@ -50,31 +50,82 @@ fn exit() -> impl Strategy<Value = DebugExit> {
     })
 }
 
+/// Addresses that start with a software breakpoint and a preset use count
+/// in some cases: healthy ones, so the preset insert succeeds.
+const PRESET_ADDRS: [u64; 4] = [0x1, 0x2, 0x8, 0x10];
+
+/// The initial state: common memory, in a quarter of the cases failing one
+/// single access (the k-th, `fail_at`), and in half of them software
+/// breakpoints whose use counts start at 2, 3 or next to `u32::MAX`.
+fn init() -> impl Strategy<Value = RefSide> {
+    let fail_at = prop_oneof![3 => Just(None), 1 => (0..24u64).prop_map(Some)];
+    let count = prop_oneof![
+        Just(2u32),
+        Just(3),
+        Just(u32::MAX - 2),
+        Just(u32::MAX - 1),
+        Just(u32::MAX)
+    ];
+    let counts = prop_oneof![
+        1 => Just(Vec::new()),
+        1 => prop::collection::vec((prop::sample::select(&PRESET_ADDRS[..]), count), 1..=2),
+    ];
+    (fail_at, counts).prop_map(|(fail_at, counts)| {
+        let mut mem = memory();
+        mem.fail_at = fail_at;
+        RefSide::with_counts(mem, &counts)
+    })
+}
+
+/// A valid hardware request: type 1, 2 or 4, a length of 1, 2, 4 or 8, an
+/// address aligned to it (from a few, so duplicates and removals meet).
+fn valid_hw() -> impl Strategy<Value = (u64, u64, u64)> {
+    let ty = prop::sample::select(&[1u64, 2, 4][..]);
+    let len = prop::sample::select(&[1u64, 2, 4, 8][..]);
+    (ty, len, 0..4u64).prop_map(|(ty, len, k)| (ty, 0x8 * k, len))
+}
+
 impl ReferenceStateMachine for DebugModel {
     type State = RefSide;
     type Transition = Op;
 
     fn init_state() -> BoxedStrategy<RefSide> {
-        Just(RefSide::new(memory())).boxed()
+        init().boxed()
     }
 
     fn transitions(state: &RefSide) -> BoxedStrategy<Op> {
         // Half the time, aim at a software breakpoint that is set, so removes,
-        // guest rewrites and memory faults meet live entries.
+        // repeated inserts, guest rewrites and memory faults meet live entries.
         let live: Vec<u64> = state.model.sw_breakpoints.iter().map(|b| b.pc).collect();
         let target = if live.is_empty() {
             addr().boxed()
         } else {
             prop_oneof![addr(), prop::sample::select(live)].boxed()
         };
+        // Poison mostly live entries, so remove-all meets several failures.
+        let poison_target = if state.model.sw_breakpoints.is_empty() {
+            addr().boxed()
+        } else {
+            let live: Vec<u64> = state.model.sw_breakpoints.iter().map(|b| b.pc).collect();
+            prop_oneof![1 => addr(), 3 => prop::sample::select(live)].boxed()
+        };
+        // With three slots used, favour an 8-byte watch (slot 3 with LEN 10,
+        // the seed's sign-extension bug).
+        let eight = if state.model.nb_hw_breakpoint == 3 { 4 } else { 1 };
+        let guest_byte = prop_oneof![2 => any::<u8>(), 1 => Just(0xccu8)];
         prop_oneof![
             8 => (gdb_type(), addr(), len()).prop_map(|(ty, addr, len)| Op::Insert { ty, addr, len }),
+            4 => valid_hw().prop_map(|(ty, addr, len)| Op::Insert { ty, addr, len }),
+            eight => (prop::sample::select(&[2u64, 4][..]), 0..4u64)
+                .prop_map(|(ty, k)| Op::Insert { ty, addr: 0x8 * k, len: 8 }),
+            4 => target.clone().prop_map(|addr| Op::Insert { ty: 0, addr, len: 1 }),
             6 => (gdb_type(), addr(), len()).prop_map(|(ty, addr, len)| Op::Remove { ty, addr, len }),
+            2 => valid_hw().prop_map(|(ty, addr, len)| Op::Remove { ty, addr, len }),
             3 => target.clone().prop_map(|addr| Op::Remove { ty: 0, addr, len: 1 }),
-            1 => Just(Op::RemoveAll),
+            2 => Just(Op::RemoveAll),
             1 => any::<bool>().prop_map(Op::SingleStep),
-            2 => (target.clone(), any::<u8>()).prop_map(|(addr, value)| Op::GuestWrite { addr, value }),
-            1 => (target, any::<bool>(), any::<bool>()).prop_map(|(addr, reads, writes)| Op::Poison { addr, reads, writes }),
+            2 => (target.clone(), guest_byte).prop_map(|(addr, value)| Op::GuestWrite { addr, value }),
+            3 => (poison_target, any::<bool>(), any::<bool>()).prop_map(|(addr, reads, writes)| Op::Poison { addr, reads, writes }),
             2 => Just(Op::Apply),
             3 => exit().prop_map(Op::Decode),
         ]
@@ -97,7 +148,7 @@ impl StateMachineTest for DebugModel {
             let n = cases("SM_CASES", cases("PROPTEST_CASES", 1000));
             println!("state machine: {n} cases of 1-63 transitions, typed model vs reference");
         });
-        TypedSide::new(reference.mem.clone())
+        TypedSide::starting_like(reference)
     }
 
     fn apply(mut typed: TypedSide, reference: &RefSide, op: Op) -> TypedSide {
@@ -132,41 +183,77 @@ prop_state_machine! {
 
 /// The generator is not vacuous: random sequences of the suite's shape reach
 /// every outcome the seed can give (each errno, the guest-overwrote result,
-/// remove-all with failures, every kind of decision).
+/// remove-all with failures, every kind of decision), and the hard-to-reach
+/// states each in a measurable share of cases. `--nocapture` prints the shares.
 #[test]
-fn transitions_reach_every_outcome() {
+fn transitions_reach_every_outcome_and_the_rare_states() {
     use proptest::strategy::ValueTree;
     use proptest::test_runner::TestRunner;
     use x86_debugreg::differential::Outcome;
     use x86_debugreg::reference as r;
 
+    const CASES: u32 = 1000;
     let mut runner = TestRunner::deterministic();
     let strategy = DebugModel::sequential_strategy(1..64);
     let mut seen = std::collections::BTreeSet::new();
-    for _ in 0..500 {
+    // Per rare state, how many cases reached it.
+    let mut reach = std::collections::BTreeMap::<&str, u32>::new();
+    for _ in 0..CASES {
         let (mut state, ops, _) = strategy.new_tree(&mut runner).expect("strategy").current();
+        let mut here = std::collections::BTreeSet::new();
         for op in &ops {
+            if let Op::GuestWrite { addr, value: 0xcc } = op {
+                if state.model.find_sw_breakpoint(*addr).is_some() {
+                    here.insert("guest writes 0xCC over a live breakpoint");
+                }
+            }
             state.apply(op);
             seen.insert(match &state.last {
                 Outcome::None => "none",
-                Outcome::Code(0) => "ok",
-                Outcome::Code(r::REMOVED_GUEST_OVERWROTE) => "guest overwrote",
-                Outcome::Code(c) if *c == -r::EINVAL => "EINVAL",
-                Outcome::Code(c) if *c == -r::ENOENT => "ENOENT",
-                Outcome::Code(c) if *c == -r::EEXIST => "EEXIST",
-                Outcome::Code(c) if *c == -r::ENOSYS => "ENOSYS",
-                Outcome::Code(c) if *c == -r::ENOBUFS => "ENOBUFS",
-                Outcome::Code(_) => "other errno",
-                Outcome::RemoveAll { failed, .. } if failed.is_empty() => "remove-all",
-                Outcome::RemoveAll { .. } => "remove-all with failures",
+                Outcome::Result(x) if x.code == 0 => "ok",
+                Outcome::Result(x) if x.code == r::REMOVED_GUEST_OVERWROTE => "guest overwrote",
+                Outcome::Result(x) if x.code == -r::EINVAL => "EINVAL",
+                Outcome::Result(x) if x.code == -r::ENOENT => "ENOENT",
+                Outcome::Result(x) if x.code == -r::EEXIST => "EEXIST",
+                Outcome::Result(x) if x.code == -r::ENOSYS => "ENOSYS",
+                Outcome::Result(x) if x.code == -r::ENOBUFS => "ENOBUFS",
+                Outcome::Result(x) if x.code == -r::EOVERFLOW => "EOVERFLOW",
+                Outcome::Result(_) => "other errno",
+                Outcome::RemoveAll(report) if report.failed.is_empty() => "remove-all",
+                Outcome::RemoveAll(_) => "remove-all with failures",
                 Outcome::Decision(d) if d.handle < 0 => "decode error",
-                Outcome::Decision(d) if d.sw => "software stop",
+                Outcome::Decision(d) if d.sw.is_some() => "software stop",
                 Outcome::Decision(d) if d.single_step && d.hit_mask != 0 => "step and hit",
                 Outcome::Decision(d) if d.single_step => "step",
                 Outcome::Decision(d) if d.hit_mask != 0 => "hardware stop",
                 Outcome::Decision(d) if d.inject == r::KVM_GUESTDBG_INJECT_DB => "reinject #DB",
                 Outcome::Decision(_) => "reinject #BP",
             });
+            if state.last.code() == Some(-r::EOVERFLOW) {
+                here.insert("use count overflow");
+            }
+            if let Outcome::RemoveAll(report) = &state.last {
+                if report.failed.len() >= 2 {
+                    here.insert("remove-all with >= 2 failures");
+                }
+            }
+            if state
+                .model
+                .sw_breakpoints
+                .iter()
+                .any(|b| (3..u32::MAX - 2).contains(&b.use_count))
+            {
+                here.insert("use count >= 3 (not preset near u32::MAX)");
+            }
+            if state.model.nb_hw_breakpoint == 4 && state.model.hw_breakpoint[3].len == 8 {
+                here.insert("slot 3 with 8 bytes");
+            }
+            if state.mem.fail_at.is_some_and(|k| state.mem.accesses > k) {
+                here.insert("single-access fault (fail_at)");
+            }
+        }
+        for what in here {
+            *reach.entry(what).or_default() += 1;
         }
     }
     let want = [
@@ -178,6 +265,7 @@ fn transitions_reach_every_outcome() {
         "EEXIST",
         "ENOSYS",
         "ENOBUFS",
+        "EOVERFLOW",
         "remove-all",
         "remove-all with failures",
         "decode error",
@@ -190,4 +278,22 @@ fn transitions_reach_every_outcome() {
     ];
     let missing: Vec<_> = want.iter().filter(|w| !seen.contains(*w)).collect();
     assert!(missing.is_empty(), "never reached: {missing:?} (seen {seen:?})");
+    let rare = [
+        "use count overflow",
+        "use count >= 3 (not preset near u32::MAX)",
+        "guest writes 0xCC over a live breakpoint",
+        "remove-all with >= 2 failures",
+        "slot 3 with 8 bytes",
+        "single-access fault (fail_at)",
+    ];
+    println!("state machine reach over {CASES} generated cases:");
+    for what in rare {
+        let n = reach.get(what).copied().unwrap_or(0);
+        println!("  {what}: {n} cases ({:.1}%)", f64::from(n) * 100.0 / f64::from(CASES));
+    }
+    // Each rare state in at least 2% of the cases (deterministic runner).
+    for what in rare {
+        let n = reach.get(what).copied().unwrap_or(0);
+        assert!(n * 50 >= CASES, "{what}: only {n} of {CASES} cases");
+    }
 }
