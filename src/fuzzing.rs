@@ -44,8 +44,19 @@ use core::fmt;
 use arbitrary::{Arbitrary, Unstructured};
 
 use crate::differential::{decision, Lockstep, Mismatch, Op, TestMemory};
-use crate::dr6::{DR6_AT_REST, DR6_STATUS_MASK};
-use crate::dr7::{DR7_FIXED1, DR7_RESERVED_MASK};
+
+/// DR7's must-be-zero bits, hand-computed from the SDM (Vol. 3B §18.2.4):
+/// bits 12, 14, 15 and 32–63. Written out rather than taken from
+/// `dr7::DR7_RESERVED_MASK`, so a wrong constant cannot agree with itself
+/// (`tests/sdm_tables.rs` checks both against the bit-by-bit table).
+const SDM_DR7_MBZ: u64 = 0xffff_ffff_0000_d000;
+/// DR7 bit 10, which reads as 1.
+const SDM_DR7_FIXED1: u64 = 0x400;
+/// DR6 at rest (SDM Vol. 3B §18.2.3): bits 4–11 and 16–31 set.
+const SDM_DR6_AT_REST: u64 = 0xffff_0ff0;
+/// The DR6 bits `Dr6::from_kvm` keeps: B0–B3 (0–3), BLD (11), BD (13), BS
+/// (14), BT (15). RTM (16) is not trusted.
+const SDM_DR6_KEPT: u64 = 0xe80f;
 use crate::reference::{RefSwBreakpoint, Reference};
 use crate::sw::{self, SwBreakpoints};
 use crate::{decode, ControlFlags, DebugExit, Decision, DecodeError, Dr6, Dr7, GuestDebug, Slot, Stop};
@@ -205,18 +216,15 @@ pub fn check_dr7_word(v: u64) -> Result<(), Mismatch> {
     ensure!(u64::from(Dr7::from(v)) == v, "Dr7::from({v:#x}) does not round-trip");
     match Dr7::new_checked(v) {
         Ok(c) => {
+            ensure!(v & SDM_DR7_MBZ == 0, "new_checked accepted reserved bits in {v:#x}");
             ensure!(
-                v & DR7_RESERVED_MASK == 0,
-                "new_checked accepted reserved bits in {v:#x}"
-            );
-            ensure!(
-                c.into_bits() == v | DR7_FIXED1,
+                c.into_bits() == v | SDM_DR7_FIXED1,
                 "new_checked({v:#x}) = {:#x}",
                 c.into_bits()
             );
         }
         Err(e) => ensure!(
-            e.reserved == v & DR7_RESERVED_MASK && e.reserved != 0 && e.value == v,
+            e.reserved == v & SDM_DR7_MBZ && e.reserved != 0 && e.value == v,
             "new_checked({v:#x}) rejected with {e:x?}"
         ),
     }
@@ -254,9 +262,8 @@ pub fn check_dr6_word(v: u64) -> Result<(), Mismatch> {
         "Dr6::from_bits({v:#x}) does not round-trip"
     );
     let n = Dr6::from_kvm(v);
-    let kept = DR6_STATUS_MASK & !(1 << 16);
     ensure!(
-        n.into_bits() & kept == v & kept && n.into_bits() & !kept == DR6_AT_REST & !kept,
+        n.into_bits() == (v & SDM_DR6_KEPT) | (SDM_DR6_AT_REST & !SDM_DR6_KEPT),
         "Dr6::from_kvm({v:#x}) = {:#x}",
         n.into_bits()
     );

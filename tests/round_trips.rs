@@ -1,9 +1,14 @@
 //! Round trips of the register types over arbitrary `u64`s, and of the
 //! R/W and LEN codes.
 
+//!
+//! Expected values come from the SDM tables in `common/sdm.rs`, never from
+//! the crate's own constants.
+
+mod common;
+
+use common::sdm;
 use proptest::prelude::*;
-use x86_debugreg::dr6::{DR6_AT_REST, DR6_STATUS_MASK};
-use x86_debugreg::dr7::{DR7_FIXED1, DR7_RESERVED_MASK};
 use x86_debugreg::{Condition, Dr6, Dr7, Len, Slot};
 
 proptest! {
@@ -17,11 +22,12 @@ proptest! {
         prop_assert_eq!(u64::from(Dr7::from(v)), v);
         match Dr7::new_checked(v) {
             Ok(d) => {
-                prop_assert_eq!(v & DR7_RESERVED_MASK, 0);
-                prop_assert_eq!(d.into_bits(), v | DR7_FIXED1);
+                prop_assert_eq!(v & sdm::dr7_mbz(), 0);
+                prop_assert_eq!(d.into_bits(), v | 1 << 10);
             }
             Err(e) => {
-                prop_assert_eq!(e.reserved, v & DR7_RESERVED_MASK);
+                prop_assert_eq!(e.reserved, v & sdm::dr7_mbz());
+                prop_assert_eq!(e.value, v);
                 prop_assert_ne!(e.reserved, 0);
             }
         }
@@ -42,17 +48,20 @@ proptest! {
     }
 
     /// DR6 keeps raw values; `from_kvm` keeps the status bits except RTM,
-    /// fixes every other bit to its at-rest value, and is idempotent.
+    /// fixes every other bit to its at-rest value (the SDM table's), and is
+    /// idempotent.
     #[test]
     fn dr6_round_trips_and_normalises_every_u64(v in any::<u64>()) {
         prop_assert_eq!(Dr6::from_bits(v).into_bits(), v);
         let n = Dr6::from_kvm(v);
-        let kept = DR6_STATUS_MASK & !(1 << 16);
-        prop_assert_eq!(n.into_bits() & kept, v & kept);
-        prop_assert_eq!(n.into_bits() & !kept, DR6_AT_REST & !kept);
+        prop_assert_eq!(n.into_bits(), sdm::dr6_expected_from_kvm(v));
         prop_assert_eq!(Dr6::from_kvm(n.into_bits()), n);
         prop_assert_eq!(n.hits().fold(0u8, |m, s| m | 1 << s.get()), (v & 0xf) as u8);
         prop_assert_eq!(n.bs(), v & 1 << 14 != 0);
+        prop_assert_eq!(n.bd(), v & 1 << 13 != 0);
+        prop_assert_eq!(n.bt(), v & 1 << 15 != 0);
+        prop_assert_eq!(n.bus_lock_detected(), v & 1 << 11 == 0);
+        prop_assert!(!n.in_rtm_region());
     }
 }
 

@@ -1,6 +1,8 @@
 //! Shared fixtures for the property suites.
 #![allow(dead_code)]
 
+pub mod sdm;
+
 use x86_debugreg::differential::TestMemory;
 
 /// Size of the test guest memory.
