@@ -48,7 +48,7 @@ fn run_to_end(h: &mut VcpuDebug<GuestMemoryMmap>, vcpu: &mut VcpuFd) -> Result<(
     for _ in 0..32 {
         match resume(h, vcpu)? {
             Next::Stopped => {
-                h.step_over(&*vcpu)?;
+                h.step_over();
             }
             Next::Done(al) => {
                 println!("  routine finished (out {:#x}, al = {al:#x})", guest::PORT_DONE);
@@ -85,7 +85,7 @@ fn demo(mut g: Guest) -> Result<(), Error> {
         return Err("the execute breakpoint did not stop the guest".into());
     }
     dbg.set_single_step(0, true)?;
-    h.step_over(&*g.vcpu(0))?;
+    h.step_over();
     for _ in 0..3 {
         if let Next::Done(_) = resume(&mut h, g.vcpu(0))? {
             break;
@@ -93,14 +93,14 @@ fn demo(mut g: Guest) -> Result<(), Error> {
     }
     dbg.set_single_step(0, false)?;
     run_to_end(&mut h, g.vcpu(0))?;
-    dbg.remove_all(AddressSpace::Physical)?;
+    dbg.remove_all()?;
 
     println!("\nWrite watchpoint on 4 bytes at {:#x}:", guest::DATA);
     if probe.write_watch.supported {
         dbg.insert(AddressSpace::Physical, BreakpointType::WriteWatch, guest::DATA, 4)?;
         g.start(0, guest::DATA_ACCESS)?;
         run_to_end(&mut h, g.vcpu(0))?;
-        dbg.remove_all(AddressSpace::Physical)?;
+        dbg.remove_all()?;
     } else {
         println!("  skipped: {}", probe.write_watch.detail);
     }
@@ -115,7 +115,7 @@ fn demo(mut g: Guest) -> Result<(), Error> {
         dbg.insert(space, BreakpointType::Software, guest::ALIAS + guest::SW_PATCH, 1)?;
         g.start(0, guest::ALIAS + guest::SW)?;
         run_to_end(&mut h, g.vcpu(0))?;
-        dbg.remove_all(AddressSpace::Virtual(&*g.vcpu(0)))?;
+        dbg.remove_all()?;
     } else {
         println!("  skipped: {}", probe.sw_breakpoint.detail);
     }

@@ -1,39 +1,55 @@
 //! [`VmDebug`]: the VM-wide debug handle, shared by every vCPU thread and the
 //! debugger front end (a GDB stub, a VMM's API).
 //!
-//! It holds the core [`DebugState`] (the *intent*: which breakpoints,
-//! watchpoints and single-steps the debugger wants) and guest memory, behind
-//! one mutex, plus a generation number that moves whenever the intent
-//! changes in a way some vCPU's `KVM_SET_GUEST_DEBUG` argument depends on.
-//! Operations here never issue an ioctl on a vCPU: each vCPU's
-//! [`VcpuDebug::sync`](crate::VcpuDebug::sync), called by that vCPU's thread
-//! before `KVM_RUN`, applies the change, at most once per vCPU however many
-//! operations happened in between.
+//! It holds the *intent* (the core [`DebugState`]: which breakpoints,
+//! watchpoints and single-steps the debugger wants), guest memory, a
+//! generation number that moves whenever some vCPU's `KVM_SET_GUEST_DEBUG`
+//! argument changes, and the all-stop control ([`crate::control`]).
+//!
+//! **The debugger thread never touches a vCPU.** Operations here change the
+//! intent and kick ([`crate::kick`]); each vCPU's own thread applies the
+//! change in [`VcpuDebug::before_run`](crate::VcpuDebug::before_run) (or
+//! [`sync`](crate::VcpuDebug::sync)), at most one ioctl however many
+//! operations happened in between. Register and `KVM_TRANSLATE` access while
+//! stopped goes through [`VmDebug::with_parked_vcpu`], which runs on the
+//! parked vCPU's thread.
 //!
 //! Software breakpoints patch guest memory at once (memory is shared by all
-//! vCPUs), so insert them while the vCPUs are stopped, as a GDB stub does: a
-//! vCPU that runs into a new `0xCC` before its next `sync` takes the `#BP`
-//! itself.
+//! vCPUs) and are kept by guest-physical address ([`crate::sw_table`]): insert
+//! them while the vCPUs are stopped, as a GDB stub does.
+//!
+//! Inserting a breakpoint that is already set counts one more use, for
+//! software and hardware breakpoints alike; each remove undoes one insert, and
+//! the breakpoint goes with the last (the seed refused a second identical
+//! hardware breakpoint but counted software ones).
 
+use std::collections::BTreeMap;
+use std::fmt;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
-use vm_memory::GuestMemory;
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use x86_debugreg::hw::HwError;
 use x86_debugreg::state::{Inserted, Removed};
-use x86_debugreg::sw::RemoveAll;
-use x86_debugreg::{BreakpointError, BreakpointType, DebugState, GuestDebug};
+use x86_debugreg::sw::{RemoveAll, SwError, SwRemoved, INT3};
+use x86_debugreg::{BreakpointError, BreakpointType, DebugState, GuestDebug, HwBreakpoint, Stop};
 
+use crate::control::{Action, Control, Pending, RunState};
 use crate::error::{Error, Result};
-use crate::memory::{AddressSpace, MemoryError, SpaceMemory};
+use crate::kick::Kick;
+use crate::memory::{translate, AddressSpace, MemoryError, PhysicalMemory};
 use crate::probe::Int1Pc;
+use crate::sw_table::{Lookup, Request, Requests, SpaceKind};
 use crate::vcpu::VcpuOps;
-use crate::vcpu_debug::{effective, VcpuDebug};
+use crate::vcpu_debug::{effective, StopEvent, VcpuDebug};
 
 /// The outcome of a successful [`VmDebug::insert`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Insert {
-    /// The breakpoint is set (or, for a software breakpoint already set, counted).
+    /// The breakpoint is set, or (already set) counted once more.
     Inserted(Inserted),
     /// All four debug address registers are in use: a normal answer, not a
     /// failure (a GDB stub replies with an empty packet and GDB falls back).
@@ -42,9 +58,17 @@ pub enum Insert {
 
 pub(crate) struct Inner<M> {
     pub(crate) state: DebugState,
+    /// The debugger's requests behind each software breakpoint (by GPA).
+    pub(crate) requests: Requests,
+    /// Extra uses of hardware breakpoints beyond the first.
+    hw_extra: BTreeMap<(u64, u8, u8), u32>,
     pub(crate) mem: M,
     single_step: Vec<bool>,
     pub(crate) int1_pc: Int1Pc,
+}
+
+fn hw_key(bp: &HwBreakpoint) -> (u64, u8, u8) {
+    (bp.addr(), bp.kind().condition().into_bits(), bp.len().into_bits())
 }
 
 impl<M> Inner<M> {
@@ -56,12 +80,30 @@ impl<M> Inner<M> {
     pub(crate) fn config_for(&self, vcpu: usize) -> GuestDebug {
         self.state.guest_debug_for(self.single_step(vcpu))
     }
+
+    /// Whether a posted stop still means something to the debugger.
+    fn still_valid(&self, p: &Pending) -> bool {
+        match p.event.stop {
+            Stop::Software { .. } => p.gpa.is_some_and(|gpa| self.state.sw().contains(gpa)),
+            Stop::Debug { single_step, hits } => {
+                let stepping = single_step && self.single_step(p.event.vcpu);
+                let still_armed = hits.iter().any(|h| self.state.hw().get(h.slot) == Some(h.breakpoint));
+                stepping || still_armed
+            }
+        }
+    }
 }
 
 pub(crate) struct Shared<M> {
-    /// Moves (under the lock) whenever a vCPU's configuration may have changed.
+    /// Moves (under the `inner` lock) whenever a vCPU's configuration may
+    /// have changed.
     pub(crate) generation: AtomicU64,
     pub(crate) inner: Mutex<Inner<M>>,
+    pub(crate) ctl: Mutex<Control>,
+    pub(crate) cond: Condvar,
+    kick: RwLock<Option<Arc<dyn Kick>>>,
+    /// Readable while a posted stop may be waiting.
+    pub(crate) stop_fd: EventFd,
 }
 
 impl<M> Shared<M> {
@@ -69,8 +111,42 @@ impl<M> Shared<M> {
         self.inner.lock().map_err(|_| Error::Poisoned)
     }
 
-    fn bump(&self) {
+    pub(crate) fn ctl(&self) -> Result<MutexGuard<'_, Control>> {
+        self.ctl.lock().map_err(|_| Error::Poisoned)
+    }
+
+    pub(crate) fn bump(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Kicks each of `ids`; the first failure is returned after all were tried.
+    pub(crate) fn kick(&self, ids: &[usize]) -> Result<()> {
+        let kick = self.kick.read().map_err(|_| Error::Poisoned)?.clone();
+        let Some(kick) = kick else { return Ok(()) };
+        let mut first = Ok(());
+        for &id in ids {
+            if let Err(source) = kick.kick(id) {
+                if first.is_ok() {
+                    first = Err(Error::Kick { vcpu: id, source });
+                }
+            }
+        }
+        first
+    }
+
+    /// Kicks every live vCPU that is not parked, so it applies a changed intent.
+    fn kick_running(&self) -> Result<()> {
+        let ids: Vec<usize> = {
+            let ctl = self.ctl()?;
+            ctl.ids().filter(|&i| !ctl.vcpus[i].parked).collect()
+        };
+        self.kick(&ids)
+    }
+
+    pub(crate) fn signal_stop(&self) {
+        // The counter saturates rather than fails in practice; a failed write
+        // only loses a wake-up of a poller that also has a timeout.
+        let _ = self.stop_fd.write(1);
     }
 }
 
@@ -87,7 +163,7 @@ impl<M> Shared<M> {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct VmDebug<M> {
-    shared: Arc<Shared<M>>,
+    pub(crate) shared: Arc<Shared<M>>,
 }
 
 impl<M> Clone for VmDebug<M> {
@@ -98,32 +174,72 @@ impl<M> Clone for VmDebug<M> {
     }
 }
 
-impl<M> std::fmt::Debug for VmDebug<M> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl<M> fmt::Debug for VmDebug<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("VmDebug")
             .field("generation", &self.shared.generation.load(Ordering::Acquire))
             .finish_non_exhaustive()
     }
 }
 
+/// Where the guest's own `int1` leaves the pc, from the CPU vendor (CPUID):
+/// Intel's VMX reports the exit at the `int1` ([`Int1Pc::AtInstruction`]);
+/// on AMD an `int1` gives no exit at all, and any `#DB` exit there is a trap
+/// ([`Int1Pc::AfterInstruction`]); anything else is [`Int1Pc::Unknown`].
+/// No VM is booted: this works under a seccomp filter. The probe
+/// ([`crate::probe`]) stays available as a cross-check.
+pub fn int1_pc_from_cpuid() -> Int1Pc {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let id = std::arch::x86_64::__cpuid(0);
+        let mut vendor = [0u8; 12];
+        vendor[..4].copy_from_slice(&id.ebx.to_le_bytes());
+        vendor[4..8].copy_from_slice(&id.edx.to_le_bytes());
+        vendor[8..].copy_from_slice(&id.ecx.to_le_bytes());
+        match &vendor {
+            b"GenuineIntel" => Int1Pc::AtInstruction,
+            b"AuthenticAMD" | b"HygonGenuine" => Int1Pc::AfterInstruction,
+            _ => Int1Pc::Unknown,
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Int1Pc::Unknown
+    }
+}
+
 impl<M: GuestMemory> VmDebug<M> {
-    /// A handle with nothing set, over guest memory `mem`.
+    /// A handle with nothing set, over guest memory `mem`. The `int1` pc rule
+    /// comes from the CPU vendor ([`int1_pc_from_cpuid`]); override it with
+    /// [`set_int1_pc`](Self::set_int1_pc).
     pub fn new(mem: M) -> VmDebug<M> {
+        let stop_fd = match EventFd::new(EFD_NONBLOCK) {
+            Ok(fd) => fd,
+            // Only fails when the process is out of file descriptors.
+            Err(e) => panic!("kvm-glue: cannot create an eventfd: {e}"),
+        };
         VmDebug {
             shared: Arc::new(Shared {
                 generation: AtomicU64::new(0),
                 inner: Mutex::new(Inner {
                     state: DebugState::new(),
+                    requests: Requests::default(),
+                    hw_extra: BTreeMap::new(),
                     mem,
                     single_step: Vec::new(),
-                    int1_pc: Int1Pc::Unknown,
+                    int1_pc: int1_pc_from_cpuid(),
                 }),
+                ctl: Mutex::new(Control::default()),
+                cond: Condvar::new(),
+                kick: RwLock::new(None),
+                stop_fd,
             }),
         }
     }
 
-    /// The per-vCPU handle for vCPU `id`, for that vCPU's thread. It starts
-    /// out believing the vCPU has debugging off (KVM's state for a new vCPU).
+    /// The per-vCPU handle for vCPU `id`, for that vCPU's thread. Its first
+    /// [`sync`](VcpuDebug::sync) always applies the intent: a new handle
+    /// assumes nothing about what an earlier one left on the vCPU.
     pub fn vcpu(&self, id: usize) -> VcpuDebug<M> {
         VcpuDebug::new(id, Arc::clone(&self.shared))
     }
@@ -133,12 +249,22 @@ impl<M: GuestMemory> VmDebug<M> {
         self.shared.generation.load(Ordering::Acquire)
     }
 
-    /// A copy of the intent.
+    /// A copy of the intent. Software breakpoints in it are keyed by
+    /// guest-physical address.
     ///
     /// # Errors
     /// [`Error::Poisoned`].
     pub fn state(&self) -> Result<DebugState> {
         Ok(self.shared.lock()?.state.clone())
+    }
+
+    /// The debugger's requests behind the software breakpoint at
+    /// guest-physical address `gpa` (one per outstanding insert).
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`].
+    pub fn requests_at(&self, gpa: u64) -> Result<Vec<Request>> {
+        Ok(self.shared.lock()?.requests.at(gpa).to_vec())
     }
 
     /// The configuration vCPU `vcpu` should run with (the intent).
@@ -149,9 +275,9 @@ impl<M: GuestMemory> VmDebug<M> {
         Ok(self.shared.lock()?.config_for(vcpu))
     }
 
-    /// Tells the handles where this host's KVM puts the pc of an `int1` exit
-    /// (from [`Probe::guest_int1_pc`](crate::probe::Probe::guest_int1_pc)), so
-    /// that re-injecting the guest's own `int1` does not loop on VMX.
+    /// Overrides where this host's KVM puts the pc of the guest's own `int1`
+    /// exit (by default from [`int1_pc_from_cpuid`]; [`Int1Pc::Unknown`]
+    /// makes the handle look for an `int1` opcode at the pc instead).
     ///
     /// # Errors
     /// [`Error::Poisoned`].
@@ -160,70 +286,180 @@ impl<M: GuestMemory> VmDebug<M> {
         Ok(())
     }
 
-    fn with_state<T>(
-        &self,
-        space: AddressSpace<'_>,
-        op: impl FnOnce(&mut DebugState, &mut SpaceMemory<'_, M>) -> T,
-    ) -> Result<T> {
-        let mut guard = self.shared.lock()?;
-        let inner = &mut *guard;
-        let before = effective(inner.state.guest_debug_for(false));
-        let mut mem = SpaceMemory { mem: &inner.mem, space };
-        let out = op(&mut inner.state, &mut mem);
-        // Only a change of the KVM_SET_GUEST_DEBUG argument needs the vCPUs'
-        // attention: a second software breakpoint changes memory, not it.
-        if effective(inner.state.guest_debug_for(false)) != before {
-            self.shared.bump();
+    /// The `int1` pc rule in force.
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`].
+    pub fn int1_pc(&self) -> Result<Int1Pc> {
+        Ok(self.shared.lock()?.int1_pc)
+    }
+
+    /// Registers how to kick a vCPU out of `KVM_RUN` ([`crate::kick`]). Without
+    /// one, changes wait for each vCPU's next exit, and [`stop_all`](Self::stop_all)
+    /// for vCPUs that exit by themselves.
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`].
+    pub fn set_kick(&self, kick: Arc<dyn Kick>) -> Result<()> {
+        *self.shared.kick.write().map_err(|_| Error::Poisoned)? = Some(kick);
+        Ok(())
+    }
+
+    /// Runs `op` on the intent; if the `KVM_SET_GUEST_DEBUG` argument of some
+    /// vCPU changed, moves the generation and kicks the running vCPUs.
+    fn change<T>(&self, op: impl FnOnce(&mut Inner<M>) -> T) -> Result<T> {
+        let (out, changed) = {
+            let mut inner = self.shared.lock()?;
+            let before = effective(inner.state.guest_debug_for(false));
+            let out = op(&mut inner);
+            // A second software breakpoint changes memory, not the argument.
+            let changed = effective(inner.state.guest_debug_for(false)) != before;
+            if changed {
+                self.shared.bump();
+            }
+            (out, changed)
+        };
+        if changed {
+            self.shared.kick_running()?;
         }
         Ok(out)
     }
 
     /// Inserts a breakpoint of GDB type `ty` at `addr` (`len` is for
-    /// watchpoints). Software breakpoints patch guest memory in `space`;
-    /// hardware ones take linear addresses and ignore `space`.
+    /// watchpoints). A software breakpoint's address is in `space` and is
+    /// translated now; the `int3` is kept by guest-physical address.
+    /// Hardware ones take linear addresses and ignore `space`.
     ///
     /// # Errors
     /// [`Error::Breakpoint`] for what the core refuses (misaligned, bad
-    /// length, duplicate, memory failure); nothing changes then. A full set
-    /// of slots is [`Insert::NoFreeSlot`], not an error.
+    /// length, memory failure), [`Error::Memory`] if a virtual address does
+    /// not translate; nothing changes then. A full set of slots is
+    /// [`Insert::NoFreeSlot`], not an error.
     pub fn insert(&self, space: AddressSpace<'_>, ty: BreakpointType, addr: u64, len: u64) -> Result<Insert> {
-        match self.with_state(space, |state, mem| state.insert(mem, ty, addr, len))? {
-            Ok(done) => Ok(Insert::Inserted(done)),
-            Err(BreakpointError::Hw(HwError::Full)) => Ok(Insert::NoFreeSlot),
-            Err(e) => Err(e.into()),
+        if ty == BreakpointType::Software {
+            let (gpa, kind) = resolve(space, addr)?;
+            return self.change(|inner| {
+                let mut mem = PhysicalMemory(&inner.mem);
+                let done = inner
+                    .state
+                    .insert(&mut mem, ty, gpa, len)
+                    .map_err(|e| relabel(e, gpa, addr))?;
+                inner.requests.add(gpa, Request { addr, space: kind });
+                Ok(Insert::Inserted(done))
+            })?;
         }
+        let bp = HwBreakpoint::from_gdb(ty, addr, len).map_err(|e| Error::Breakpoint(BreakpointError::Hw(e)))?;
+        self.change(|inner| {
+            if let Some(slot) = inner.state.hw().find(&bp) {
+                let extra = inner.hw_extra.entry(hw_key(&bp)).or_insert(0);
+                *extra = extra.checked_add(1).ok_or(Error::TooManyUses { addr })?;
+                return Ok(Insert::Inserted(Inserted::Hardware(slot)));
+            }
+            let mut mem = PhysicalMemory(&inner.mem);
+            match inner.state.insert(&mut mem, ty, addr, len) {
+                Ok(done) => Ok(Insert::Inserted(done)),
+                Err(BreakpointError::Hw(HwError::Full)) => Ok(Insert::NoFreeSlot),
+                Err(e) => Err(e.into()),
+            }
+        })?
     }
 
     /// Removes one use of a breakpoint of GDB type `ty` at `addr`.
     ///
+    /// A software breakpoint is found by the request that inserted it (the
+    /// same address in the same kind of space) and restored through the
+    /// guest-physical address recorded then; the address is translated only
+    /// when the same virtual address was inserted under two translations.
+    ///
     /// # Errors
     /// [`Error::Breakpoint`] (including not found); nothing changes then.
     pub fn remove(&self, space: AddressSpace<'_>, ty: BreakpointType, addr: u64, len: u64) -> Result<Removed> {
-        Ok(self.with_state(space, |state, mem| state.remove(mem, ty, addr, len))??)
+        if ty == BreakpointType::Software {
+            let kind = space_kind(space);
+            let req = Request { addr, space: kind };
+            return self.change(|inner| {
+                let gpa = match inner.requests.lookup(req) {
+                    Lookup::Found(gpa) => gpa,
+                    Lookup::NotFound => return Err(not_found(addr)),
+                    Lookup::Ambiguous => {
+                        let (gpa, _) = resolve(space, addr)?;
+                        if !inner.requests.has(gpa, req) {
+                            return Err(not_found(addr));
+                        }
+                        gpa
+                    }
+                };
+                let mut mem = PhysicalMemory(&inner.mem);
+                let done = inner
+                    .state
+                    .remove(&mut mem, ty, gpa, len)
+                    .map_err(|e| relabel(e, gpa, addr))?;
+                inner.requests.forget_one(gpa, req);
+                if let Removed::Software(SwRemoved::GuestOverwrote { .. }) = done {
+                    inner.requests.forget_gpa(gpa);
+                }
+                Ok(done)
+            })?;
+        }
+        let bp = HwBreakpoint::from_gdb(ty, addr, len).map_err(|e| Error::Breakpoint(BreakpointError::Hw(e)))?;
+        self.change(|inner| {
+            if let Some(extra) = inner.hw_extra.get_mut(&hw_key(&bp)) {
+                if let Some(slot) = inner.state.hw().find(&bp) {
+                    *extra -= 1;
+                    if *extra == 0 {
+                        inner.hw_extra.remove(&hw_key(&bp));
+                    }
+                    return Ok(Removed::Hardware(slot));
+                }
+            }
+            let mut mem = PhysicalMemory(&inner.mem);
+            Ok(inner.state.remove(&mut mem, ty, addr, len)?)
+        })?
     }
 
     /// Frees every hardware slot and removes every software breakpoint,
-    /// restoring guest memory through `space`. Entries whose memory failed
-    /// stay set and are listed in the answer.
+    /// restoring each `int3` through the guest-physical address recorded at
+    /// insert time (no translation). Entries whose memory failed stay set and
+    /// are listed in the answer (by guest-physical address).
     ///
     /// # Errors
     /// [`Error::Poisoned`].
-    pub fn remove_all(&self, space: AddressSpace<'_>) -> Result<RemoveAll<MemoryError>> {
-        self.with_state(space, |state, mem| state.remove_all(mem))
+    pub fn remove_all(&self) -> Result<RemoveAll<MemoryError>> {
+        self.change(|inner| {
+            let mut mem = PhysicalMemory(&inner.mem);
+            let out = inner.state.remove_all(&mut mem);
+            inner.hw_extra.clear();
+            let kept: Vec<u64> = out.failed.iter().map(|(gpa, _)| *gpa).collect();
+            let requests = std::mem::take(&mut inner.requests);
+            for gpa in kept {
+                for req in requests.at(gpa) {
+                    inner.requests.add(gpa, *req);
+                }
+            }
+            out
+        })
     }
 
     /// Turns single-step on or off for vCPU `vcpu` only.
     ///
     /// # Errors
-    /// [`Error::Poisoned`].
+    /// [`Error::Poisoned`], or [`Error::Kick`] if the vCPU could not be kicked
+    /// (the change is made regardless).
     pub fn set_single_step(&self, vcpu: usize, on: bool) -> Result<()> {
-        let mut inner = self.shared.lock()?;
-        if inner.single_step(vcpu) != on {
-            if inner.single_step.len() <= vcpu {
-                inner.single_step.resize(vcpu + 1, false);
+        let changed = {
+            let mut inner = self.shared.lock()?;
+            let changed = inner.single_step(vcpu) != on;
+            if changed {
+                if inner.single_step.len() <= vcpu {
+                    inner.single_step.resize(vcpu + 1, false);
+                }
+                inner.single_step[vcpu] = on;
+                self.shared.bump();
             }
-            inner.single_step[vcpu] = on;
-            self.shared.bump();
+            changed
+        };
+        if changed {
+            self.shared.kick_running()?;
         }
         Ok(())
     }
@@ -236,61 +472,360 @@ impl<M: GuestMemory> VmDebug<M> {
         Ok(self.shared.lock()?.single_step(vcpu))
     }
 
-    /// Applies the current intent to every vCPU now, as one transaction: the
-    /// `i`-th handle with the `i`-th vCPU fd. Used when one thread owns all
-    /// stopped vCPUs (the other way is each thread's own
-    /// [`VcpuDebug::sync`](crate::VcpuDebug::sync)).
-    ///
-    /// Returns how many `KVM_SET_GUEST_DEBUG` calls were made.
+    /// Whether vCPU `vcpu` must not just re-enter `KVM_RUN`: a stop is
+    /// requested for it, or the intent changed since it last applied it. A
+    /// VMM that does not call [`VcpuDebug::before_run`] checks this after
+    /// `EINTR`.
     ///
     /// # Errors
-    /// If the ioctl fails on a vCPU, the vCPUs already changed by this call
-    /// are set back to the configuration they had, and the error names the
-    /// failing vCPU and the outcome of each rollback. Every handle then
-    /// records exactly what its vCPU holds (a vCPU whose rollback failed keeps
-    /// the new configuration, and its handle says so).
-    pub fn sync_all<V: VcpuOps>(&self, handles: &mut [VcpuDebug<M>], vcpus: &[V]) -> Result<usize, SyncAllError> {
-        let mut changed: Vec<(usize, crate::vcpu_debug::Applied)> = Vec::new();
-        let mut issued = 0;
-        for (i, (handle, vcpu)) in handles.iter_mut().zip(vcpus).enumerate() {
-            let before = handle.applied_record();
-            match handle.sync(vcpu) {
-                Ok(true) => {
-                    issued += 1;
-                    changed.push((i, before));
-                }
-                Ok(false) => {}
-                Err(error) => {
-                    let mut rolled_back = Vec::new();
-                    let mut rollback_failed = Vec::new();
-                    for (j, before) in changed {
-                        match handles[j].restore(&vcpus[j], before) {
-                            Ok(()) => rolled_back.push(handles[j].id()),
-                            Err(e) => rollback_failed.push((handles[j].id(), e)),
-                        }
+    /// [`Error::Poisoned`].
+    pub fn needs_sync(&self, vcpu: usize) -> Result<bool> {
+        let generation = self.generation();
+        let ctl = self.shared.ctl()?;
+        Ok(ctl
+            .vcpus
+            .get(vcpu)
+            .is_some_and(|v| v.handles > 0 && (v.hold || v.applied_generation != Some(generation))))
+    }
+
+    /// Where vCPU `vcpu` is in the all-stop protocol.
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`].
+    pub fn run_state(&self, vcpu: usize) -> Result<RunState> {
+        Ok(self.shared.ctl()?.state(vcpu))
+    }
+
+    /// The ids of the vCPUs that have a live handle, in order.
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`].
+    pub fn vcpu_ids(&self) -> Result<Vec<usize>> {
+        Ok(self.shared.ctl()?.ids().collect())
+    }
+
+    /// Stops every vCPU: asks each to park, kicks those inside `KVM_RUN`,
+    /// then waits until every vCPU with a handle is parked (outside
+    /// `KVM_RUN`, on its own thread, in [`VcpuDebug::before_run`]).
+    /// Idempotent.
+    ///
+    /// # Errors
+    /// [`Error::StopTimeout`] naming a vCPU that did not park within
+    /// `timeout` (it stays asked to stop); [`Error::Kick`] if a kick failed.
+    pub fn stop_all(&self, timeout: Duration) -> Result<()> {
+        let running: Vec<usize> = {
+            let mut ctl = self.shared.ctl()?;
+            ctl.hold_all();
+            ctl.ids().filter(|&i| !ctl.vcpus[i].parked).collect()
+        };
+        // Kick everyone first, then wait: one round trip, not one per vCPU.
+        self.shared.kick(&running)?;
+        let deadline = Instant::now() + timeout;
+        let mut ctl = self.shared.ctl()?;
+        while let Some(vcpu) = ctl.first_unparked() {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::StopTimeout { vcpu, timeout });
+            }
+            ctl = self
+                .shared
+                .cond
+                .wait_timeout(ctl, deadline - now)
+                .map_err(|_| Error::Poisoned)?
+                .0;
+        }
+        Ok(())
+    }
+
+    /// Resumes the vCPUs in `actions`, each continuing or single-stepping
+    /// with its own configuration (applied by its own thread before it enters
+    /// the guest). vCPUs not listed stay parked (GDB's scheduler locking).
+    ///
+    /// Posted stops the debugger has not taken yet are checked first: those
+    /// made stale (breakpoint removed, single-step no longer asked for) are
+    /// dropped; if any are left, no vCPU is released and the next
+    /// [`wait_stop`](Self::wait_stop) answers at once — the vCPU reports its
+    /// stop without entering `KVM_RUN` again.
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`].
+    pub fn resume(&self, actions: &[(usize, Action)]) -> Result<()> {
+        let inner = {
+            let mut inner = self.shared.lock()?;
+            let mut changed = false;
+            for &(id, action) in actions {
+                let on = action == Action::Step;
+                if inner.single_step(id) != on {
+                    if inner.single_step.len() <= id {
+                        inner.single_step.resize(id + 1, false);
                     }
-                    return Err(SyncAllError {
-                        error,
-                        rolled_back,
-                        rollback_failed,
-                    });
+                    inner.single_step[id] = on;
+                    changed = true;
                 }
             }
+            if changed {
+                self.shared.bump();
+            }
+            inner
+        };
+        let mut ctl = self.shared.ctl()?;
+        for v in &mut ctl.vcpus {
+            if v.pending.as_ref().is_some_and(|p| !inner.still_valid(p)) {
+                v.pending = None;
+            }
         }
-        Ok(issued)
+        drop(inner);
+        if ctl.has_pending() {
+            drop(ctl);
+            self.shared.signal_stop();
+            return Ok(());
+        }
+        for &(id, _) in actions {
+            if let Some(v) = ctl.vcpus.get_mut(id) {
+                v.hold = false;
+            }
+        }
+        drop(ctl);
+        self.shared.cond.notify_all();
+        Ok(())
+    }
+
+    /// Resumes every vCPU with its single-step flag as it is (see
+    /// [`resume`](Self::resume)).
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`].
+    pub fn resume_all(&self) -> Result<()> {
+        let ids = self.vcpu_ids()?;
+        let actions: Vec<(usize, Action)> = {
+            let inner = self.shared.lock()?;
+            ids.into_iter()
+                .map(|id| {
+                    let a = if inner.single_step(id) {
+                        Action::Step
+                    } else {
+                        Action::Continue
+                    };
+                    (id, a)
+                })
+                .collect()
+        };
+        self.resume(&actions)
+    }
+
+    /// Waits for the next stop a vCPU posted
+    /// ([`VcpuDebug::report_stop`]), up to `timeout` (`None`: for ever).
+    /// Posting a stop already asked every vCPU to stop: call
+    /// [`stop_all`](Self::stop_all) next to wait until all are parked before
+    /// telling the debugger.
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`].
+    pub fn wait_stop(&self, timeout: Option<Duration>) -> Result<Option<StopEvent>> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut ctl = self.shared.ctl()?;
+        loop {
+            if let Some(event) = ctl.take_pending() {
+                if !ctl.has_pending() {
+                    let _ = self.shared.stop_fd.read();
+                }
+                return Ok(Some(event));
+            }
+            ctl = match deadline {
+                None => self.shared.cond.wait(ctl).map_err(|_| Error::Poisoned)?,
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return Ok(None);
+                    }
+                    self.shared
+                        .cond
+                        .wait_timeout(ctl, d - now)
+                        .map_err(|_| Error::Poisoned)?
+                        .0
+                }
+            };
+        }
+    }
+
+    /// The next posted stop, if there is one; never blocks.
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`].
+    pub fn try_take_stop(&self) -> Result<Option<StopEvent>> {
+        self.wait_stop(Some(Duration::ZERO))
+    }
+
+    /// A file descriptor (an eventfd) that is readable while a posted stop may
+    /// be waiting: poll it beside a debugger connection, then
+    /// [`try_take_stop`](Self::try_take_stop). Owned by the handle.
+    pub fn stop_fd(&self) -> RawFd {
+        self.shared.stop_fd.as_raw_fd()
+    }
+
+    /// Runs `f` on the thread of parked vCPU `vcpu`, with its vCPU, and
+    /// returns what `f` returned: register and `KVM_TRANSLATE` access without
+    /// the debugger touching a vCPU.
+    ///
+    /// # Errors
+    /// [`Error::NotParked`] if the vCPU is not parked (or its handle went away
+    /// before running `f`).
+    pub fn with_parked_vcpu<R, F>(&self, vcpu: usize, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&dyn VcpuOps) -> R + Send + 'static,
+    {
+        let (tx, rx) = mpsc::sync_channel(1);
+        {
+            let mut ctl = self.shared.ctl()?;
+            if ctl.state(vcpu) != RunState::Parked {
+                return Err(Error::NotParked { vcpu });
+            }
+            ctl.vcpu_mut(vcpu).jobs.push_back(Box::new(move |ops: &dyn VcpuOps| {
+                let _ = tx.send(f(ops));
+            }));
+        }
+        self.shared.cond.notify_all();
+        rx.recv().map_err(|_| Error::NotParked { vcpu })
+    }
+
+    /// Reads guest memory at `addr` in `space` into `buf`, page by page, with
+    /// software breakpoints hidden: bytes under an `int3` read as the
+    /// original byte.
+    ///
+    /// # Errors
+    /// [`Error::Memory`] if an address does not translate or is not guest
+    /// memory; `buf` may then be partly written, guest memory is untouched.
+    pub fn read_memory(&self, space: AddressSpace<'_>, addr: u64, buf: &mut [u8]) -> Result<()> {
+        let chunks = chunks(space, addr, buf.len())?;
+        let inner = self.shared.lock()?;
+        let mut done = 0;
+        for (gpa, len) in chunks {
+            let out = &mut buf[done..done + len];
+            inner
+                .mem
+                .read_slice(out, GuestAddress(gpa))
+                .map_err(|source| MemoryError::Access { gpa, source })?;
+            for (i, byte) in out.iter_mut().enumerate() {
+                if let Some(entry) = inner.state.sw().get(gpa + i as u64) {
+                    *byte = entry.saved;
+                }
+            }
+            done += len;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` to guest memory at `addr` in `space`. A byte under a
+    /// software breakpoint updates the byte the breakpoint will restore, and
+    /// the `int3` stays. Every page is translated and checked before any
+    /// byte is written: a failed write changes nothing.
+    ///
+    /// # Errors
+    /// [`Error::Memory`] if an address does not translate or is not guest
+    /// memory.
+    pub fn write_memory(&self, space: AddressSpace<'_>, addr: u64, data: &[u8]) -> Result<()> {
+        let chunks = chunks(space, addr, data.len())?;
+        let mut inner = self.shared.lock()?;
+        for &(gpa, len) in &chunks {
+            if !inner
+                .mem
+                .check_range(GuestAddress(gpa), len, vm_memory::Permissions::Write)
+            {
+                return Err(MemoryError::Unbacked { gpa, len }.into());
+            }
+        }
+        let mut done = 0;
+        for (gpa, len) in chunks {
+            let mut bytes = data[done..done + len].to_vec();
+            for (i, byte) in bytes.iter_mut().enumerate() {
+                let at = gpa + i as u64;
+                if inner.state.replace_saved(at, *byte).is_some() {
+                    *byte = INT3;
+                }
+            }
+            inner
+                .mem
+                .write_slice(&bytes, GuestAddress(gpa))
+                .map_err(|source| MemoryError::Access { gpa, source })?;
+            done += len;
+        }
+        Ok(())
+    }
+
+    /// Ends a debugging session (a GDB disconnect): removes every breakpoint
+    /// (memory byte-exact), turns single-step off on every vCPU, drops posted
+    /// stops, and resumes every vCPU. The guest runs on as if no debugger had
+    /// been there.
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`]. Entries whose memory could not be restored are
+    /// listed in the answer.
+    pub fn detach(&self) -> Result<RemoveAll<MemoryError>> {
+        let out = self.remove_all()?;
+        {
+            let mut inner = self.shared.lock()?;
+            if inner.single_step.iter().any(|&s| s) {
+                inner.single_step.clear();
+                self.shared.bump();
+            }
+        }
+        let mut ctl = self.shared.ctl()?;
+        ctl.order.clear();
+        for v in &mut ctl.vcpus {
+            v.pending = None;
+            v.hold = false;
+        }
+        drop(ctl);
+        let _ = self.shared.stop_fd.read();
+        self.shared.cond.notify_all();
+        Ok(out)
     }
 }
 
-/// A failed [`VmDebug::sync_all`].
-#[derive(Debug, thiserror::Error)]
-#[error("{error} (rolled back: vCPUs {rolled_back:?}; rollback failed: {} vCPUs)", rollback_failed.len())]
-pub struct SyncAllError {
-    /// The failure, naming the vCPU ([`Error::vcpu`]).
-    #[source]
-    pub error: Error,
-    /// vCPUs set back to their previous configuration.
-    pub rolled_back: Vec<usize>,
-    /// vCPUs whose rollback failed: they keep the new configuration (and their
-    /// handles record it).
-    pub rollback_failed: Vec<(usize, Error)>,
+fn space_kind(space: AddressSpace<'_>) -> SpaceKind {
+    match space {
+        AddressSpace::Physical => SpaceKind::Physical,
+        AddressSpace::Virtual(_) => SpaceKind::Virtual,
+    }
+}
+
+/// The guest-physical address of `addr` in `space`.
+fn resolve(space: AddressSpace<'_>, addr: u64) -> Result<(u64, SpaceKind), MemoryError> {
+    match space {
+        AddressSpace::Physical => Ok((addr, SpaceKind::Physical)),
+        AddressSpace::Virtual(vcpu) => Ok((translate(vcpu, addr)?, SpaceKind::Virtual)),
+    }
+}
+
+/// `[addr, addr + len)` in `space` as guest-physical pieces, one per 4 KiB page.
+fn chunks(space: AddressSpace<'_>, addr: u64, len: usize) -> Result<Vec<(u64, usize)>, MemoryError> {
+    const PAGE: u64 = 0x1000;
+    let mut out = Vec::new();
+    let mut at = addr;
+    let mut left = len as u64;
+    while left > 0 {
+        let in_page = (PAGE - at % PAGE).min(left);
+        let (gpa, _) = resolve(space, at)?;
+        out.push((gpa, in_page as usize));
+        at = at.checked_add(in_page).ok_or(MemoryError::Wraps { addr, len })?;
+        left -= in_page;
+    }
+    Ok(out)
+}
+
+fn not_found(addr: u64) -> Error {
+    Error::Breakpoint(BreakpointError::Sw(SwError::NotFound { addr }))
+}
+
+/// The core names the guest-physical address; the debugger asked for `addr`.
+fn relabel(e: BreakpointError<MemoryError>, gpa: u64, addr: u64) -> Error {
+    let fix = |a: u64| if a == gpa { addr } else { a };
+    Error::Breakpoint(match e {
+        BreakpointError::Sw(SwError::NotFound { addr: a }) => BreakpointError::Sw(SwError::NotFound { addr: fix(a) }),
+        BreakpointError::Sw(SwError::CountOverflow { addr: a }) => {
+            BreakpointError::Sw(SwError::CountOverflow { addr: fix(a) })
+        }
+        other => other,
+    })
 }

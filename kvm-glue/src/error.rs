@@ -38,6 +38,36 @@ pub enum Error {
     /// A debug exit that cannot be a guest-debug exit.
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    /// A hardware breakpoint was inserted `u32::MAX` times over.
+    #[error("hardware breakpoint at {addr:#x} is inserted too many times")]
+    TooManyUses {
+        /// Its address.
+        addr: u64,
+    },
+    /// A vCPU could not be kicked out of `KVM_RUN`.
+    #[error("kicking vCPU {vcpu} failed: {source}")]
+    Kick {
+        /// The vCPU.
+        vcpu: usize,
+        /// The kick's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A vCPU did not park within the time given to
+    /// [`VmDebug::stop_all`](crate::VmDebug::stop_all).
+    #[error("vCPU {vcpu} did not stop within {timeout:?}")]
+    StopTimeout {
+        /// The first vCPU still running.
+        vcpu: usize,
+        /// The time given.
+        timeout: std::time::Duration,
+    },
+    /// A job for a vCPU's thread needs it parked, and it is not.
+    #[error("vCPU {vcpu} is not parked")]
+    NotParked {
+        /// The vCPU.
+        vcpu: usize,
+    },
     /// A thread panicked while holding the VM-wide debug state.
     #[error("the VM-wide debug state is poisoned (a thread panicked while holding it)")]
     Poisoned,

@@ -3,7 +3,7 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use kvm_bindings::{kvm_guest_debug, kvm_regs, kvm_translation};
+use kvm_bindings::{kvm_guest_debug, kvm_regs, kvm_sregs, kvm_translation};
 
 use crate::vcpu::VcpuOps;
 
@@ -21,6 +21,10 @@ pub enum Op {
     SetRegs,
     /// `KVM_TRANSLATE`.
     Translate,
+    /// `KVM_GET_SREGS`.
+    GetSregs,
+    /// `KVM_SET_SREGS`.
+    SetSregs,
 }
 
 #[derive(Debug, Default)]
@@ -31,6 +35,7 @@ struct State {
     guest_debug: Option<kvm_guest_debug>,
     debug_history: Vec<kvm_guest_debug>,
     regs: kvm_regs,
+    sregs: kvm_sregs,
     /// `(gva_base, gpa_base, size)` ranges; anything else is identity when
     /// `identity` is set, else unmapped.
     maps: Vec<(u64, u64, u64)>,
@@ -153,6 +158,19 @@ impl VcpuOps for FakeVcpu {
         let mut s = self.lock();
         self.enter(&mut s, Op::SetRegs)?;
         s.regs = *regs;
+        Ok(())
+    }
+
+    fn get_sregs(&self) -> Result<kvm_sregs, kvm_ioctls::Error> {
+        let mut s = self.lock();
+        self.enter(&mut s, Op::GetSregs)?;
+        Ok(s.sregs)
+    }
+
+    fn set_sregs(&self, sregs: &kvm_sregs) -> Result<(), kvm_ioctls::Error> {
+        let mut s = self.lock();
+        self.enter(&mut s, Op::SetSregs)?;
+        s.sregs = *sregs;
         Ok(())
     }
 

@@ -128,6 +128,9 @@ pub enum Exit {
     InternalError,
     /// `KVM_EXIT_SHUTDOWN` (a triple fault).
     Shutdown,
+    /// `KVM_RUN` returned `EINTR`: a signal (a kick) arrived before or
+    /// during the run. Not an error: drain the kick and check for requests.
+    Interrupted,
     /// Anything else, as text.
     Other(String),
 }
@@ -170,13 +173,17 @@ impl Exit {
     }
 }
 
-/// Runs `vcpu` once and copies the exit out.
+/// Runs `vcpu` once and copies the exit out. `EINTR` (a kick) is
+/// [`Exit::Interrupted`], not an error.
 ///
 /// # Errors
-/// The `KVM_RUN` ioctl's error.
+/// The `KVM_RUN` ioctl's error, other than `EINTR`.
 pub fn run_once(vcpu: &mut VcpuFd) -> Result<Exit, kvm_ioctls::Error> {
-    let exit = vcpu.run()?;
-    Ok(Exit::from_vcpu_exit(&exit))
+    match vcpu.run() {
+        Ok(exit) => Ok(Exit::from_vcpu_exit(&exit)),
+        Err(e) if e.errno() == libc::EINTR => Ok(Exit::Interrupted),
+        Err(e) => Err(e),
+    }
 }
 
 /// The tiny guest: a VM, its memory, and 1 or 2 vCPUs in 64-bit mode.

@@ -2,15 +2,15 @@
 //! watchpoints and single-step for a VMM built on the rust-vmm crates.
 //!
 //! ```
-//! use kvm_glue::{fake::FakeVcpu, AddressSpace, Handled, VmDebug};
+//! use kvm_glue::{fake::FakeVcpu, AddressSpace, BreakpointType, Handled, VmDebug};
 //! use vm_memory::{GuestAddress, GuestMemoryMmap};
-//! use x86_debugreg::BreakpointType;
 //!
 //! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)])?;
 //! let dbg = VmDebug::new(mem); // VM-wide: clone it into every vCPU thread
 //! let vcpu = FakeVcpu::new(); // a kvm_ioctls::VcpuFd in a VMM
 //! let mut vcpu_dbg = dbg.vcpu(0); // owned by vCPU 0's thread
 //!
+//! assert!(vcpu_dbg.sync(&vcpu)?); // a new handle always applies once
 //! dbg.insert(AddressSpace::Physical, BreakpointType::Hardware, 0x1000, 1)?;
 //! assert!(vcpu_dbg.sync(&vcpu)?); // before KVM_RUN: one KVM_SET_GUEST_DEBUG...
 //! assert!(!vcpu_dbg.sync(&vcpu)?); // ...and none while nothing changes
@@ -24,13 +24,50 @@
 //!     ),
 //!     Handled::Resume(_) => unreachable!("the guest's own #DB/#BP: re-injected, run again"),
 //! }
-//! vcpu_dbg.step_over(&vcpu)?; // then sync + KVM_RUN as usual
+//! vcpu_dbg.step_over(); // the next sync steps past the breakpoint, then KVM_RUN
 //! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # With vCPU threads
+//!
+//! A VMM's vCPU loop calls [`VcpuDebug::before_run`] before every `KVM_RUN`
+//! and posts stops with [`VcpuDebug::report_stop`]; the debugger thread uses
+//! [`VmDebug::stop_all`], [`VmDebug::wait_stop`], [`VmDebug::resume`] and
+//! [`VmDebug::with_parked_vcpu`], and never touches a vCPU. A [`SignalKick`]
+//! brings a vCPU out of `KVM_RUN` without `unsafe` in the VMM.
+//! `examples/vmm_threads.rs` is the whole pattern, runnable:
+//!
+//! ```no_run
+//! # use kvm_glue::{Handled, SignalKick, VmDebug, guest::{self, Exit, Guest}};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let mut g = Guest::new(1)?; let dbg = VmDebug::new(g.memory().clone());
+//! let kick = SignalKick::new(0)?; // SIGRTMIN + 0, blocked outside KVM_RUN
+//! dbg.set_kick(kick.clone())?;
+//! let vcpu = g.vcpu(0);
+//! let mut h = dbg.vcpu(0);
+//! kick.prepare_vcpu_thread(0, vcpu)?; // on the vCPU's own thread
+//! loop {
+//!     h.before_run(&*vcpu)?; // parks while the debugger holds this vCPU, then syncs
+//!     match guest::run_once(vcpu)? {
+//!         Exit::Interrupted => kick.drain()?, // EINTR: kicked
+//!         Exit::Debug { .. } => {
+//!             # let arch = kvm_bindings::kvm_debug_exit_arch::default();
+//!             if let Handled::Stop(stop) = h.handle_exit(&*vcpu, &arch)? {
+//!                 h.report_stop(stop)?; // all-stop: everyone parks
+//!             }
+//!         }
+//!         _ => break,
+//!     }
+//! }
+//! # Ok(()) }
 //! ```
 //!
 //! # Map
 //! * [`VmDebug`] ([`debugger`]): the VM-wide intent, shared by all threads.
-//! * [`VcpuDebug`] ([`vcpu_debug`]): per vCPU — `sync`, `handle_exit`, `step_over`.
+//! * [`VcpuDebug`] ([`vcpu_debug`]): per vCPU — `before_run`, `sync`, `handle_exit`, `step_over`.
+//! * [`control`]: all-stop — parking, posted stops, jobs for parked vCPUs.
+//! * [`kick`]: bringing a vCPU out of `KVM_RUN` ([`SignalKick`], or any closure).
+//! * [`sw_table`]: software breakpoints by guest-physical address, with the requests behind them.
 //! * [`VcpuOps`] ([`vcpu`]): the ioctls used, for `VcpuFd` and [`fake::FakeVcpu`].
 //! * [`memory`]: guest memory as the core's `ByteMemory`, physical or virtual.
 //! * [`probe`]: what this host's KVM really does.
@@ -38,17 +75,34 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![deny(missing_docs, missing_debug_implementations)]
 
+pub mod control;
 pub mod debugger;
 pub mod error;
 pub mod fake;
 pub mod guest;
+pub mod kick;
 pub mod memory;
 pub mod probe;
+pub mod sw_table;
 pub mod vcpu;
 pub mod vcpu_debug;
 
-pub use debugger::{Insert, SyncAllError, VmDebug};
+pub use control::{Action, RunState};
+pub use debugger::{int1_pc_from_cpuid, Insert, VmDebug};
 pub use error::{Error, Result};
+pub use kick::{Kick, KickError, SignalKick};
 pub use memory::{AddressSpace, MemoryError, PhysicalMemory, VirtualMemory};
+pub use sw_table::{Request, SpaceKind};
 pub use vcpu::VcpuOps;
-pub use vcpu_debug::{Handled, Resume, StepOver, StopEvent, VcpuDebug};
+pub use vcpu_debug::{Handled, Resume, StepOver, StopEvent, SyncAllError, VcpuDebug};
+
+// The core types a kvm-glue user needs, so one dependency suffices.
+pub use x86_debugreg::state::{Inserted, Removed};
+pub use x86_debugreg::sw::{RemoveAll, SwError, SwInserted, SwRemoved};
+pub use x86_debugreg::{
+    Applied, BreakpointError, BreakpointType, ControlFlags, DebugState, Exception, GuestDebug, Hit, Hits, HwBreakpoint,
+    HwError, HwKind, Len, Slot, Stop,
+};
+
+#[cfg(feature = "gdb")]
+pub mod gdb;

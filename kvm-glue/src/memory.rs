@@ -28,6 +28,22 @@ pub enum MemoryError {
         /// The guest-virtual address.
         gva: u64,
     },
+    /// A guest-physical range is not (wholly) backed by guest memory.
+    #[error("guest-physical range {gpa:#x}+{len:#x} is not guest memory")]
+    Unbacked {
+        /// Start of the range.
+        gpa: u64,
+        /// Its length.
+        len: usize,
+    },
+    /// A range runs past the end of the address space.
+    #[error("range {addr:#x}+{len:#x} wraps around the address space")]
+    Wraps {
+        /// Start of the range.
+        addr: u64,
+        /// Its length.
+        len: usize,
+    },
     /// The guest-physical address is not backed by guest memory.
     #[error("guest-physical address {gpa:#x} cannot be accessed: {source}")]
     Access {
@@ -118,28 +134,5 @@ impl<M: GuestMemory + ?Sized> ByteMemory for VirtualMemory<'_, M> {
     }
     fn write_byte(&mut self, addr: u64, value: u8) -> Result<(), MemoryError> {
         write_phys(self.mem, translate(self.vcpu, addr)?, value)
-    }
-}
-
-/// Byte access in `space`.
-#[derive(Debug)]
-pub(crate) struct SpaceMemory<'a, M: ?Sized> {
-    pub(crate) mem: &'a M,
-    pub(crate) space: AddressSpace<'a>,
-}
-
-impl<M: GuestMemory + ?Sized> ByteMemory for SpaceMemory<'_, M> {
-    type Error = MemoryError;
-    fn read_byte(&mut self, addr: u64) -> Result<u8, MemoryError> {
-        match self.space {
-            AddressSpace::Physical => read_phys(self.mem, addr),
-            AddressSpace::Virtual(vcpu) => read_phys(self.mem, translate(vcpu, addr)?),
-        }
-    }
-    fn write_byte(&mut self, addr: u64, value: u8) -> Result<(), MemoryError> {
-        match self.space {
-            AddressSpace::Physical => write_phys(self.mem, addr, value),
-            AddressSpace::Virtual(vcpu) => write_phys(self.mem, translate(vcpu, addr)?, value),
-        }
     }
 }

@@ -3,7 +3,7 @@
 //! and fails on demand), so every ioctl kvm-glue issues can be counted and made
 //! to fail in tests.
 
-use kvm_bindings::{kvm_guest_debug, kvm_regs, kvm_translation};
+use kvm_bindings::{kvm_guest_debug, kvm_regs, kvm_sregs, kvm_translation};
 use kvm_ioctls::VcpuFd;
 
 /// The vCPU ioctls kvm-glue issues.
@@ -27,6 +27,16 @@ pub trait VcpuOps {
     /// # Errors
     /// The ioctl's error.
     fn set_regs(&self, regs: &kvm_regs) -> Result<(), kvm_ioctls::Error>;
+    /// `KVM_GET_SREGS`.
+    ///
+    /// # Errors
+    /// The ioctl's error.
+    fn get_sregs(&self) -> Result<kvm_sregs, kvm_ioctls::Error>;
+    /// `KVM_SET_SREGS`.
+    ///
+    /// # Errors
+    /// The ioctl's error.
+    fn set_sregs(&self, sregs: &kvm_sregs) -> Result<(), kvm_ioctls::Error>;
     /// `KVM_TRANSLATE`: guest-virtual (linear) to guest-physical address, with
     /// the vCPU's current paging state. `valid == 0` in the answer means unmapped.
     ///
@@ -45,6 +55,12 @@ impl VcpuOps for VcpuFd {
     fn set_regs(&self, regs: &kvm_regs) -> Result<(), kvm_ioctls::Error> {
         VcpuFd::set_regs(self, regs)
     }
+    fn get_sregs(&self) -> Result<kvm_sregs, kvm_ioctls::Error> {
+        VcpuFd::get_sregs(self)
+    }
+    fn set_sregs(&self, sregs: &kvm_sregs) -> Result<(), kvm_ioctls::Error> {
+        VcpuFd::set_sregs(self, sregs)
+    }
     fn translate_gva(&self, gva: u64) -> Result<kvm_translation, kvm_ioctls::Error> {
         VcpuFd::translate_gva(self, gva)
     }
@@ -60,6 +76,12 @@ impl<V: VcpuOps + ?Sized> VcpuOps for &V {
     fn set_regs(&self, regs: &kvm_regs) -> Result<(), kvm_ioctls::Error> {
         (**self).set_regs(regs)
     }
+    fn get_sregs(&self) -> Result<kvm_sregs, kvm_ioctls::Error> {
+        (**self).get_sregs()
+    }
+    fn set_sregs(&self, sregs: &kvm_sregs) -> Result<(), kvm_ioctls::Error> {
+        (**self).set_sregs(sregs)
+    }
     fn translate_gva(&self, gva: u64) -> Result<kvm_translation, kvm_ioctls::Error> {
         (**self).translate_gva(gva)
     }
@@ -74,6 +96,12 @@ impl<V: VcpuOps + ?Sized> VcpuOps for &mut V {
     }
     fn set_regs(&self, regs: &kvm_regs) -> Result<(), kvm_ioctls::Error> {
         (**self).set_regs(regs)
+    }
+    fn get_sregs(&self) -> Result<kvm_sregs, kvm_ioctls::Error> {
+        (**self).get_sregs()
+    }
+    fn set_sregs(&self, sregs: &kvm_sregs) -> Result<(), kvm_ioctls::Error> {
+        (**self).set_sregs(sregs)
     }
     fn translate_gva(&self, gva: u64) -> Result<kvm_translation, kvm_ioctls::Error> {
         (**self).translate_gva(gva)

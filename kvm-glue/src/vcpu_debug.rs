@@ -1,17 +1,59 @@
 //! [`VcpuDebug`]: the per-vCPU debug handle, used by that vCPU's thread.
 //!
-//! * [`sync`](VcpuDebug::sync) before each `KVM_RUN` issues
-//!   `KVM_SET_GUEST_DEBUG` only when the VM-wide configuration changed since
-//!   this vCPU last applied it, and records what it applied.
-//! * [`handle_exit`](VcpuDebug::handle_exit) decodes a `KVM_EXIT_DEBUG` against
-//!   the configuration **this vCPU applied** — not the newest intent (another
-//!   thread may have changed it since this vCPU entered the guest) and not the
-//!   exit's `dr7` (some hosts report 0 there) — or re-injects the guest's own
-//!   `#DB`/`#BP` and says "run again".
-//! * [`step_over`](VcpuDebug::step_over) resumes past an execute breakpoint
-//!   or software breakpoint at the pc: disable that slot / put the original
-//!   byte back, single-step once, re-arm. RFLAGS.RF is not used: some hosts'
-//!   KVM ignores it (see the probe).
+//! * [`before_run`](VcpuDebug::before_run), before each `KVM_RUN`: parks
+//!   while the debugger holds the vCPU (running its jobs), arms a step over
+//!   the breakpoint this vCPU last stopped at, then `sync`s.
+//! * [`sync`](VcpuDebug::sync) issues `KVM_SET_GUEST_DEBUG` only when the
+//!   vCPU's configuration changed since it last applied it — and always the
+//!   first time: a new handle assumes nothing about what an earlier one left
+//!   on the vCPU. What it applied is an [`Applied`], and only it is used to
+//!   decode this vCPU's exits.
+//! * [`handle_exit`](VcpuDebug::handle_exit) decodes a `KVM_EXIT_DEBUG`
+//!   against the configuration **this vCPU applied** — not the newest intent
+//!   and not the exit's `dr7` — or re-injects the guest's own `#DB`/`#BP` and
+//!   says "run again".
+//! * [`report_stop`](VcpuDebug::report_stop) posts a stop for the debugger
+//!   and asks every vCPU to stop (all-stop).
+//! * [`step_over`](VcpuDebug::step_over) asks the next run to go past the
+//!   breakpoint at the last stop's pc: that execute slot disabled and/or the
+//!   `int3`'s original byte back for one single step, re-armed at the step's
+//!   exit. RFLAGS.RF is not used: some hosts' KVM ignores it (see the probe).
+//!   It is decided when the vCPU next runs, so a single-step the debugger
+//!   asks for meanwhile composes with it: one stop, at the next instruction.
+//!
+//! ```
+//! use kvm_glue::{fake::FakeVcpu, AddressSpace, Handled, Resume, VmDebug};
+//! use kvm_glue::BreakpointType;
+//! use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+//!
+//! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)])?;
+//! mem.write_slice(&[0x90; 16], GuestAddress(0x2000))?;
+//! let dbg = VmDebug::new(mem.clone());
+//! let vcpu = FakeVcpu::new();
+//! vcpu.map(0x40_1000, 0x2000, 0x1000); // the guest's page tables: virtual 0x40_1000 -> 0x2000
+//! let mut vcpu_dbg = dbg.vcpu(0);
+//!
+//! // A software breakpoint by virtual address: the int3 goes to 0x2004.
+//! dbg.insert(AddressSpace::Virtual(&vcpu), BreakpointType::Software, 0x40_1004, 1)?;
+//! assert_eq!(mem.read_obj::<u8>(GuestAddress(0x2004))?, 0xcc);
+//! vcpu_dbg.sync(&vcpu)?; // before KVM_RUN
+//!
+//! // KVM_RUN returned a #BP exit at the int3:
+//! let arch = kvm_bindings::kvm_debug_exit_arch { exception: 3, pad: 0, pc: 0x40_1004, dr6: 0, dr7: 0 };
+//! let Handled::Stop(stop) = vcpu_dbg.handle_exit(&vcpu, &arch)? else { panic!("ours") };
+//! assert_eq!(stop.to_string(), "vCPU 0 stopped at 0x401004: software breakpoint at 0x401004");
+//!
+//! vcpu_dbg.step_over(); // the next run steps over the int3...
+//! vcpu_dbg.sync(&vcpu)?; // ...with the original byte back for that one step
+//! assert_eq!(mem.read_obj::<u8>(GuestAddress(0x2004))?, 0x90);
+//! let step = kvm_bindings::kvm_debug_exit_arch { exception: 1, pad: 0, pc: 0x40_1005, dr6: 0xffff_4ff0, dr7: 0 };
+//! assert_eq!(vcpu_dbg.handle_exit(&vcpu, &step)?, Handled::Resume(Resume::SteppedOver));
+//! assert_eq!(mem.read_obj::<u8>(GuestAddress(0x2004))?, 0xcc); // re-armed
+//!
+//! dbg.remove_all()?; // through the recorded guest-physical address
+//! assert_eq!(mem.read_obj::<u8>(GuestAddress(0x2004))?, 0x90);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use std::fmt;
 use std::sync::atomic::Ordering;
@@ -21,11 +63,12 @@ use kvm_bindings::{kvm_debug_exit_arch, kvm_guest_debug, kvm_guest_debug_arch};
 use vm_memory::GuestMemory;
 use x86_debugreg::exit::Exception;
 use x86_debugreg::sw::{ByteMemory, INT3};
-use x86_debugreg::{ControlFlags, DebugExit, Decision, Dr6, GuestDebug, HwKind, Slot, Stop};
+use x86_debugreg::{Applied, ControlFlags, DebugExit, Decision, Dr6, GuestDebug, HwKind, Slot, Stop};
 
-use crate::debugger::Shared;
+use crate::control::Pending;
+use crate::debugger::{Shared, VmDebug};
 use crate::error::{Error, Result};
-use crate::memory::VirtualMemory;
+use crate::memory::{translate, PhysicalMemory};
 use crate::probe::Int1Pc;
 use crate::vcpu::VcpuOps;
 
@@ -67,7 +110,7 @@ pub struct StopEvent {
     /// Linear address of the next instruction to run (the breakpoint itself
     /// for execute and software breakpoints; after the access for watchpoints).
     pub pc: u64,
-    /// DR6 as KVM reported it.
+    /// DR6 as KVM reported it (0 for `#BP`).
     pub dr6: u64,
     /// Why, decoded from the configuration this vCPU applied.
     pub stop: Stop,
@@ -77,7 +120,7 @@ impl fmt::Display for StopEvent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "vCPU {} stopped at {:#x}: ", self.vcpu, self.pc)?;
         match self.stop {
-            Stop::Software { addr } => write!(f, "software breakpoint at {addr:#x}")?,
+            Stop::Software { addr } => return write!(f, "software breakpoint at {addr:#x}"),
             Stop::Debug { single_step, hits } => {
                 let mut sep = "";
                 if single_step {
@@ -114,49 +157,62 @@ pub enum Resume {
 /// What [`VcpuDebug::handle_exit`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handled {
-    /// Report to the debugger.
+    /// Report to the debugger (in all-stop, with [`VcpuDebug::report_stop`]).
     Stop(StopEvent),
-    /// Nothing for the debugger: `sync` and run again.
+    /// Nothing for the debugger: `before_run`/`sync` and run again.
     Resume(Resume),
 }
 
 /// What [`VcpuDebug::step_over`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StepOver {
-    /// Nothing of the debugger's at the last stop's pc: just run.
+    /// No stop at a breakpoint to step over since the last run.
     NotNeeded,
-    /// Armed: the next run single-steps one instruction with these execute
-    /// slots disabled (bit n = DRn) and/or the software breakpoint's original
-    /// byte back; the following debug exit re-arms them.
-    Armed {
-        /// Execute slots disabled for the step.
-        slots: u8,
-        /// Whether a software breakpoint's byte was restored for the step.
-        software: bool,
+    /// The next [`sync`](VcpuDebug::sync) single-steps the instruction at `pc`
+    /// with whatever breakpoint of the debugger's is there disabled for that
+    /// one step (decided then, from the intent in force then).
+    Requested {
+        /// The pc of the stop.
+        pc: u64,
     },
 }
 
 /// What a vCPU handle believes its vCPU holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Applied {
-    config: GuestDebug,
+pub(crate) struct Record {
+    pub(crate) config: Applied,
+    /// The intent generation it reflects (`None`: not the intent, e.g. a step-over's).
     generation: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct PendingStep {
-    sw_addr: Option<u64>,
-    user_single_step: bool,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Idle,
+    /// Asked for; applied by the next sync.
+    Requested {
+        pc: u64,
+    },
+    /// Applied: the vCPU single-steps with the breakpoint at `pc` disarmed.
+    InFlight {
+        sw_gpa: Option<u64>,
+    },
 }
 
 /// The per-vCPU debug handle. Create it with
-/// [`VmDebug::vcpu`](crate::VmDebug::vcpu).
+/// [`VmDebug::vcpu`](crate::VmDebug::vcpu); dropping it tells the all-stop
+/// control that this vCPU is gone.
 pub struct VcpuDebug<M> {
     id: usize,
     shared: Arc<Shared<M>>,
-    applied: Applied,
-    step: Option<PendingStep>,
-    last_pc: Option<u64>,
+    /// `None` until the first successful sync: unknown, never assumed off.
+    applied: Option<Record>,
+    step: Step,
+    /// The pc of the last stop caused by a breakpoint at that pc.
+    at_breakpoint: Option<u64>,
+    /// The guest's own single-step `#DB` arrived together with a debugger
+    /// stop: re-inject it at the next sync.
+    reinject_db: bool,
+    last_gpa: Option<u64>,
     set_calls: u64,
 }
 
@@ -165,22 +221,44 @@ impl<M> fmt::Debug for VcpuDebug<M> {
         f.debug_struct("VcpuDebug")
             .field("id", &self.id)
             .field("applied", &self.applied)
-            .field("stepping_over", &self.step.is_some())
+            .field("step", &self.step)
             .finish_non_exhaustive()
+    }
+}
+
+impl<M> Drop for VcpuDebug<M> {
+    fn drop(&mut self) {
+        if let Ok(mut ctl) = self.shared.ctl() {
+            let v = ctl.vcpu_mut(self.id);
+            v.handles = v.handles.saturating_sub(1);
+            if v.handles == 0 {
+                v.jobs.clear();
+                v.pending = None;
+                v.parked = false;
+                v.applied_generation = None;
+            }
+        }
+        self.shared.cond.notify_all();
     }
 }
 
 impl<M: GuestMemory> VcpuDebug<M> {
     pub(crate) fn new(id: usize, shared: Arc<Shared<M>>) -> VcpuDebug<M> {
+        if let Ok(mut ctl) = shared.ctl() {
+            let stopping = ctl.ids().any(|i| ctl.vcpus[i].hold);
+            let v = ctl.vcpu_mut(id);
+            v.handles += 1;
+            v.hold |= stopping;
+            v.applied_generation = None;
+        }
         VcpuDebug {
             id,
             shared,
-            applied: Applied {
-                config: GuestDebug::DISABLED,
-                generation: None,
-            },
-            step: None,
-            last_pc: None,
+            applied: None,
+            step: Step::Idle,
+            at_breakpoint: None,
+            reinject_db: false,
+            last_gpa: None,
             set_calls: 0,
         }
     }
@@ -191,9 +269,9 @@ impl<M: GuestMemory> VcpuDebug<M> {
     }
 
     /// The configuration this handle last applied successfully (what the vCPU
-    /// runs with).
-    pub fn applied(&self) -> GuestDebug {
-        self.applied.config
+    /// runs with), or `None` before the first sync.
+    pub fn applied(&self) -> Option<Applied> {
+        self.applied.map(|r| r.config)
     }
 
     /// How many `KVM_SET_GUEST_DEBUG` calls this handle has issued (failed
@@ -202,16 +280,16 @@ impl<M: GuestMemory> VcpuDebug<M> {
         self.set_calls
     }
 
-    /// Whether a [`step_over`](Self::step_over) is waiting for its debug exit.
+    /// Whether a step over a breakpoint is requested or in flight.
     pub fn stepping_over(&self) -> bool {
-        self.step.is_some()
+        self.step != Step::Idle
     }
 
-    pub(crate) fn applied_record(&self) -> Applied {
+    pub(crate) fn record(&self) -> Option<Record> {
         self.applied
     }
 
-    fn set<V: VcpuOps>(&mut self, vcpu: &V, dbg: &kvm_guest_debug) -> Result<()> {
+    fn set<V: VcpuOps + ?Sized>(&mut self, vcpu: &V, dbg: &kvm_guest_debug) -> Result<()> {
         self.set_calls += 1;
         vcpu.set_guest_debug(dbg).map_err(|source| Error::Vcpu {
             vcpu: self.id,
@@ -221,28 +299,92 @@ impl<M: GuestMemory> VcpuDebug<M> {
     }
 
     /// Puts the vCPU back to `before` (a rollback of [`VmDebug::sync_all`]).
-    pub(crate) fn restore<V: VcpuOps>(&mut self, vcpu: &V, before: Applied) -> Result<()> {
-        self.set(vcpu, &to_kvm(&before.config))?;
+    pub(crate) fn restore<V: VcpuOps>(&mut self, vcpu: &V, before: Option<Record>) -> Result<()> {
+        let config = before.map_or(GuestDebug::DISABLED, |r| *r.config.config());
+        self.set(vcpu, &to_kvm(&config))?;
         self.applied = before;
         Ok(())
     }
 
-    /// Call before each `KVM_RUN`: applies the VM-wide configuration if it
-    /// changed since this vCPU last applied it. Returns whether an ioctl was
-    /// issued. While a [`step_over`](Self::step_over) is pending, the step's
-    /// configuration stays.
+    fn note_generation(&self, generation: Option<u64>) {
+        if let Ok(mut ctl) = self.shared.ctl() {
+            ctl.vcpu_mut(self.id).applied_generation = generation;
+        }
+    }
+
+    /// Call before each `KVM_RUN` (the lifecycle entry point):
+    ///
+    /// 1. while the debugger holds this vCPU (a stop was asked for or posted),
+    ///    parks here — outside `KVM_RUN`, guest frozen — running the jobs
+    ///    [`VmDebug::with_parked_vcpu`] sends, until released;
+    /// 2. if the last exit was a stop at one of the debugger's breakpoints,
+    ///    asks for a [`step_over`](Self::step_over) (a no-op if the debugger
+    ///    removed the breakpoint meanwhile);
+    /// 3. [`sync`](Self::sync)s.
+    ///
+    /// If the last exit was a port or MMIO access, complete it first (run once
+    /// with `immediate_exit` set) so a parked vCPU holds no half-done access.
+    ///
+    /// # Errors
+    /// As [`sync`](Self::sync); [`Error::Poisoned`].
+    pub fn before_run<V: VcpuOps>(&mut self, vcpu: &V) -> Result<bool> {
+        self.park(vcpu)?;
+        if self.at_breakpoint.is_some() && self.step == Step::Idle {
+            self.step_over();
+        }
+        self.sync(vcpu)
+    }
+
+    fn park<V: VcpuOps>(&mut self, vcpu: &V) -> Result<()> {
+        let shared = Arc::clone(&self.shared);
+        let mut ctl = shared.ctl()?;
+        if !ctl.vcpu_mut(self.id).hold {
+            return Ok(());
+        }
+        ctl.vcpu_mut(self.id).parked = true;
+        shared.cond.notify_all();
+        loop {
+            if let Some(job) = ctl.vcpu_mut(self.id).jobs.pop_front() {
+                drop(ctl);
+                job(vcpu);
+                ctl = shared.ctl()?;
+                continue;
+            }
+            if !ctl.vcpu_mut(self.id).hold {
+                break;
+            }
+            ctl = shared.cond.wait(ctl).map_err(|_| Error::Poisoned)?;
+        }
+        ctl.vcpu_mut(self.id).parked = false;
+        drop(ctl);
+        shared.cond.notify_all();
+        Ok(())
+    }
+
+    /// Applies the VM-wide configuration if it changed since this vCPU last
+    /// applied it (always on the first call). Returns whether an ioctl was
+    /// issued. Applies a requested step-over; while one is in flight, the
+    /// step's configuration stays.
     ///
     /// The common case (nothing changed) is one atomic load, no lock.
     ///
     /// # Errors
     /// [`Error::Vcpu`] if `KVM_SET_GUEST_DEBUG` fails: the handle then still
     /// records the old configuration (which the vCPU still has) and the next
-    /// `sync` tries again.
+    /// `sync` tries again. [`Error::Memory`] if a step-over could not put the
+    /// original byte back (nothing changed then).
     pub fn sync<V: VcpuOps>(&mut self, vcpu: &V) -> Result<bool> {
-        if self.step.is_some() {
-            return Ok(false);
+        match self.step {
+            Step::InFlight { .. } => return Ok(false),
+            Step::Requested { pc } => {
+                if self.arm_step(vcpu, pc)? {
+                    return Ok(true);
+                }
+            }
+            Step::Idle => {}
         }
-        if self.applied.generation == Some(self.shared.generation.load(Ordering::Acquire)) {
+        let current = self.shared.generation.load(Ordering::Acquire);
+        if !self.reinject_db && self.applied.is_some_and(|r| r.generation == Some(current)) {
             return Ok(false);
         }
         let (want, generation) = {
@@ -253,25 +395,96 @@ impl<M: GuestMemory> VcpuDebug<M> {
                 self.shared.generation.load(Ordering::Acquire),
             )
         };
-        if want == self.applied.config {
-            self.applied.generation = Some(generation);
+        if self.reinject_db {
+            // The guest's own single-step #DB that came with a debugger stop.
+            let mut dbg = to_kvm(&want);
+            dbg.control |= (ControlFlags::ENABLE | ControlFlags::INJECT_DB).bits();
+            self.set(vcpu, &dbg)?;
+            self.reinject_db = false;
+        } else if self.applied.is_some_and(|r| *r.config.config() == want) {
+            self.applied = Some(Record {
+                config: Applied::was_set(want),
+                generation: Some(generation),
+            });
+            self.note_generation(Some(generation));
+            return Ok(false);
+        } else {
+            self.set(vcpu, &to_kvm(&want))?;
+        }
+        self.applied = Some(Record {
+            config: Applied::was_set(want),
+            generation: Some(generation),
+        });
+        self.note_generation(Some(generation));
+        Ok(true)
+    }
+
+    /// Applies a requested step over the breakpoint at `pc`; `false` if the
+    /// debugger has nothing at `pc` any more (then nothing is done).
+    fn arm_step<V: VcpuOps>(&mut self, vcpu: &V, pc: u64) -> Result<bool> {
+        let shared = Arc::clone(&self.shared);
+        let inner = shared.lock()?;
+        let mut config = effective(inner.config_for(self.id));
+        let mut dr7 = config.dr7();
+        let mut slots = 0u8;
+        for slot in Slot::ALL {
+            if let Some(bp) = config.armed(slot) {
+                if bp.kind() == HwKind::Execute && bp.addr() == pc {
+                    dr7 = dr7.with_global(slot, false).with_local(slot, false);
+                    slots |= 1 << slot.get();
+                }
+            }
+        }
+        let sw_gpa = if inner.state.sw().is_empty() {
+            None
+        } else {
+            translate(vcpu, pc)
+                .ok()
+                .or(self.last_gpa)
+                .filter(|gpa| inner.state.sw().contains(*gpa))
+        };
+        if slots == 0 && sw_gpa.is_none() {
+            self.step = Step::Idle;
             return Ok(false);
         }
-        self.set(vcpu, &to_kvm(&want))?;
-        self.applied = Applied {
-            config: want,
-            generation: Some(generation),
-        };
+        config.debugreg[7] = dr7.into_bits();
+        config.control |= ControlFlags::ENABLE | ControlFlags::SINGLESTEP;
+        let mut mem = PhysicalMemory(&inner.mem);
+        if let Some(gpa) = sw_gpa {
+            if let Some(entry) = inner.state.sw().get(gpa) {
+                mem.write_byte(gpa, entry.saved)?;
+            }
+        }
+        if let Err(e) = self.set(vcpu, &to_kvm(&config)) {
+            if let Some(gpa) = sw_gpa {
+                // Best effort: the same byte was written a moment ago.
+                let _ = mem.write_byte(gpa, INT3);
+            }
+            return Err(e);
+        }
+        self.applied = Some(Record {
+            config: Applied::was_set(config),
+            generation: None,
+        });
+        drop(inner);
+        self.note_generation(None);
+        self.step = Step::InFlight { sw_gpa };
         Ok(true)
     }
 
     /// Handles the data of a `KVM_EXIT_DEBUG` (`VcpuExit::Debug`).
     ///
+    /// A `#BP` is matched against the software breakpoints by translating its
+    /// pc with this vCPU's page tables (they are kept by guest-physical
+    /// address). When the debugger's stop and the guest's own single-step
+    /// come in one `#DB`, the stop is reported and the guest's `#DB` is
+    /// re-injected at the next sync, after the debugger resumes.
+    ///
     /// # Errors
     /// [`Error::Decode`] for a vector other than 1 or 3; [`Error::Vcpu`] if
     /// re-injecting fails (nothing is then queued, and the handle's record is
-    /// unchanged); [`Error::Memory`] if guest memory at the pc cannot be read
-    /// or re-armed.
+    /// unchanged); [`Error::Memory`] if the pc of a `#BP` does not translate
+    /// or guest memory there cannot be read or re-armed.
     pub fn handle_exit<V: VcpuOps>(&mut self, vcpu: &V, exit: &kvm_debug_exit_arch) -> Result<Handled> {
         let dexit = DebugExit {
             exception: exit.exception,
@@ -282,40 +495,65 @@ impl<M: GuestMemory> VcpuDebug<M> {
         let shared = Arc::clone(&self.shared);
         let inner = shared.lock()?;
         let stepped = self.step;
-        if let Some(step) = stepped {
-            if let Some(addr) = step.sw_addr {
-                if inner.state.sw().contains(addr) {
-                    let mut mem = VirtualMemory { mem: &inner.mem, vcpu };
-                    mem.write_byte(addr, INT3)?;
+        self.at_breakpoint = None;
+        if let Step::InFlight { sw_gpa } = stepped {
+            if let Some(gpa) = sw_gpa {
+                if inner.state.sw().contains(gpa) {
+                    PhysicalMemory(&inner.mem).write_byte(gpa, INT3)?;
                 }
             }
-            self.step = None;
+            self.step = Step::Idle;
             // The vCPU holds the step's configuration: the next sync must
-            // apply the intent again.
-            self.applied.generation = None;
+            // apply the intent again (its generation is None).
         }
-        let decision = inner
-            .state
-            .decode(&dexit, &x86_debugreg::Applied::was_set(self.applied.config))?;
+        let applied = self.applied.map_or(Applied::DISABLED, |r| r.config);
+        let bp_gpa = if exit.exception == x86_debugreg::exit::BP_VECTOR {
+            Some(translate(vcpu, exit.pc)?)
+        } else {
+            None
+        };
+        let ours = bp_gpa.is_some_and(|gpa| inner.state.sw().contains(gpa));
+        let decision = x86_debugreg::decode(&dexit, &applied, |_| ours)?;
         match decision {
             Decision::Stop(Stop::Debug { single_step, hits }) => {
-                if let Some(step) = stepped {
-                    let single_step = single_step && step.user_single_step;
+                let mut single_step = single_step;
+                if matches!(stepped, Step::InFlight { .. }) {
+                    // The step-over's own step counts only if the debugger
+                    // wants this vCPU stepped *now* (not when it asked for
+                    // the step-over).
+                    single_step = single_step && inner.single_step(self.id);
                     if !single_step && hits.is_empty() {
                         return Ok(Handled::Resume(Resume::SteppedOver));
                     }
-                    return Ok(self.stop(exit, Stop::Debug { single_step, hits }));
                 }
+                let dr6 = Dr6::from_kvm(exit.dr6);
+                if dr6.bs() && !applied.single_step() {
+                    self.reinject_db = true;
+                }
+                let pc = exit.pc;
+                if hits
+                    .iter()
+                    .any(|h| h.breakpoint.kind() == HwKind::Execute && h.breakpoint.addr() == pc)
+                {
+                    self.at_breakpoint = Some(pc);
+                }
+                drop(inner);
                 Ok(self.stop(exit, Stop::Debug { single_step, hits }))
             }
-            Decision::Stop(stop) => Ok(self.stop(exit, stop)),
+            Decision::Stop(stop) => {
+                self.at_breakpoint = Some(exit.pc);
+                self.last_gpa = bp_gpa;
+                drop(inner);
+                Ok(self.stop(exit, stop))
+            }
             Decision::Reinject(Exception::Breakpoint) => {
                 // A #BP exit leaves RIP at the int3. If the byte is no longer
                 // 0xCC, this was a breakpoint of ours removed meanwhile: the
                 // guest must not see it.
-                let mut mem = VirtualMemory { mem: &inner.mem, vcpu };
-                if mem.read_byte(exit.pc)? != INT3 {
-                    return Ok(Handled::Resume(Resume::StaleSoftwareBreakpoint { addr: exit.pc }));
+                if let Some(gpa) = bp_gpa {
+                    if PhysicalMemory(&inner.mem).read_byte(gpa)? != INT3 {
+                        return Ok(Handled::Resume(Resume::StaleSoftwareBreakpoint { addr: exit.pc }));
+                    }
                 }
                 drop(inner);
                 self.inject(vcpu, Exception::Breakpoint)
@@ -327,8 +565,8 @@ impl<M: GuestMemory> VcpuDebug<M> {
                     && match inner.int1_pc {
                         Int1Pc::AfterInstruction => false,
                         Int1Pc::AtInstruction | Int1Pc::Unknown => {
-                            let mut mem = VirtualMemory { mem: &inner.mem, vcpu };
-                            mem.read_byte(exit.pc)? == ICEBP
+                            let gpa = translate(vcpu, exit.pc)?;
+                            PhysicalMemory(&inner.mem).read_byte(gpa)? == ICEBP
                         }
                     };
                 drop(inner);
@@ -354,11 +592,14 @@ impl<M: GuestMemory> VcpuDebug<M> {
     }
 
     fn stop(&mut self, exit: &kvm_debug_exit_arch, stop: Stop) -> Handled {
-        self.last_pc = Some(exit.pc);
         Handled::Stop(StopEvent {
             vcpu: self.id,
             pc: exit.pc,
-            dr6: exit.dr6,
+            dr6: if matches!(stop, Stop::Software { .. }) {
+                0
+            } else {
+                exit.dr6
+            },
             stop,
         })
     }
@@ -366,76 +607,112 @@ impl<M: GuestMemory> VcpuDebug<M> {
     fn inject<V: VcpuOps>(&mut self, vcpu: &V, e: Exception) -> Result<Handled> {
         // The inject flags are one-shot (KVM queues the exception when the
         // ioctl is made), so the record of what is applied does not change.
-        let mut dbg = to_kvm(&self.applied.config);
+        let config = self.applied.map_or(GuestDebug::DISABLED, |r| *r.config.config());
+        let mut dbg = to_kvm(&config);
         dbg.control |= (ControlFlags::ENABLE | e.inject_flag()).bits();
         self.set(vcpu, &dbg)?;
         Ok(Handled::Resume(Resume::Reinjected(e)))
     }
 
-    /// Prepares the next run to go past the debugger's breakpoint at the pc of
-    /// the last stop this handle reported: execute slots at that address are
-    /// disabled and a software breakpoint's original byte put back for one
-    /// single step (issued now, one `KVM_SET_GUEST_DEBUG`); the debug exit
-    /// that ends the step re-arms them (and [`handle_exit`](Self::handle_exit)
-    /// answers [`Resume::SteppedOver`] unless this vCPU single-steps or the
-    /// step hit a watchpoint). The following `sync` restores the full
-    /// configuration.
-    ///
-    /// While the step is pending, other vCPUs could run past a software
-    /// breakpoint whose byte is restored; stop them first if that matters.
+    /// Posts `event` for the debugger ([`VmDebug::wait_stop`]) and asks every
+    /// vCPU to stop (all-stop); this vCPU parks at its next
+    /// [`before_run`](Self::before_run). Other vCPUs are kicked.
     ///
     /// # Errors
-    /// [`Error::Vcpu`] or [`Error::Memory`]; nothing is changed then (the
-    /// restored byte is patched back).
-    pub fn step_over<V: VcpuOps>(&mut self, vcpu: &V) -> Result<StepOver> {
-        let Some(pc) = self.last_pc else {
-            return Ok(StepOver::NotNeeded);
+    /// [`Error::Poisoned`]; [`Error::Kick`] if a kick failed (the stop is
+    /// posted regardless).
+    pub fn report_stop(&mut self, event: StopEvent) -> Result<()> {
+        let gpa = match event.stop {
+            Stop::Software { .. } => self.last_gpa,
+            Stop::Debug { .. } => None,
         };
-        if self.step.is_some() {
-            return Ok(StepOver::NotNeeded);
+        let others: Vec<usize> = {
+            let mut ctl = self.shared.ctl()?;
+            ctl.hold_all();
+            ctl.vcpu_mut(self.id).pending = Some(Pending { event, gpa });
+            ctl.order.push_back(self.id);
+            let id = self.id;
+            ctl.ids().filter(|&i| i != id && !ctl.vcpus[i].parked).collect()
+        };
+        self.shared.signal_stop();
+        self.shared.cond.notify_all();
+        self.shared.kick(&others)
+    }
+
+    /// Asks the next run to go past the debugger's breakpoint at the pc of
+    /// the last stop this handle reported (see the [module docs](self)). What
+    /// is disabled for the step is decided by the next [`sync`](Self::sync),
+    /// from the intent then: a single-step the debugger asks for meanwhile
+    /// composes with it (one stop, at the next instruction), and a breakpoint
+    /// removed meanwhile needs no step. [`before_run`](Self::before_run) calls
+    /// this by itself.
+    pub fn step_over(&mut self) -> StepOver {
+        match (self.at_breakpoint.take(), self.step) {
+            (Some(pc), Step::Idle) => {
+                self.step = Step::Requested { pc };
+                StepOver::Requested { pc }
+            }
+            _ => StepOver::NotNeeded,
         }
-        let shared = Arc::clone(&self.shared);
-        let inner = shared.lock()?;
-        let mut config = effective(inner.config_for(self.id));
-        let mut dr7 = config.dr7();
-        let mut slots = 0u8;
-        for slot in Slot::ALL {
-            if let Some(bp) = config.armed(slot) {
-                if bp.kind() == HwKind::Execute && bp.addr() == pc {
-                    dr7 = dr7.with_global(slot, false).with_local(slot, false);
-                    slots |= 1 << slot.get();
+    }
+}
+
+impl<M: GuestMemory> VmDebug<M> {
+    /// Applies the current intent to every vCPU now, as one transaction: the
+    /// `i`-th handle with the `i`-th vCPU fd. Used when one thread owns all
+    /// stopped vCPUs (the other way is each thread's own
+    /// [`VcpuDebug::sync`]).
+    ///
+    /// Returns how many `KVM_SET_GUEST_DEBUG` calls were made.
+    ///
+    /// # Errors
+    /// If the ioctl fails on a vCPU, the vCPUs already changed by this call
+    /// are set back to the configuration they had, and the error names the
+    /// failing vCPU and the outcome of each rollback. Every handle then
+    /// records exactly what its vCPU holds (a vCPU whose rollback failed keeps
+    /// the new configuration, and its handle says so).
+    pub fn sync_all<V: VcpuOps>(&self, handles: &mut [VcpuDebug<M>], vcpus: &[V]) -> Result<usize, SyncAllError> {
+        let mut changed: Vec<(usize, Option<Record>)> = Vec::new();
+        let mut issued = 0;
+        for (i, (handle, vcpu)) in handles.iter_mut().zip(vcpus).enumerate() {
+            let before = handle.record();
+            match handle.sync(vcpu) {
+                Ok(true) => {
+                    issued += 1;
+                    changed.push((i, before));
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    let mut rolled_back = Vec::new();
+                    let mut rollback_failed = Vec::new();
+                    for (j, before) in changed {
+                        match handles[j].restore(&vcpus[j], before) {
+                            Ok(()) => rolled_back.push(handles[j].id()),
+                            Err(e) => rollback_failed.push((handles[j].id(), e)),
+                        }
+                    }
+                    return Err(SyncAllError {
+                        error,
+                        rolled_back,
+                        rollback_failed,
+                    });
                 }
             }
         }
-        let sw = inner.state.sw().get(pc);
-        if slots == 0 && sw.is_none() {
-            return Ok(StepOver::NotNeeded);
-        }
-        config.debugreg[7] = dr7.into_bits();
-        config.control |= ControlFlags::ENABLE | ControlFlags::SINGLESTEP;
-        let mut mem = VirtualMemory { mem: &inner.mem, vcpu };
-        if let Some(entry) = sw {
-            mem.write_byte(pc, entry.saved)?;
-        }
-        if let Err(e) = self.set(vcpu, &to_kvm(&config)) {
-            if sw.is_some() {
-                // Best effort: the same address was written a moment ago.
-                let _ = mem.write_byte(pc, INT3);
-            }
-            return Err(e);
-        }
-        self.applied = Applied {
-            config,
-            generation: None,
-        };
-        self.step = Some(PendingStep {
-            sw_addr: sw.map(|_| pc),
-            user_single_step: inner.single_step(self.id),
-        });
-        self.last_pc = None;
-        Ok(StepOver::Armed {
-            slots,
-            software: sw.is_some(),
-        })
+        Ok(issued)
     }
+}
+
+/// A failed [`VmDebug::sync_all`].
+#[derive(Debug, thiserror::Error)]
+#[error("{error} (rolled back: vCPUs {rolled_back:?}; rollback failed: {} vCPUs)", rollback_failed.len())]
+pub struct SyncAllError {
+    /// The failure, naming the vCPU ([`Error::vcpu`]).
+    #[source]
+    pub error: Error,
+    /// vCPUs set back to their previous configuration.
+    pub rolled_back: Vec<usize>,
+    /// vCPUs whose rollback failed: they keep the new configuration (and their
+    /// handles record it).
+    pub rollback_failed: Vec<(usize, Error)>,
 }

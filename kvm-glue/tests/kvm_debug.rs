@@ -62,7 +62,7 @@ fn removing_an_execute_breakpoint_lets_the_guest_run_on() {
     dbg.remove(PHYS, BreakpointType::Hardware, a, 1).expect("remove");
     // No step_over: with the breakpoint gone, the vCPU runs on from it.
     assert_eq!(resume(&mut h, g.vcpu(0)), Event::Exit(Exit::Out(guest::PORT_DONE, 3)));
-    assert_eq!(h.applied().control, ControlFlags::NONE);
+    assert_eq!(h.applied().expect("synced").control, ControlFlags::NONE);
     println!("{name}: checked the guest runs to its end once the breakpoint it stopped at is removed");
 }
 
@@ -83,13 +83,8 @@ fn step_over_continues_past_an_execute_breakpoint_and_leaves_it_armed() {
         panic!("no stop")
     };
     assert_eq!(again.pc, a, "resuming at an execute breakpoint hits it again");
-    assert_eq!(
-        h.step_over(&*g.vcpu(0)).expect("step_over"),
-        StepOver::Armed {
-            slots: 1,
-            software: false
-        }
-    );
+    assert_eq!(h.step_over(), StepOver::Requested { pc: a });
+    assert!(h.sync(&*g.vcpu(0)).expect("sync"), "the step over is applied by sync");
     let exit = guest::run_once(g.vcpu(0)).expect("run");
     let arch = exit.debug().expect("the single step exits");
     assert_eq!(arch.pc, guest::STRAIGHT_INSNS[3]);
@@ -335,7 +330,7 @@ fn data_watchpoints_stop_after_each_overlapping_access_where_the_host_supports_t
             dbg.insert(PHYS, ty, guest::DATA, len).expect("insert");
             h.sync(&*g.vcpu(0)).expect("sync");
             // What holds on any host: the applied configuration.
-            let applied = h.applied();
+            let applied = h.applied().expect("synced");
             assert!(applied.uses_hw_breakpoints());
             assert_eq!(applied.debugreg[0], guest::DATA);
             let dr7 = applied.debugreg[7];
@@ -400,7 +395,10 @@ fn software_breakpoints_by_virtual_address_stop_and_step_over_where_the_host_sup
     let c = Counting::new(g.vcpu(0));
     h.sync(&c).expect("sync");
     assert_eq!(c.set_guest_debug.get(), 1);
-    assert_eq!(h.applied().control, ControlFlags::ENABLE | ControlFlags::USE_SW_BP);
+    assert_eq!(
+        h.applied().expect("synced").control,
+        ControlFlags::ENABLE | ControlFlags::USE_SW_BP
+    );
     dbg.insert(AddressSpace::Virtual(&*g.vcpu(0)), BreakpointType::Software, virt, 1)
         .expect("insert twice");
     let c = Counting::new(g.vcpu(0));
@@ -412,13 +410,7 @@ fn software_breakpoints_by_virtual_address_stop_and_step_over_where_the_host_sup
             panic!("no stop")
         };
         assert_eq!(ev.stop, Stop::Software { addr: virt });
-        assert_eq!(
-            h.step_over(&*g.vcpu(0)).expect("step"),
-            StepOver::Armed {
-                slots: 0,
-                software: true
-            }
-        );
+        assert_eq!(h.step_over(), StepOver::Requested { pc: virt });
         // mov eax, 0x1234; inc eax; out 0x10, al: the original instruction ran.
         assert_eq!(
             resume(&mut h, g.vcpu(0)),
@@ -433,7 +425,7 @@ fn software_breakpoints_by_virtual_address_stop_and_step_over_where_the_host_sup
     assert_eq!(phys_byte(&g), 0xCC, "one use left");
     dbg.insert(PHYS, BreakpointType::Software, guest::SW_AFTER, 1)
         .expect("physical insert");
-    let report = dbg.remove_all(AddressSpace::Virtual(&*g.vcpu(0))).expect("remove all");
+    let report = dbg.remove_all().expect("remove all");
     assert!(report.is_complete(), "{report:?}");
     let mut now = vec![0u8; 0x1000];
     g.memory()
@@ -441,7 +433,7 @@ fn software_breakpoints_by_virtual_address_stop_and_step_over_where_the_host_sup
         .expect("read");
     assert!(now == original, "remove_all restores guest memory byte for byte");
     h.sync(&*g.vcpu(0)).expect("sync");
-    assert_eq!(h.applied().control, ControlFlags::NONE);
+    assert_eq!(h.applied().expect("synced").control, ControlFlags::NONE);
     println!(
         "{name}: checked patching through KVM_TRANSLATE, use counts, control flags, ioctl counts, byte-exact restore{}",
         if p.sw_breakpoint.supported {

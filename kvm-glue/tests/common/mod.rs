@@ -4,7 +4,7 @@
 use std::cell::Cell;
 use std::sync::OnceLock;
 
-use kvm_bindings::{kvm_guest_debug, kvm_regs, kvm_translation};
+use kvm_bindings::{kvm_guest_debug, kvm_regs, kvm_sregs, kvm_translation};
 use kvm_glue::guest::{self, Exit, Guest, GuestError};
 use kvm_glue::probe::{self, Probe};
 use kvm_glue::{Handled, StopEvent, VcpuDebug, VcpuOps};
@@ -60,6 +60,12 @@ impl VcpuOps for Counting<'_> {
     fn set_regs(&self, regs: &kvm_regs) -> Result<(), kvm_ioctls::Error> {
         self.fd.set_regs(regs)
     }
+    fn get_sregs(&self) -> Result<kvm_sregs, kvm_ioctls::Error> {
+        self.fd.get_sregs()
+    }
+    fn set_sregs(&self, sregs: &kvm_sregs) -> Result<(), kvm_ioctls::Error> {
+        self.fd.set_sregs(sregs)
+    }
     fn translate_gva(&self, gva: u64) -> Result<kvm_translation, kvm_ioctls::Error> {
         self.fd.translate_gva(gva)
     }
@@ -98,7 +104,7 @@ pub fn stops_until_done(h: &mut VcpuDebug<GuestMemoryMmap>, vcpu: &mut VcpuFd) -
         match resume(h, vcpu) {
             Event::Stop(ev) => {
                 stops.push(ev);
-                h.step_over(&*vcpu).expect("step_over");
+                h.step_over();
             }
             Event::Exit(Exit::Out(guest::PORT_DONE, _)) => return stops,
             Event::Exit(other) => panic!("unexpected exit {other:?} after stops {stops:x?}"),
