@@ -1,0 +1,253 @@
+//! A GDB server for kvm-glue's tiny guest: two vCPUs, each on its own thread
+//! running a VMM loop, held at their first instruction until GDB attaches.
+//!
+//! ```sh
+//! cargo run -p kvm-glue --features gdb --example gdb_server -- --port 1234
+//! # then, as printed:
+//! gdb -q -ex 'target remote 127.0.0.1:1234'
+//! ```
+//!
+//! vCPU 0 (GDB thread 1) runs the straight-line routine at `0x10000`, vCPU 1
+//! (thread 2) the software-breakpoint routine at `0x10300` (`--vcpu1 data`:
+//! the data-access routine at `0x10100`, for watchpoints). Each routine ends
+//! with `out 0x10`; when both have, the guest has ended: GDB prints
+//! `[Inferior 1 (process 1) exited normally]` and the server checks that
+//! every routine's bytes in guest memory are what they were at boot (no
+//! breakpoint left behind), prints the result and exits. A debugger may
+//! detach and another attach meanwhile; one at a time. `--port 0` picks a
+//! free port. The server listens on 127.0.0.1 only.
+
+use std::net::TcpListener;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use kvm_glue::gdb::{serve, GuestEnd, Options};
+use kvm_glue::guest::{self, Exit, Guest};
+use kvm_glue::kick::SignalKick;
+use kvm_glue::{Handled, RunState, VcpuDebug, VmDebug};
+use kvm_ioctls::VcpuFd;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// How long a halted vCPU (no interrupt controller in the tiny guest, so
+/// `hlt` exits to us) sleeps before it looks at the debugger's requests again.
+const IDLE: Duration = Duration::from_millis(5);
+
+struct Args {
+    port: u16,
+    vcpu1: (&'static str, u64),
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = std::env::args().skip(1);
+    let mut port = None;
+    let mut vcpu1 = ("sw", guest::SW);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--port" => {
+                let v = args.next().ok_or("--port needs a value")?;
+                port = Some(v.parse::<u16>().map_err(|e| format!("--port {v}: {e}"))?);
+            }
+            "--vcpu1" => {
+                let v = args.next().ok_or("--vcpu1 needs a value")?;
+                vcpu1 = match v.as_str() {
+                    "sw" => ("sw", guest::SW),
+                    "data" => ("data", guest::DATA_ACCESS),
+                    "straight" => ("straight", guest::STRAIGHT),
+                    _ => return Err(format!("--vcpu1 {v}: expected sw, data or straight")),
+                };
+            }
+            "-h" | "--help" => {
+                return Err("usage: gdb_server --port N [--vcpu1 sw|data|straight]".into());
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    Ok(Args {
+        port: port.ok_or("usage: gdb_server --port N [--vcpu1 sw|data|straight]")?,
+        vcpu1,
+    })
+}
+
+/// Counts the vCPUs that ran their routine to its end.
+struct Finish {
+    left: AtomicUsize,
+    end: GuestEnd,
+}
+
+impl Finish {
+    fn done(&self) -> std::io::Result<()> {
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.end.end(0)?;
+        }
+        Ok(())
+    }
+}
+
+/// The VMM's loop for one vCPU, on that vCPU's thread.
+fn vcpu_loop(
+    id: usize,
+    vcpu: &mut VcpuFd,
+    mut vdbg: VcpuDebug<GuestMemoryMmap>,
+    kick: &SignalKick,
+    go: &Barrier,
+    finish: &Finish,
+) -> Result<(), Error> {
+    kick.prepare_vcpu_thread(id, vcpu)?;
+    go.wait();
+    let mut finished = false;
+    loop {
+        // Parks here while the debugger holds the VM, then applies this
+        // vCPU's debug configuration.
+        vdbg.before_run(&*vcpu)?;
+        let exit = guest::run_once(vcpu)?;
+        match exit {
+            // Kicked (EINTR): back to before_run, which parks if asked to.
+            Exit::Interrupted => kick.drain()?,
+            Exit::Debug { .. } => {
+                let arch = exit.debug().ok_or("a debug exit without its data")?;
+                if let Handled::Stop(event) = vdbg.handle_exit(&*vcpu, &arch)? {
+                    vdbg.report_stop(event)?;
+                }
+            }
+            Exit::Out(port, value) => {
+                // Complete the `out` before anything else looks at this vCPU
+                // (KVM finishes a port access at the next KVM_RUN):
+                // immediate_exit makes that run return at once.
+                vcpu.set_kvm_immediate_exit(1);
+                let completed = vcpu.run().map(|_| ());
+                vcpu.set_kvm_immediate_exit(0);
+                match completed {
+                    Err(e) if e.errno() == libc::EINTR => kick.drain()?,
+                    other => other?,
+                }
+                match port {
+                    guest::PORT_DONE if !finished => {
+                        finished = true;
+                        println!("vCPU {id}: routine finished");
+                        finish.done()?;
+                    }
+                    guest::PORT_DONE => {}
+                    guest::PORT_VECTOR => {
+                        println!("vCPU {id}: guest exception, vector {value}");
+                        finish.end.end(1)?;
+                    }
+                    _ => return Err(format!("vCPU {id}: unexpected out to port {port:#x}").into()),
+                }
+            }
+            Exit::Hlt => std::thread::sleep(IDLE),
+            other => return Err(format!("vCPU {id}: unexpected exit {other:?}").into()),
+        }
+    }
+}
+
+/// Whether every routine's bytes are the ones the guest booted with.
+fn memory_byte_exact(mem: &GuestMemoryMmap) -> Result<Vec<u64>, Error> {
+    let mut differ = Vec::new();
+    for (addr, code) in guest::ROUTINES {
+        let mut now = vec![0u8; code.len()];
+        mem.read_slice(&mut now, GuestAddress(addr))?;
+        if now != code {
+            differ.push(addr);
+        }
+    }
+    Ok(differ)
+}
+
+fn run(args: &Args) -> Result<u8, Error> {
+    let mut g = Guest::new(2)?;
+    g.start(1, args.vcpu1.1)?;
+    let dbg = VmDebug::new(g.memory().clone());
+    let kick = SignalKick::new(0)?;
+    dbg.set_kick(kick.clone())?;
+    let handles: Vec<VcpuDebug<GuestMemoryMmap>> = (0..g.vcpu_count()).map(|id| dbg.vcpu(id)).collect();
+
+    // Hold every vCPU before its first instruction: stop_all (on a helper
+    // thread: it waits for the vCPUs to park) marks them, then they start.
+    let stopper = {
+        let dbg = dbg.clone();
+        std::thread::spawn(move || dbg.stop_all(Duration::from_secs(10)))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dbg
+        .vcpu_ids()?
+        .iter()
+        .all(|&id| dbg.run_state(id).is_ok_and(|s| s != RunState::Running))
+    {
+        if Instant::now() > deadline {
+            return Err("the vCPUs could not be held".into());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+
+    let listener = TcpListener::bind(("127.0.0.1", args.port))?;
+    let port = listener.local_addr()?.port();
+    let end = GuestEnd::new()?;
+    let finish = Finish {
+        left: AtomicUsize::new(g.vcpu_count()),
+        end: end.clone(),
+    };
+    let go = Barrier::new(g.vcpu_count() + 1);
+    let mem = g.memory().clone();
+    let vcpu1 = args.vcpu1.0;
+
+    std::thread::scope(|s| -> Result<u8, Error> {
+        for ((id, vcpu), vdbg) in g.vcpus_mut().iter_mut().enumerate().zip(handles) {
+            let (kick, go, finish) = (&kick, &go, &finish);
+            std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn_scoped(s, move || {
+                    if let Err(e) = vcpu_loop(id, vcpu, vdbg, kick, go, finish) {
+                        eprintln!("vCPU {id}: {e}");
+                        std::process::exit(2);
+                    }
+                })?;
+        }
+        go.wait();
+        stopper.join().map_err(|_| "the stopping thread panicked")??;
+
+        println!(
+            "kvm-glue GDB server: 2 vCPUs held at their first instruction \
+             (thread 1 = vCPU 0 at {:#x}, thread 2 = vCPU 1 at {:#x}, {vcpu1} routine)",
+            guest::STRAIGHT,
+            args.vcpu1.1
+        );
+        println!("attach with: gdb -q -ex 'target remote 127.0.0.1:{port}'");
+        let options = Options {
+            end: Some(end.clone()),
+            ..Options::default()
+        };
+        let code = serve(&listener, &dbg, &options, |event| println!("{event}"))?;
+        println!("the guest ended (exit code {code})");
+        let differ = memory_byte_exact(&mem)?;
+        if differ.is_empty() {
+            println!("guest memory: every routine byte-exact as booted");
+        } else {
+            println!("guest memory: routines at {differ:#x?} differ from the boot image");
+            return Ok(1);
+        }
+        // The vCPU threads idle in their loops for ever: end the process.
+        std::process::exit(i32::from(code));
+    })
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&args) {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("gdb_server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

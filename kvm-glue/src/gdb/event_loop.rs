@@ -1,0 +1,153 @@
+//! The blocking event loop: while the guest runs, the GDB thread sleeps in
+//! `epoll` on three descriptors and wakes for whichever comes first:
+//!
+//! * the GDB connection (a byte: a packet, or Ctrl-C),
+//! * kvm-glue's stop descriptor (a vCPU posted a stop),
+//! * the guest's end ([`GuestEnd`](super::GuestEnd)), if the VMM gave one.
+//!
+//! It never polls in a loop: firecracker's and cloud-hypervisor's GDB loops
+//! spin on `try_recv` + `peek` and keep a core busy while the guest runs.
+
+use std::io;
+use std::marker::PhantomData;
+use std::net::TcpStream;
+use std::os::fd::RawFd;
+
+use gdbstub::conn::ConnectionExt;
+use gdbstub::stub::run_blocking::{BlockingEventLoop, Event, WaitForStopReasonError};
+use gdbstub::stub::MultiThreadStopReason;
+use vm_memory::GuestMemory;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::stop;
+use super::target::VmTarget;
+use crate::error::Error;
+
+const CONN: u64 = 0;
+const STOP: u64 = 1;
+const END: u64 = 2;
+
+/// What one GDB session waits on.
+#[derive(Debug)]
+pub struct Waiter {
+    epoll: Epoll,
+}
+
+impl Waiter {
+    /// Watches `conn`, `stop` and, if given, `end` for input.
+    ///
+    /// `stop` and `end` are edge-triggered: kvm-glue's stop descriptor may
+    /// stay readable after the stop it announced was taken (or dropped as
+    /// stale), and the end is a latch. The caller checks for a stop and for
+    /// the end *before* each [`wait`](Self::wait), so an edge that came
+    /// before the check is not needed, and one after it wakes the wait.
+    ///
+    /// # Errors
+    /// `epoll_create1` or `epoll_ctl` failing.
+    pub fn new(conn: RawFd, stop: RawFd, end: Option<RawFd>) -> io::Result<Waiter> {
+        let epoll = Epoll::new()?;
+        let add =
+            |fd: RawFd, set: EventSet, data: u64| epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(set, data));
+        add(conn, EventSet::IN, CONN)?;
+        add(stop, EventSet::IN | EventSet::EDGE_TRIGGERED, STOP)?;
+        if let Some(end) = end {
+            add(end, EventSet::IN | EventSet::EDGE_TRIGGERED, END)?;
+        }
+        Ok(Waiter { epoll })
+    }
+
+    /// Blocks until one of the descriptors is readable (or has hung up);
+    /// returns which: [`Ready`].
+    ///
+    /// # Errors
+    /// `epoll_wait` failing other than with `EINTR`.
+    pub fn wait(&self) -> io::Result<Ready> {
+        let mut events = [EpollEvent::default(); 3];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            let mut ready = Ready::default();
+            for ev in events.iter().take(n) {
+                match ev.data() {
+                    CONN => ready.conn = true,
+                    STOP => ready.stop = true,
+                    END => ready.end = true,
+                    _ => {}
+                }
+            }
+            return Ok(ready);
+        }
+    }
+}
+
+/// Which descriptors a [`Waiter::wait`] found ready.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Ready {
+    /// The GDB connection has a byte (or was closed).
+    pub conn: bool,
+    /// A stop is queued.
+    pub stop: bool,
+    /// The guest ended.
+    pub end: bool,
+}
+
+/// The event loop of a [`VmTarget`] over a TCP connection.
+#[derive(Debug)]
+pub struct VmEventLoop<M>(PhantomData<M>);
+
+type WaitResult = Result<Event<MultiThreadStopReason<u64>>, WaitForStopReasonError<Error, io::Error>>;
+
+impl<M: GuestMemory + Send + Sync + 'static> BlockingEventLoop for VmEventLoop<M> {
+    type Target = VmTarget<M>;
+    type Connection = TcpStream;
+    type StopReason = MultiThreadStopReason<u64>;
+
+    fn wait_for_stop_reason(target: &mut VmTarget<M>, conn: &mut TcpStream) -> WaitResult {
+        loop {
+            // A posted stop first: all-stop, then report it.
+            if let Some(reason) = take_stop(target).map_err(WaitForStopReasonError::Target)? {
+                return Ok(Event::TargetStopped(reason));
+            }
+            if let Some(code) = target.end.as_ref().and_then(|e| e.code()) {
+                return Ok(Event::TargetStopped(MultiThreadStopReason::Exited(code)));
+            }
+            let waiter = target
+                .waiter
+                .as_ref()
+                .ok_or_else(|| WaitForStopReasonError::Connection(io::Error::other("the session has no epoll set")))?;
+            let ready = waiter.wait().map_err(WaitForStopReasonError::Connection)?;
+            if ready.conn {
+                // A byte from GDB (a stop that came with it is taken at the
+                // next call, first thing).
+                let byte = conn.read().map_err(WaitForStopReasonError::Connection)?;
+                return Ok(Event::IncomingData(byte));
+            }
+            // A stop or the end: loop to take it.
+        }
+    }
+
+    fn on_interrupt(target: &mut VmTarget<M>) -> Result<Option<MultiThreadStopReason<u64>>, Error> {
+        // Ctrl-C: bring every vCPU out of KVM_RUN (bounded), then report the
+        // stop a vCPU posted meanwhile if there is one, else SIGINT.
+        target.stop_all()?;
+        if let Some(reason) = take_stop(target)? {
+            return Ok(Some(reason));
+        }
+        Ok(stop::interrupted(target.current))
+    }
+}
+
+/// Takes a posted stop, stops every vCPU, and translates it.
+fn take_stop<M: GuestMemory + Send + Sync + 'static>(
+    target: &mut VmTarget<M>,
+) -> Result<Option<MultiThreadStopReason<u64>>, Error> {
+    let Some(event) = target.dbg.try_take_stop()? else {
+        return Ok(None);
+    };
+    target.stop_all()?;
+    target.current = event.vcpu;
+    Ok(stop::stop_reason(&event, target.watches()))
+}

@@ -1,0 +1,313 @@
+//! A GDB server for a kvm-ioctls VM (feature `gdb`): a [`gdbstub`] target
+//! over [`VmDebug`], one GDB thread per vCPU, x86-64 registers
+//! ([`gdbstub_arch::x86::X86_64_SSE`]).
+//!
+//! The VMM keeps its vCPU threads and its run loop (see
+//! [`VcpuDebug::before_run`](crate::VcpuDebug::before_run)); it hands
+//! [`serve`] a loopback listener and a clone of its [`VmDebug`], on a thread
+//! of its own:
+//!
+//! ```no_run
+//! # fn f(dbg: kvm_glue::VmDebug<vm_memory::GuestMemoryMmap>) -> Result<(), Box<dyn std::error::Error>> {
+//! use kvm_glue::gdb::{serve, Options};
+//! let listener = std::net::TcpListener::bind("127.0.0.1:1234")?;
+//! // gdb -ex 'target remote 127.0.0.1:1234'
+//! serve(&listener, &dbg, &Options::default(), |event| eprintln!("{event}"))?;
+//! # Ok(()) }
+//! ```
+//!
+//! What GDB gets:
+//! * **threads**: GDB thread `n + 1` is vCPU `n`; `info threads` lists them
+//!   all; memory is read and written through the selected thread's page
+//!   tables (`KVM_TRANSLATE` on that vCPU's own thread).
+//! * **breakpoints**: `break` (Z0, `int3`, hidden from memory reads: GDB
+//!   sees the original bytes, and a write over one updates the byte the
+//!   guest will run), `hbreak` (Z1), `watch` (Z2) and `awatch` (Z4) on any
+//!   range four debug registers can cover; "no free slot" is answered the
+//!   way GDB expects (`E22`, and GDB says it cannot insert). `rwatch` (Z3) is
+//!   refused: x86 has no read-only condition.
+//! * **all-stop**: when a vCPU stops, every other one is brought out of
+//!   `KVM_RUN` before GDB hears of it; `vCont` actions apply per thread
+//!   (`set scheduler-locking step` steps one vCPU while the others stay).
+//! * **stop reasons** from kvm-glue's decoded stops ([`stop`]), always with
+//!   the thread: `swbreak`, `hwbreak`, `watch:ADDR` with the address GDB set,
+//!   `SIGTRAP` for a step, `SIGINT` for Ctrl-C. The guest's own `#DB`/`#BP`
+//!   never reach GDB.
+//! * **one debugger at a time**: every vCPU is stopped before a session
+//!   starts; when it ends (detach, kill, a dropped connection, a fatal
+//!   error), [`VmDebug::detach`] removes every breakpoint, restores guest
+//!   memory byte for byte, turns single-step off and lets the guest run on;
+//!   then the next connection is accepted.
+//! * **the guest's end**: a VMM that gives [`Options::end`] a [`GuestEnd`]
+//!   and calls [`GuestEnd::end`] when its guest is done makes GDB print
+//!   `[Inferior 1 (process 1) exited normally]`, and [`serve`] return.
+
+mod event_loop;
+pub mod stop;
+mod target;
+mod watch;
+
+pub use event_loop::VmEventLoop;
+pub use target::{from_gdb, to_gdb, RegisterWriteError, VmTarget};
+
+use std::fmt;
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gdbstub::stub::{DisconnectReason, GdbStub, GdbStubError};
+use vm_memory::GuestMemory;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::VmDebug;
+use event_loop::{Ready, Waiter};
+
+/// Why [`serve`] stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum GdbError {
+    /// The listener is not on a loopback address: a GDB stub has no
+    /// authentication, so kvm-glue serves only this machine.
+    #[error("refusing to serve GDB on {addr}: not a loopback address")]
+    NotLoopback {
+        /// The listener's address.
+        addr: SocketAddr,
+    },
+    /// The listener, or waiting on it, failed.
+    #[error("GDB listener: {op} failed: {source}")]
+    Listener {
+        /// What failed.
+        op: &'static str,
+        /// Its error.
+        #[source]
+        source: io::Error,
+    },
+    /// The vCPUs could not be stopped for a new session, or the session's
+    /// end could not be cleaned up: the VM is in doubt.
+    #[error("the VM could not be {what}: {source}")]
+    Vm {
+        /// "stopped for a debugger" or "detached".
+        what: &'static str,
+        /// kvm-glue's error.
+        #[source]
+        source: crate::Error,
+    },
+}
+
+/// The guest's end, as the VMM announces it. Clone it into the vCPU threads;
+/// the first [`end`](GuestEnd::end) wins.
+#[derive(Debug, Clone)]
+pub struct GuestEnd {
+    inner: Arc<EndInner>,
+}
+
+#[derive(Debug)]
+struct EndInner {
+    /// Written once and never read: it stays readable, a latch for epoll.
+    fd: EventFd,
+    code: Mutex<Option<u8>>,
+}
+
+impl GuestEnd {
+    /// A guest that has not ended.
+    ///
+    /// # Errors
+    /// `eventfd` failing.
+    pub fn new() -> io::Result<GuestEnd> {
+        Ok(GuestEnd {
+            inner: Arc::new(EndInner {
+                fd: EventFd::new(EFD_NONBLOCK)?,
+                code: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// The guest ended with exit code `code` (GDB: "exited with code N",
+    /// 0 = "exited normally"). Later calls change nothing.
+    ///
+    /// # Errors
+    /// Writing the eventfd failing.
+    pub fn end(&self, code: u8) -> io::Result<()> {
+        let mut slot = self.inner.code.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(code);
+            self.inner.fd.write(1)?;
+        }
+        Ok(())
+    }
+
+    /// The exit code, once the guest has ended.
+    pub fn code(&self) -> Option<u8> {
+        *self.inner.code.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.inner.fd.as_raw_fd()
+    }
+}
+
+/// How [`serve`] behaves.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// How long stopping every vCPU may take (a session's start, a stop,
+    /// Ctrl-C) before the session ends with an error naming the vCPU.
+    pub stop_timeout: Duration,
+    /// The guest's end, if the VMM announces it.
+    pub end: Option<GuestEnd>,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            stop_timeout: Duration::from_secs(5),
+            end: None,
+        }
+    }
+}
+
+/// How a GDB session ended.
+#[derive(Debug)]
+pub enum SessionEnd {
+    /// GDB detached (`detach`, `quit`).
+    Detached,
+    /// GDB sent `kill`: the VM is not killed, the debugger is detached.
+    Killed,
+    /// GDB was told the guest ended with this code.
+    GuestEnded(u8),
+    /// The connection failed or closed without a detach.
+    ConnectionLost(io::Error),
+    /// A vCPU could not be stopped or reached, or the state was poisoned.
+    Fatal(crate::Error),
+    /// `gdbstub` gave up (a protocol error).
+    Protocol(String),
+}
+
+/// What happened, for the VMM's log.
+#[derive(Debug)]
+pub enum ServeEvent {
+    /// A debugger connected; every vCPU is stopped.
+    Connected(SocketAddr),
+    /// The session ended and the debugger is detached.
+    Ended(SessionEnd),
+}
+
+impl fmt::Display for ServeEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServeEvent::Connected(peer) => write!(f, "GDB connected from {peer}; every vCPU is stopped"),
+            ServeEvent::Ended(end) => {
+                f.write_str("GDB session ended (")?;
+                match end {
+                    SessionEnd::Detached => f.write_str("detached")?,
+                    SessionEnd::Killed => f.write_str("kill: detached, the VM runs on")?,
+                    SessionEnd::GuestEnded(code) => write!(f, "the guest ended with code {code}")?,
+                    SessionEnd::ConnectionLost(e) => write!(f, "connection lost: {e}")?,
+                    SessionEnd::Fatal(e) => write!(f, "error: {e}")?,
+                    SessionEnd::Protocol(e) => write!(f, "protocol error: {e}")?,
+                }
+                f.write_str("); breakpoints removed, guest running")
+            }
+        }
+    }
+}
+
+/// Serves GDB on `listener`, one debugger at a time, until the guest ends
+/// (see [`Options::end`]); returns its exit code. `on_event` hears of every
+/// connection and session end.
+///
+/// # Errors
+/// [`GdbError::NotLoopback`] for a listener on any other address;
+/// [`GdbError::Listener`] if accepting fails; [`GdbError::Vm`] if the vCPUs
+/// cannot be stopped for a new session or detached after one.
+pub fn serve<M: GuestMemory + Send + Sync + 'static>(
+    listener: &TcpListener,
+    dbg: &VmDebug<M>,
+    options: &Options,
+    mut on_event: impl FnMut(&ServeEvent),
+) -> Result<u8, GdbError> {
+    let listener_err = |op| move |source| GdbError::Listener { op, source };
+    let addr = listener.local_addr().map_err(listener_err("getsockname"))?;
+    if !addr.ip().is_loopback() {
+        return Err(GdbError::NotLoopback { addr });
+    }
+    let end_fd = options.end.as_ref().map(GuestEnd::raw_fd);
+    // Wait for a debugger or the guest's end, whichever comes first.
+    let accept_waiter = Waiter::new(listener.as_raw_fd(), dbg.stop_fd(), end_fd).map_err(listener_err("epoll"))?;
+    loop {
+        if let Some(code) = options.end.as_ref().and_then(GuestEnd::code) {
+            return Ok(code);
+        }
+        let Ready { conn, .. } = accept_waiter.wait().map_err(listener_err("epoll_wait"))?;
+        if !conn {
+            // A stop with no debugger attached (posted before a detach
+            // dropped it) or the end: detach drops the former.
+            if options.end.as_ref().and_then(GuestEnd::code).is_none() {
+                dbg.detach().map_err(|source| GdbError::Vm {
+                    what: "detached",
+                    source,
+                })?;
+            }
+            continue;
+        }
+        let (stream, peer) = listener.accept().map_err(listener_err("accept"))?;
+        dbg.stop_all(options.stop_timeout).map_err(|source| GdbError::Vm {
+            what: "stopped for a debugger",
+            source,
+        })?;
+        on_event(&ServeEvent::Connected(peer));
+        let ended = session(stream, dbg, options);
+        dbg.detach().map_err(|source| GdbError::Vm {
+            what: "detached",
+            source,
+        })?;
+        let code = match ended {
+            SessionEnd::GuestEnded(code) => Some(code),
+            _ => None,
+        };
+        on_event(&ServeEvent::Ended(ended));
+        if let Some(code) = code {
+            return Ok(code);
+        }
+    }
+}
+
+/// One GDB session on `stream`, every vCPU stopped at its start.
+fn session<M: GuestMemory + Send + Sync + 'static>(
+    stream: std::net::TcpStream,
+    dbg: &VmDebug<M>,
+    options: &Options,
+) -> SessionEnd {
+    let mut target = match VmTarget::new(dbg.clone(), options.stop_timeout, options.end.clone()) {
+        Ok(t) => t,
+        Err(e) => return SessionEnd::Fatal(e),
+    };
+    let end_fd = options.end.as_ref().map(GuestEnd::raw_fd);
+    match Waiter::new(stream.as_raw_fd(), dbg.stop_fd(), end_fd) {
+        Ok(w) => target.waiter = Some(w),
+        Err(e) => return SessionEnd::ConnectionLost(e),
+    }
+    match GdbStub::new(stream).run_blocking::<VmEventLoop<M>>(&mut target) {
+        Ok(DisconnectReason::Disconnect) => SessionEnd::Detached,
+        Ok(DisconnectReason::Kill) => SessionEnd::Killed,
+        Ok(DisconnectReason::TargetExited(code)) => SessionEnd::GuestEnded(code),
+        Ok(DisconnectReason::TargetTerminated(sig)) => SessionEnd::Protocol(format!("terminated by {sig}")),
+        Err(e) => classify(e),
+    }
+}
+
+fn classify(e: GdbStubError<crate::Error, io::Error>) -> SessionEnd {
+    if e.is_target_error() {
+        match e.into_target_error() {
+            Some(t) => SessionEnd::Fatal(t),
+            None => SessionEnd::Protocol("target error".into()),
+        }
+    } else if e.is_connection_error() {
+        match e.into_connection_error() {
+            Some((c, _)) => SessionEnd::ConnectionLost(c),
+            None => SessionEnd::Protocol("connection error".into()),
+        }
+    } else {
+        SessionEnd::Protocol(e.to_string())
+    }
+}

@@ -1,0 +1,549 @@
+//! [`VmTarget`]: the `gdbstub` target over a [`VmDebug`], one GDB thread per
+//! vCPU.
+//!
+//! The target never touches a vCPU itself: registers and guest-virtual
+//! memory are read on the parked vCPU's own thread
+//! ([`VmDebug::with_parked_vcpu`]), breakpoints and resumes go through the
+//! VM-wide intent, and each vCPU applies its own configuration before it
+//! re-enters `KVM_RUN`.
+//!
+//! Errors GDB can cause (a bad address, a misaligned watchpoint, a register
+//! kvm-glue cannot write) are error replies (`Exx`) and change nothing;
+//! errors that leave the VM in doubt (a vCPU that does not stop, a poisoned
+//! lock) end the session, and [`serve`](super::serve) detaches.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use gdbstub::common::{Signal, Tid};
+use gdbstub::target::ext::base::multithread::{
+    MultiThreadBase, MultiThreadResume, MultiThreadResumeOps, MultiThreadSchedulerLocking,
+    MultiThreadSchedulerLockingOps, MultiThreadSingleStep, MultiThreadSingleStepOps,
+};
+use gdbstub::target::ext::base::BaseOps;
+use gdbstub::target::ext::breakpoints::{
+    Breakpoints, BreakpointsOps, HwBreakpoint, HwBreakpointOps, HwWatchpoint, HwWatchpointOps, SwBreakpoint,
+    SwBreakpointOps, WatchKind,
+};
+use gdbstub::target::ext::monitor_cmd::{outputln, ConsoleOutput, MonitorCmd, MonitorCmdOps};
+use gdbstub::target::ext::thread_extra_info::{ThreadExtraInfo, ThreadExtraInfoOps};
+use gdbstub::target::{Target, TargetError, TargetResult};
+use gdbstub_arch::x86::reg::X86_64CoreRegs;
+use gdbstub_arch::x86::X86_64_SSE;
+use kvm_bindings::{kvm_regs, kvm_sregs};
+use vm_memory::GuestMemory;
+use x86_debugreg::sw::SwError;
+use x86_debugreg::{BreakpointError, BreakpointType, HwKind};
+
+use super::event_loop::Waiter;
+use super::stop;
+use super::watch::{self, Watch, WatchTable};
+use super::GuestEnd;
+use crate::control::Action;
+use crate::debugger::Insert;
+use crate::error::Error;
+use crate::memory::AddressSpace;
+use crate::VmDebug;
+
+/// `EFAULT`: an address outside guest memory or not mapped.
+const EFAULT: u8 = 14;
+/// `EINVAL`: a request kvm-glue refuses (misaligned, bad length, not set).
+const EINVAL: u8 = 22;
+/// `EIO`: a vCPU ioctl failed.
+const EIO: u8 = 5;
+
+/// Bytes per guest page: memory is read page by page, so a read that runs
+/// into an unmapped page returns what came before it.
+const PAGE: u64 = 0x1000;
+
+/// The `gdbstub` target: a [`VmDebug`] and what this GDB session set.
+pub struct VmTarget<M> {
+    pub(super) dbg: VmDebug<M>,
+    vcpus: Vec<usize>,
+    actions: BTreeMap<usize, Action>,
+    scheduler_locked: bool,
+    watches: WatchTable,
+    /// The vCPU GDB last heard about: Ctrl-C is reported on it, and software
+    /// breakpoints translate through it.
+    pub(super) current: usize,
+    pub(super) stop_timeout: Duration,
+    pub(super) end: Option<GuestEnd>,
+    /// What the event loop sleeps on while the guest runs.
+    pub(super) waiter: Option<Waiter>,
+}
+
+impl<M> std::fmt::Debug for VmTarget<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmTarget")
+            .field("vcpus", &self.vcpus)
+            .field("actions", &self.actions)
+            .field("scheduler_locked", &self.scheduler_locked)
+            .field("watches", &self.watches)
+            .field("current", &self.current)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A non-fatal error reply for a kvm-glue error, or the end of the session
+/// for one that leaves the VM in doubt.
+fn reply(e: Error) -> TargetError<Error> {
+    match e {
+        Error::Memory(_) => TargetError::Errno(EFAULT),
+        Error::Breakpoint(BreakpointError::Sw(SwError::Read { .. } | SwError::Write { .. })) => {
+            TargetError::Errno(EFAULT)
+        }
+        Error::Breakpoint(_) => TargetError::Errno(EINVAL),
+        Error::Vcpu { .. } => TargetError::Errno(EIO),
+        other => TargetError::Fatal(other),
+    }
+}
+
+impl<M: GuestMemory + Send + Sync + 'static> VmTarget<M> {
+    /// A target for a session that starts with every vCPU stopped.
+    pub(super) fn new(dbg: VmDebug<M>, stop_timeout: Duration, end: Option<GuestEnd>) -> Result<VmTarget<M>, Error> {
+        let vcpus = dbg.vcpu_ids()?;
+        let current = vcpus.first().copied().unwrap_or(0);
+        Ok(VmTarget {
+            dbg,
+            vcpus,
+            actions: BTreeMap::new(),
+            scheduler_locked: false,
+            watches: WatchTable::new(),
+            current,
+            stop_timeout,
+            end,
+            waiter: None,
+        })
+    }
+
+    /// The GDB watchpoints this session set.
+    pub(super) fn watches(&self) -> &WatchTable {
+        &self.watches
+    }
+
+    /// The vCPU of `tid`, if the VM has it.
+    fn vcpu_of(&self, tid: Tid) -> Result<usize, TargetError<Error>> {
+        let id = stop::vcpu(tid);
+        if self.vcpus.contains(&id) {
+            Ok(id)
+        } else {
+            Err(TargetError::Errno(EINVAL))
+        }
+    }
+
+    /// Runs `f` on the parked vCPU `id`'s thread.
+    fn on_vcpu<R: Send + 'static>(
+        &self,
+        id: usize,
+        f: impl FnOnce(&VmDebug<M>, &dyn crate::VcpuOps) -> R + Send + 'static,
+    ) -> Result<R, TargetError<Error>> {
+        let dbg = self.dbg.clone();
+        self.dbg
+            .with_parked_vcpu(id, move |ops| f(&dbg, ops))
+            .map_err(TargetError::Fatal)
+    }
+
+    /// Stops every vCPU (bounded by the session's timeout).
+    pub(super) fn stop_all(&mut self) -> Result<(), Error> {
+        self.dbg.stop_all(self.stop_timeout)
+    }
+
+    fn insert_sw(&mut self, addr: u64, insert: bool) -> TargetResult<bool, Self> {
+        let done = self.on_vcpu(self.current, move |dbg, ops| {
+            let space = AddressSpace::Virtual(ops);
+            if insert {
+                dbg.insert(space, BreakpointType::Software, addr, 1)
+                    .map(|i| matches!(i, Insert::Inserted(_)))
+            } else {
+                dbg.remove(space, BreakpointType::Software, addr, 1).map(|_| true)
+            }
+        })?;
+        done.map_err(reply)
+    }
+
+    fn add_watch(&mut self, addr: u64, len: u64, kind: WatchKind) -> TargetResult<bool, Self> {
+        let (Some(hw), Some(pieces)) = (watch::hw_kind(kind), watch::split(addr, len)) else {
+            // A read-only watchpoint, or a range no four slots can cover: GDB
+            // is told "cannot insert" and falls back (software watchpoints).
+            return Ok(false);
+        };
+        if self.watches.position(addr, len, kind).is_some() {
+            return Err(TargetError::Errno(EINVAL));
+        }
+        let ty = gdb_type(hw);
+        let mut set = Vec::new();
+        for piece in &pieces {
+            if self.watches.users(hw, *piece) > 0 || set.contains(piece) {
+                continue;
+            }
+            let outcome = self.dbg.insert(AddressSpace::Physical, ty, piece.addr, piece.len);
+            match outcome {
+                Ok(Insert::Inserted(_)) => set.push(*piece),
+                Ok(Insert::NoFreeSlot) | Err(_) => {
+                    // Nothing half-applied: take back the pieces this call set.
+                    for p in set.iter().rev() {
+                        self.dbg
+                            .remove(AddressSpace::Physical, ty, p.addr, p.len)
+                            .map_err(TargetError::Fatal)?;
+                    }
+                    return match outcome {
+                        Err(e) => Err(reply(e)),
+                        _ => Ok(false),
+                    };
+                }
+            }
+        }
+        self.watches.add(Watch {
+            addr,
+            len,
+            kind,
+            pieces,
+        });
+        Ok(true)
+    }
+
+    fn remove_watch(&mut self, addr: u64, len: u64, kind: WatchKind) -> TargetResult<bool, Self> {
+        let (Some(hw), Some(index)) = (watch::hw_kind(kind), self.watches.position(addr, len, kind)) else {
+            return Ok(false);
+        };
+        let Some(w) = self.watches.take(index) else {
+            return Ok(false);
+        };
+        let ty = gdb_type(hw);
+        let mut removed: Vec<watch::Piece> = Vec::new();
+        for piece in &w.pieces {
+            if self.watches.users(hw, *piece) > 0 || removed.contains(piece) {
+                continue;
+            }
+            // A failure here is the state disagreeing with this table: the
+            // session cannot go on trusting either.
+            self.dbg
+                .remove(AddressSpace::Physical, ty, piece.addr, piece.len)
+                .map_err(TargetError::Fatal)?;
+            removed.push(*piece);
+        }
+        Ok(true)
+    }
+}
+
+/// The GDB breakpoint type of a watch slot kind.
+fn gdb_type(kind: HwKind) -> BreakpointType {
+    match kind {
+        HwKind::Execute => BreakpointType::Hardware,
+        HwKind::Write => BreakpointType::WriteWatch,
+        HwKind::ReadWrite => BreakpointType::AccessWatch,
+    }
+}
+
+/// GDB's view of a vCPU's registers. The x87 and SSE state is not read
+/// (kvm-glue's [`VcpuOps`](crate::VcpuOps) has no `KVM_GET_FPU`): it shows as
+/// zero, and a write that changes it is refused.
+pub fn to_gdb(regs: &kvm_regs, sregs: &kvm_sregs) -> X86_64CoreRegs {
+    X86_64CoreRegs {
+        // GDB's order: rax, rbx, rcx, rdx, rsi, rdi, rbp, rsp, r8-r15.
+        regs: [
+            regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, regs.rbp, regs.rsp, regs.r8, regs.r9, regs.r10,
+            regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
+        ],
+        // GDB's eflags is 32 bits; RFLAGS' upper half is reserved (zero).
+        eflags: regs.rflags as u32,
+        rip: regs.rip,
+        segments: gdbstub_arch::x86::reg::X86SegmentRegs {
+            cs: sregs.cs.selector.into(),
+            ss: sregs.ss.selector.into(),
+            ds: sregs.ds.selector.into(),
+            es: sregs.es.selector.into(),
+            fs: sregs.fs.selector.into(),
+            gs: sregs.gs.selector.into(),
+        },
+        ..X86_64CoreRegs::default()
+    }
+}
+
+/// Why a GDB register write was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterWriteError {
+    /// A segment selector changed: loading a selector needs its descriptor
+    /// from the guest's GDT, which this stub does not do.
+    #[error("segment selectors cannot be written")]
+    Segment,
+    /// x87/SSE state changed: it is not read or written.
+    #[error("x87/SSE registers cannot be written")]
+    Fpu,
+}
+
+/// The registers to set for GDB's `new` values, given the current ones.
+///
+/// # Errors
+/// [`RegisterWriteError`] when `new` changes what cannot be written;
+/// nothing is written then.
+pub fn from_gdb(new: &X86_64CoreRegs, regs: &kvm_regs, sregs: &kvm_sregs) -> Result<kvm_regs, RegisterWriteError> {
+    let now = to_gdb(regs, sregs);
+    if new.segments != now.segments {
+        return Err(RegisterWriteError::Segment);
+    }
+    if new.st != now.st || new.fpu != now.fpu || new.xmm != now.xmm || new.mxcsr != now.mxcsr {
+        return Err(RegisterWriteError::Fpu);
+    }
+    let r = &new.regs;
+    Ok(kvm_regs {
+        rax: r[0],
+        rbx: r[1],
+        rcx: r[2],
+        rdx: r[3],
+        rsi: r[4],
+        rdi: r[5],
+        rbp: r[6],
+        rsp: r[7],
+        r8: r[8],
+        r9: r[9],
+        r10: r[10],
+        r11: r[11],
+        r12: r[12],
+        r13: r[13],
+        r14: r[14],
+        r15: r[15],
+        rip: new.rip,
+        rflags: (regs.rflags & !0xffff_ffff) | u64::from(new.eflags),
+    })
+}
+
+impl<M: GuestMemory + Send + Sync + 'static> Target for VmTarget<M> {
+    type Arch = X86_64_SSE;
+    type Error = Error;
+
+    fn base_ops(&mut self) -> BaseOps<'_, Self::Arch, Self::Error> {
+        BaseOps::MultiThread(self)
+    }
+
+    fn support_breakpoints(&mut self) -> Option<BreakpointsOps<'_, Self>> {
+        Some(self)
+    }
+
+    fn support_monitor_cmd(&mut self) -> Option<MonitorCmdOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+impl<M: GuestMemory + Send + Sync + 'static> MultiThreadBase for VmTarget<M> {
+    fn read_registers(&mut self, out: &mut X86_64CoreRegs, tid: Tid) -> TargetResult<(), Self> {
+        let id = self.vcpu_of(tid)?;
+        let got = self.on_vcpu(id, |_, ops| {
+            Ok::<_, kvm_ioctls::Error>((ops.get_regs()?, ops.get_sregs()?))
+        })?;
+        let (regs, sregs) = got.map_err(|_| TargetError::Errno(EIO))?;
+        *out = to_gdb(&regs, &sregs);
+        Ok(())
+    }
+
+    fn write_registers(&mut self, new: &X86_64CoreRegs, tid: Tid) -> TargetResult<(), Self> {
+        let id = self.vcpu_of(tid)?;
+        let new = new.clone();
+        let done = self.on_vcpu(id, move |_, ops| -> Result<(), u8> {
+            let regs = ops.get_regs().map_err(|_| EIO)?;
+            let sregs = ops.get_sregs().map_err(|_| EIO)?;
+            let set = from_gdb(&new, &regs, &sregs).map_err(|_| EINVAL)?;
+            ops.set_regs(&set).map_err(|_| EIO)
+        })?;
+        done.map_err(TargetError::Errno)
+    }
+
+    fn read_addrs(&mut self, start: u64, data: &mut [u8], tid: Tid) -> TargetResult<usize, Self> {
+        let id = self.vcpu_of(tid)?;
+        let len = data.len();
+        // Page by page: a read that runs into an unmapped page returns the
+        // bytes before it (GDB asks again for the rest and gets the error).
+        let read = self.on_vcpu(id, move |dbg, ops| {
+            let mut buf = vec![0u8; len];
+            let mut done = 0usize;
+            while done < len {
+                let at = start.wrapping_add(done as u64);
+                let in_page = (PAGE - at % PAGE) as usize;
+                let n = in_page.min(len - done);
+                if dbg
+                    .read_memory(AddressSpace::Virtual(ops), at, &mut buf[done..done + n])
+                    .is_err()
+                {
+                    break;
+                }
+                done += n;
+            }
+            buf.truncate(done);
+            buf
+        })?;
+        if read.is_empty() && len > 0 {
+            return Err(TargetError::Errno(EFAULT));
+        }
+        data[..read.len()].copy_from_slice(&read);
+        Ok(read.len())
+    }
+
+    fn write_addrs(&mut self, start: u64, data: &[u8], tid: Tid) -> TargetResult<(), Self> {
+        let id = self.vcpu_of(tid)?;
+        let data = data.to_vec();
+        let done = self.on_vcpu(id, move |dbg, ops| {
+            dbg.write_memory(AddressSpace::Virtual(ops), start, &data)
+        })?;
+        done.map_err(reply)
+    }
+
+    fn list_active_threads(&mut self, thread_is_active: &mut dyn FnMut(Tid)) -> Result<(), Self::Error> {
+        for tid in self.vcpus.iter().filter_map(|&id| stop::tid(id)) {
+            thread_is_active(tid);
+        }
+        Ok(())
+    }
+
+    fn support_resume(&mut self) -> Option<MultiThreadResumeOps<'_, Self>> {
+        Some(self)
+    }
+
+    fn support_thread_extra_info(&mut self) -> Option<ThreadExtraInfoOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+impl<M: GuestMemory + Send + Sync + 'static> MultiThreadResume for VmTarget<M> {
+    fn resume(&mut self) -> Result<(), Self::Error> {
+        // vCont without a default action (scheduler locking): only the
+        // threads named run. With one, every other thread continues.
+        let plan: Vec<(usize, Action)> = self
+            .vcpus
+            .iter()
+            .filter_map(|id| match self.actions.get(id) {
+                Some(action) => Some((*id, *action)),
+                None if self.scheduler_locked => None,
+                None => Some((*id, Action::Continue)),
+            })
+            .collect();
+        self.dbg.resume(&plan)
+    }
+
+    fn clear_resume_actions(&mut self) -> Result<(), Self::Error> {
+        self.actions.clear();
+        self.scheduler_locked = false;
+        Ok(())
+    }
+
+    fn set_resume_action_continue(&mut self, tid: Tid, _signal: Option<Signal>) -> Result<(), Self::Error> {
+        // A signal GDB passes on (`signal N`, or a stop's own SIGTRAP when
+        // told to pass it) has nowhere to go: a vCPU has no Unix signals.
+        // The guest's own #DB/#BP were re-injected by kvm-glue before they
+        // could reach GDB, so nothing is lost by dropping it.
+        let id = stop::vcpu(tid);
+        self.actions.insert(id, Action::Continue);
+        Ok(())
+    }
+
+    fn support_single_step(&mut self) -> Option<MultiThreadSingleStepOps<'_, Self>> {
+        Some(self)
+    }
+
+    fn support_scheduler_locking(&mut self) -> Option<MultiThreadSchedulerLockingOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+impl<M: GuestMemory + Send + Sync + 'static> MultiThreadSingleStep for VmTarget<M> {
+    fn set_resume_action_step(&mut self, tid: Tid, _signal: Option<Signal>) -> Result<(), Self::Error> {
+        self.actions.insert(stop::vcpu(tid), Action::Step);
+        Ok(())
+    }
+}
+
+impl<M: GuestMemory + Send + Sync + 'static> MultiThreadSchedulerLocking for VmTarget<M> {
+    fn set_resume_action_scheduler_lock(&mut self) -> Result<(), Self::Error> {
+        self.scheduler_locked = true;
+        Ok(())
+    }
+}
+
+impl<M: GuestMemory + Send + Sync + 'static> ThreadExtraInfo for VmTarget<M> {
+    fn thread_extra_info(&self, tid: Tid, buf: &mut [u8]) -> Result<usize, Self::Error> {
+        let text = format!("vCPU {}", stop::vcpu(tid));
+        let n = text.len().min(buf.len());
+        buf[..n].copy_from_slice(&text.as_bytes()[..n]);
+        Ok(n)
+    }
+}
+
+impl<M: GuestMemory + Send + Sync + 'static> Breakpoints for VmTarget<M> {
+    fn support_sw_breakpoint(&mut self) -> Option<SwBreakpointOps<'_, Self>> {
+        Some(self)
+    }
+
+    fn support_hw_breakpoint(&mut self) -> Option<HwBreakpointOps<'_, Self>> {
+        Some(self)
+    }
+
+    fn support_hw_watchpoint(&mut self) -> Option<HwWatchpointOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+impl<M: GuestMemory + Send + Sync + 'static> SwBreakpoint for VmTarget<M> {
+    fn add_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
+        self.insert_sw(addr, true)
+    }
+
+    fn remove_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
+        self.insert_sw(addr, false)
+    }
+}
+
+impl<M: GuestMemory + Send + Sync + 'static> HwBreakpoint for VmTarget<M> {
+    fn add_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
+        match self
+            .dbg
+            .insert(AddressSpace::Physical, BreakpointType::Hardware, addr, 1)
+        {
+            Ok(Insert::Inserted(_)) => Ok(true),
+            Ok(Insert::NoFreeSlot) => Ok(false),
+            Err(e) => Err(reply(e)),
+        }
+    }
+
+    fn remove_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
+        self.dbg
+            .remove(AddressSpace::Physical, BreakpointType::Hardware, addr, 1)
+            .map(|_| true)
+            .map_err(reply)
+    }
+}
+
+impl<M: GuestMemory + Send + Sync + 'static> HwWatchpoint for VmTarget<M> {
+    fn add_hw_watchpoint(&mut self, addr: u64, len: u64, kind: WatchKind) -> TargetResult<bool, Self> {
+        self.add_watch(addr, len, kind)
+    }
+
+    fn remove_hw_watchpoint(&mut self, addr: u64, len: u64, kind: WatchKind) -> TargetResult<bool, Self> {
+        self.remove_watch(addr, len, kind)
+    }
+}
+
+impl<M: GuestMemory + Send + Sync + 'static> MonitorCmd for VmTarget<M> {
+    fn handle_monitor_cmd(&mut self, cmd: &[u8], mut out: ConsoleOutput<'_>) -> Result<(), Self::Error> {
+        match cmd {
+            b"breakpoints" | b"bp" => {
+                let state = self.dbg.state()?;
+                let mut any = false;
+                for (slot, bp) in state.hw().iter() {
+                    outputln!(out, "{slot}: {bp}");
+                    any = true;
+                }
+                for (addr, _) in state.sw().iter() {
+                    outputln!(out, "int3 at {addr:#x}");
+                    any = true;
+                }
+                if !any {
+                    outputln!(out, "no breakpoints");
+                }
+            }
+            _ => {
+                outputln!(out, "kvm-glue monitor commands:");
+                outputln!(out, "  breakpoints   every debug-register slot and int3 kvm-glue holds");
+            }
+        }
+        Ok(())
+    }
+}
