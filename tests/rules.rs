@@ -406,19 +406,126 @@ fn other_exception_vectors_are_a_typed_error() {
     }
 }
 
+/// A raw DR7 as a VMM (or a fuzzer) might apply it: per slot, no enable,
+/// L only, G only or both, any R/W code (I/O included), any LEN; LE, GE, GD
+/// and a reserved bit at random; now and then any `u64`.
+fn raw_dr7() -> impl Strategy<Value = u64> {
+    let slot = (prop::sample::select(&[0u64, 0b01, 0b10, 0b11][..]), 0..4u64, 0..4u64);
+    let built = (prop::array::uniform4(slot), 0..8u64, any::<bool>()).prop_map(|(slots, extra, reserved)| {
+        let mut dr7 = 0x400 | extra << 8 & 0x300 | (extra & 4) << 11 | u64::from(reserved) << 33;
+        for (n, (enable, rw, len)) in slots.into_iter().enumerate() {
+            dr7 |= enable << (2 * n) | rw << (16 + 4 * n) | len << (18 + 4 * n);
+        }
+        dr7
+    });
+    prop_oneof![9 => built, 1 => any::<u64>()]
+}
+
+/// Raw control flags: any subset of the six KVM flags (so `USE_HW_BP` and
+/// `SINGLESTEP` without `ENABLE` too), now and then any `u32`.
+fn raw_control() -> impl Strategy<Value = u32> {
+    let flags = prop::sample::subsequence(&[0x1u32, 0x2, 0x1_0000, 0x2_0000, 0x4_0000, 0x8_0000][..], 0..=6)
+        .prop_map(|f| f.into_iter().fold(0, |c, f| c | f));
+    prop_oneof![9 => flags, 1 => any::<u32>()]
+}
+
+/// Exit vectors: mostly `#DB` and `#BP`, the rest anything.
+fn vector() -> impl Strategy<Value = u32> {
+    prop_oneof![9 => Just(1u32), 9 => Just(3u32), 2 => any::<u32>()]
+}
+
+/// DR6 as KVM reports it: any B-bits and BS over either at-rest form, or garbage.
+fn raw_dr6() -> impl Strategy<Value = u64> {
+    let formed = (
+        0..16u64,
+        any::<bool>(),
+        prop::sample::select(&[0xffff_0ff0u64, 0xfffe_0ff0, 0][..]),
+    )
+        .prop_map(|(b, bs, base)| base | b | u64::from(bs) << 14);
+    prop_oneof![8 => formed, 1 => any::<u64>()]
+}
+
 proptest! {
-    /// Garbage in any field of the exit or the applied configuration never
-    /// panics, and a stop only reports slots both hit and armed.
+    #![proptest_config(ProptestConfig::with_cases(common::cases("PROPTEST_CASES", 2048)))]
+
+    /// Any applied configuration (raw control flags and registers) and any
+    /// exit decode as the reference decodes them, never panic, and a stop
+    /// only reports slots both hit and armed.
     #[test]
-    fn garbage_exits_never_panic(exception in any::<u32>(), pc in any::<u64>(), dr6 in any::<u64>(), dr7 in any::<u64>(),
-                                 control in any::<u32>(), regs in any::<[u64; 8]>()) {
-        let applied = Applied::was_set(x86_debugreg::GuestDebug { control: F::from_bits_retain(control), debugreg: regs });
-        let state = configured();
-        if let Ok(Decision::Stop(Stop::Debug { hits, .. })) = state.decode(&DebugExit { exception, pc, dr6, dr7 }, &applied) {
+    fn raw_applied_configurations_decode_as_the_reference_does(
+        exception in vector(),
+        pc in prop::sample::select(&[0x10u64, 0x11, 0x30, u64::MAX][..]),
+        dr6 in raw_dr6(),
+        dr7_exit in any::<u64>(),
+        control in raw_control(),
+        dr7 in raw_dr7(),
+        addrs in any::<[u64; 4]>(),
+        sw in prop::collection::btree_set(prop::sample::select(&[0x10u64, 0x30, u64::MAX][..]), 0..3),
+    ) {
+        use x86_debugreg::differential::decision;
+        use x86_debugreg::reference::{RefSwBreakpoint, Reference};
+
+        let debugreg = [addrs[0], addrs[1], addrs[2], addrs[3], 0, 0, 0, dr7];
+        let applied = Applied::was_set(x86_debugreg::GuestDebug { control: F::from_bits_retain(control), debugreg });
+        let exit = DebugExit { exception, pc, dr6, dr7: dr7_exit };
+        let typed = x86_debugreg::decode(&exit, &applied, |a| sw.contains(&a));
+        let mut reference = Reference::new();
+        reference.sw_breakpoints = sw.iter().map(|&pc| RefSwBreakpoint { pc, saved_insn: 0, use_count: 1 }).collect();
+        prop_assert_eq!(decision(typed), reference.debug_exit(exception, pc, dr6, control, debugreg));
+        if let Ok(Decision::Stop(Stop::Debug { hits, .. })) = typed {
             for hit in hits.iter() {
                 prop_assert!(dr6 & 1 << hit.slot.get() != 0);
                 prop_assert_eq!(applied.armed(hit.slot), Some(hit.breakpoint));
             }
         }
     }
+}
+
+#[test]
+fn remove_all_with_failing_memory_is_incomplete_and_keeps_what_failed() {
+    let mut mem = memory();
+    let original = mem.bytes.clone();
+    let mut state = DebugState::new();
+    for addr in [0x2, 0x4, 0x6] {
+        state.insert(&mut mem, T::Software, addr, 1).expect("healthy");
+    }
+    state.insert(&mut mem, T::Hardware, 0x30, 1).expect("free");
+    mem.poison(0x2, true, false); // reads of 0x2 fail
+    mem.poison(0x6, false, true); // writes of 0x6 fail
+    let report = state.remove_all(&mut mem);
+    assert!(!report.is_complete());
+    assert_eq!(report.restored, 1);
+    assert!(report.overwritten.is_empty());
+    assert_eq!(
+        report.failed,
+        [
+            (
+                0x2,
+                SwError::Read {
+                    addr: 0x2,
+                    source: x86_debugreg::differential::MemFault {
+                        addr: 0x2,
+                        write: false
+                    }
+                }
+            ),
+            (
+                0x6,
+                SwError::Write {
+                    addr: 0x6,
+                    source: x86_debugreg::differential::MemFault { addr: 0x6, write: true }
+                }
+            ),
+        ]
+    );
+    assert_eq!(state.sw().iter().map(|(a, _)| a).collect::<Vec<_>>(), [0x2, 0x6]);
+    assert!(state.hw().is_empty());
+    assert_eq!(mem.bytes[0x4], original[0x4]);
+    assert_eq!((mem.bytes[0x2], mem.bytes[0x6]), (0xcc, 0xcc));
+    // Healed memory: the second remove-all completes, byte for byte.
+    mem.poison(0x2, false, false);
+    mem.poison(0x6, false, false);
+    let again = state.remove_all(&mut mem);
+    assert!(again.is_complete() && again.restored == 2 && state.sw().is_empty());
+    assert_eq!(mem.bytes, original);
 }
