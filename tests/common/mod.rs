@@ -44,7 +44,28 @@ pub fn memory() -> TestMemory {
     mem
 }
 
-/// A case count from the environment variable `var`, else `default`.
+/// A case count (or depth) from the environment variable `var`, else
+/// `default`.
+///
+/// # Panics
+/// If `var` is set but is not a positive integer: a typo or `0` must not
+/// silently run the default, or nothing at all.
 pub fn cases(var: &str, default: u32) -> u32 {
-    std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    match std::env::var(var) {
+        Ok(v) => parse_count(var, &v).unwrap_or_else(|e| panic!("{e}")),
+        Err(std::env::VarError::NotPresent) => default,
+        Err(std::env::VarError::NotUnicode(v)) => panic!("{var}={v:?} is not a positive integer"),
+    }
+}
+
+/// Parses the value `v` of the knob `var`: a positive integer, or a message
+/// saying what is wrong.
+pub fn parse_count(var: &str, v: &str) -> Result<u32, String> {
+    match v.trim().parse::<u32>() {
+        Ok(0) => Err(format!(
+            "{var}=0 would check nothing; set a positive number or unset it"
+        )),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{var}={v:?} is not a positive integer ({e})")),
+    }
 }

@@ -131,13 +131,16 @@ pub fn spawn_or_skip() -> Option<Oracle> {
 /// `default`.
 ///
 /// # Panics
-/// If `ORACLE_CASES` is set but not a number.
+/// If `ORACLE_CASES` is set but is not a positive integer (`0` would check
+/// nothing and pass).
 pub fn cases(default: u32) -> u32 {
     match std::env::var("ORACLE_CASES") {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("ORACLE_CASES={v:?} is not a number")),
-        Err(_) => default,
+        Ok(v) => match v.trim().parse::<u32>() {
+            Ok(0) => panic!("ORACLE_CASES=0 would check nothing; set a positive number or unset it"),
+            Ok(n) => n,
+            Err(e) => panic!("ORACLE_CASES={v:?} is not a positive integer ({e})"),
+        },
+        Err(std::env::VarError::NotPresent) => default,
+        Err(std::env::VarError::NotUnicode(v)) => panic!("ORACLE_CASES={v:?} is not a positive integer"),
     }
 }
