@@ -9,7 +9,8 @@
 //!
 //! vCPU 0 (GDB thread 1) runs the straight-line routine at `0x10000`, vCPU 1
 //! (thread 2) the software-breakpoint routine at `0x10300` (`--vcpu1 data`:
-//! the data-access routine at `0x10100`, for watchpoints). Each routine ends
+//! the data-access routine at `0x10100`, for watchpoints; `--vcpu1 loop`: an
+//! endless loop at `0x10400`, so the guest never ends). Each routine ends
 //! with `out 0x10`; when both have, the guest has ended: GDB prints
 //! `[Inferior 1 (process 1) exited normally]` and the server checks that
 //! every routine's bytes in guest memory are what they were at boot (no
@@ -57,17 +58,18 @@ fn parse_args() -> Result<Args, String> {
                     "sw" => ("sw", guest::SW),
                     "data" => ("data", guest::DATA_ACCESS),
                     "straight" => ("straight", guest::STRAIGHT),
-                    _ => return Err(format!("--vcpu1 {v}: expected sw, data or straight")),
+                    "loop" => ("loop", guest::LOOP),
+                    _ => return Err(format!("--vcpu1 {v}: expected sw, data, straight or loop")),
                 };
             }
             "-h" | "--help" => {
-                return Err("usage: gdb_server --port N [--vcpu1 sw|data|straight]".into());
+                return Err("usage: gdb_server --port N [--vcpu1 sw|data|straight|loop]".into());
             }
             other => return Err(format!("unknown argument {other}")),
         }
     }
     Ok(Args {
-        port: port.ok_or("usage: gdb_server --port N [--vcpu1 sw|data|straight]")?,
+        port: port.ok_or("usage: gdb_server --port N [--vcpu1 sw|data|straight|loop]")?,
         vcpu1,
     })
 }

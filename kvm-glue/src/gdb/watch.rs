@@ -27,9 +27,8 @@ pub struct Piece {
 /// Splits `[addr, addr + len)` into the fewest aligned pieces, or `None` when
 /// the range is empty, wraps around, or needs more than [`MAX_PIECES`] slots.
 ///
-/// ```ignore
-/// // 0x1003..0x100b: 1 byte at 0x1003, 4 at 0x1004, 2 at 0x1008, 1 at 0x100a
-/// ```
+/// `0x1003..0x100b` is 1 byte at `0x1003`, 4 at `0x1004`, 2 at `0x1008`
+/// and 1 at `0x100a`.
 pub fn split(addr: u64, len: u64) -> Option<Vec<Piece>> {
     if len == 0 {
         return None;
@@ -46,8 +45,9 @@ pub fn split(addr: u64, len: u64) -> Option<Vec<Piece>> {
         if pieces.len() > MAX_PIECES {
             return None;
         }
-        at += size;
         left -= size;
+        // Cannot overflow: the range's last byte was checked above.
+        at = at.wrapping_add(size);
     }
     Some(pieces)
 }
