@@ -25,29 +25,12 @@ use std::time::{Duration, Instant};
 
 use kvm_glue::guest;
 
-/// Generous: a debug build of the server boots in well under a second.
-const TIMEOUT: Duration = Duration::from_secs(60);
-
-fn require() -> bool {
-    std::env::var_os("KVM_GLUE_REQUIRE_KVM").is_some()
-}
+use scenarios::TIMEOUT;
 
 /// `gdb` and `/dev/kvm`, or `None` after one SKIPPED line.
 fn ready(test: &str) -> Option<PathBuf> {
     common::guest(test, 2)?;
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join("gdb"))
-            .find(|p| p.is_file())
-    });
-    match found {
-        Some(gdb) => Some(gdb),
-        None if require() => panic!("{test}: no gdb on PATH but KVM_GLUE_REQUIRE_KVM is set (.ci/run installs it)"),
-        None => {
-            println!("{test}: SKIPPED: no gdb on PATH (apt-get install -y gdb)");
-            None
-        }
-    }
+    scenarios::find_gdb(test)
 }
 
 /// The example binary cargo built beside this test.
@@ -147,46 +130,6 @@ impl Drop for Server {
     }
 }
 
-/// Runs `gdb -batch` on `script` (after connecting to `server`); returns what it printed.
-fn gdb(gdb: &PathBuf, server: &Server, name: &str, script: &str) -> String {
-    let dir = std::env::temp_dir().join(format!("kvm-glue-gdb-e2e-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join(format!("{name}.gdb"));
-    let full = format!(
-        "set pagination off\nset confirm off\nset width 0\ntarget remote 127.0.0.1:{}\n{script}",
-        server.port
-    );
-    std::fs::write(&path, &full).expect("write script");
-    let mut child = Command::new(gdb)
-        .args(["-q", "-nx", "-batch", "-x"])
-        .arg(&path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start gdb");
-    let deadline = Instant::now() + TIMEOUT;
-    while child.try_wait().expect("try_wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("gdb did not finish {name}; server said:\n{}", server.output());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("gdb output");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    println!("---- gdb transcript: {name} ----\n{text}---- end {name} ----");
-    text
-}
-
-#[track_caller]
-fn expect(text: &str, what: &str) {
-    assert!(text.contains(what), "expected {what:?} in:\n{text}");
-}
-
 /// Everything the issue lists, on one server: threads, per-thread stepping
 /// with the other vCPU held, hbreak + continue, stepi ×3, registers, an int3
 /// hidden from reads (and a write over it), an unmapped address, then
@@ -197,67 +140,15 @@ fn gdb_drives_both_vcpus_to_the_end_of_the_guest() {
     let Some(gdb_path) = ready(test) else { return };
     let server = Server::start(&[]);
     println!("{test}: the example printed: {}", server.attach);
-    let [i0, _, i2, i3, i4, i5, _] = guest::STRAIGHT_INSNS;
-    let script = format!(
-        r#"info threads
-set scheduler-locking step
-thread 2
-stepi
-printf "T2 after stepi: pc=%#lx\n", $pc
-thread 1
-printf "T1 held: pc=%#lx\n", $pc
-set breakpoint always-inserted on
-break *{sw_after:#x}
-x/4xb {sw_after:#x}
-maint packet m{sw_after:x},4
-maint packet M{sw_after:x},1:fe
-maint packet m{sw_after:x},1
-monitor breakpoints
-maint packet M{sw_after:x},1:ff
-maint packet m200000,4
-delete
-set breakpoint always-inserted off
-hbreak *{i2:#x}
-continue
-stepi
-printf "step 1: pc=%#lx\n", $pc
-stepi
-printf "step 2: pc=%#lx\n", $pc
-stepi
-printf "step 3: pc=%#lx\n", $pc
-info registers rip
-info threads
-delete
-continue
-"#,
-        sw_after = guest::SW_AFTER,
-    );
-    let out = gdb(&gdb_path, &server, "main", &script);
-    let t = |n: u64| format!("{n:#018x}");
-    expect(&out, &format!("Thread 1.1 (vCPU 0) {} in ?? ()", t(i0)));
-    expect(&out, &format!("Thread 1.2 (vCPU 1) {} in ?? ()", t(guest::SW)));
-    expect(&out, &format!("T2 after stepi: pc={:#x}", guest::SW_PATCH));
-    expect(&out, &format!("T1 held: pc={i0:#x}"));
-    // The int3 is in memory (monitor) but reads show the original bytes,
-    // through GDB and raw; a write over it updates the saved byte.
-    expect(&out, &format!("{:#x}:\t0xff\t0xc0\t0xe6\t0x10", guest::SW_AFTER));
-    expect(&out, "received: \"ffc0e610\"");
-    expect(&out, "received: \"fe\"");
-    expect(&out, &format!("int3 at {:#x}", guest::SW_AFTER));
-    // 0x200000 is past the guest's page tables: EFAULT, not a crash.
-    expect(&out, "received: \"E0e\"");
-    expect(&out, &format!("Thread 1 hit Breakpoint 2, {} in ?? ()", t(i2)));
-    expect(&out, &format!("step 1: pc={i3:#x}"));
-    expect(&out, &format!("step 2: pc={i4:#x}"));
-    expect(&out, &format!("step 3: pc={i5:#x}"));
-    expect(&out, &format!("rip            {i5:#x}"));
-    expect(&out, "[Inferior 1 (process 1) exited normally]");
+    let (script, expected) = scenarios::main();
+    let out = scenarios::gdb(&gdb_path, server.port, &|| server.output(), "main", &script);
+    scenarios::expect_all(&out, &expected);
     let (code, log) = server.wait();
     println!("---- server ----\n{log}---- end server ----");
-    expect(&log, "vCPU 0: routine finished");
-    expect(&log, "vCPU 1: routine finished");
-    expect(&log, "the guest ended with code 0");
-    expect(&log, "guest memory: every routine byte-exact as booted");
+    scenarios::expect(&log, "vCPU 0: routine finished");
+    scenarios::expect(&log, "vCPU 1: routine finished");
+    scenarios::expect(&log, "the guest ended with code 0");
+    scenarios::expect(&log, "guest memory: every routine byte-exact as booted");
     assert_eq!(code, Some(0), "{log}");
 }
 
@@ -269,24 +160,15 @@ fn detach_removes_every_breakpoint_and_lets_the_guest_run_on() {
     let test = "detach_removes_every_breakpoint_and_lets_the_guest_run_on";
     let Some(gdb_path) = ready(test) else { return };
     let server = Server::start(&[]);
-    let script = format!(
-        "set breakpoint always-inserted on\nbreak *{:#x}\nhbreak *{:#x}\nmonitor breakpoints\ndetach\n",
-        guest::SW_AFTER,
-        guest::STRAIGHT_INSNS[3]
-    );
-    let out = gdb(&gdb_path, &server, "detach", &script);
-    expect(&out, &format!("int3 at {:#x}", guest::SW_AFTER));
-    expect(
-        &out,
-        &format!("DR0: execute breakpoint at {:#x}", guest::STRAIGHT_INSNS[3]),
-    );
-    expect(&out, "[Inferior 1 (process 1) detached]");
+    let (script, expected) = scenarios::detach();
+    let out = scenarios::gdb(&gdb_path, server.port, &|| server.output(), "detach", &script);
+    scenarios::expect_all(&out, &expected);
     let (code, log) = server.wait();
     println!("---- server ----\n{log}---- end server ----");
-    expect(&log, "GDB session ended (detached)");
-    expect(&log, "vCPU 0: routine finished");
-    expect(&log, "vCPU 1: routine finished");
-    expect(&log, "guest memory: every routine byte-exact as booted");
+    scenarios::expect(&log, "GDB session ended (detached)");
+    scenarios::expect(&log, "vCPU 0: routine finished");
+    scenarios::expect(&log, "vCPU 1: routine finished");
+    scenarios::expect(&log, "guest memory: every routine byte-exact as booted");
     assert_eq!(code, Some(0), "{log}");
 }
 
@@ -306,8 +188,8 @@ fn a_new_connection_starts_clean() {
         guest::SW_AFTER,
         guest::STRAIGHT_INSNS[2],
     );
-    let out = gdb(&gdb_path, &server, "first", &first);
-    expect(
+    let out = scenarios::gdb(&gdb_path, server.port, &|| server.output(), "first", &first);
+    scenarios::expect(
         &out,
         &format!("Thread 1 hit Breakpoint 2, {:#018x}", guest::STRAIGHT_INSNS[2]),
     );
@@ -315,9 +197,9 @@ fn a_new_connection_starts_clean() {
         "monitor breakpoints\nx/4xb {:#x}\ninfo threads\nthread 2\nstepi\nstepi\nprintf \"T2 stepped: pc=%#lx\\n\", $pc\ndetach\n",
         guest::SW_AFTER
     );
-    let out = gdb(&gdb_path, &server, "second", &second);
-    expect(&out, "no breakpoints");
-    expect(&out, &format!("{:#x}:\t0xff\t0xc0\t0xe6\t0x10", guest::SW_AFTER));
+    let out = scenarios::gdb(&gdb_path, server.port, &|| server.output(), "second", &second);
+    scenarios::expect(&out, "no breakpoints");
+    scenarios::expect(&out, &format!("{:#x}:\t0xff\t0xc0\t0xe6\t0x10", guest::SW_AFTER));
     // vCPU 0 ran on to its final hlt after the first detach.
     assert!(
         [guest::STRAIGHT_HLT, guest::STRAIGHT_HLT + 1]
@@ -335,6 +217,25 @@ fn a_new_connection_starts_clean() {
     assert_eq!(log.matches("GDB session ended (detached)").count(), 2, "{log}");
 }
 
+/// Ctrl-C while vCPU 1 loops inside KVM_RUN: the kick brings both vCPUs
+/// out, GDB hears SIGINT on a thread, and thread 2 can be stepped.
+#[test]
+fn ctrl_c_interrupts_a_guest_running_in_kvm() {
+    let test = "ctrl_c_interrupts_a_guest_running_in_kvm";
+    let Some(gdb_path) = ready(test) else { return };
+    let server = Server::start(&["--vcpu1", "loop"]);
+    let (script, expected) = scenarios::interrupt();
+    let out = scenarios::gdb_interrupting(
+        &gdb_path,
+        server.port,
+        &|| server.output(),
+        "interrupt",
+        &script,
+        Some(scenarios::INTERRUPT_AFTER),
+    );
+    scenarios::expect_all(&out, &expected);
+}
+
 /// Software breakpoint and watchpoint hits, where this host's KVM delivers
 /// them (the probe decides); one line names what was skipped and why.
 #[test]
@@ -345,17 +246,11 @@ fn software_breakpoints_and_watchpoints_stop_where_the_host_delivers_them() {
     let mut skipped = Vec::new();
     if probe.sw_breakpoint.supported {
         let server = Server::start(&[]);
-        let script = format!(
-            "break *{:#x}\ncontinue\nprintf \"at: pc=%#lx\\n\", $pc\nx/1xb $pc\ndelete\ncontinue\n",
-            guest::SW_AFTER
-        );
-        let out = gdb(&gdb_path, &server, "swbreak", &script);
-        expect(&out, &format!("Thread 2 hit Breakpoint 1, {:#018x}", guest::SW_AFTER));
-        expect(&out, &format!("at: pc={:#x}", guest::SW_AFTER));
-        expect(&out, &format!("{:#x}:\t0xff", guest::SW_AFTER));
-        expect(&out, "[Inferior 1 (process 1) exited normally]");
+        let (script, expected) = scenarios::software_breakpoint();
+        let out = scenarios::gdb(&gdb_path, server.port, &|| server.output(), "swbreak", &script);
+        scenarios::expect_all(&out, &expected);
         let (code, log) = server.wait();
-        expect(&log, "guest memory: every routine byte-exact as booted");
+        scenarios::expect(&log, "guest memory: every routine byte-exact as booted");
         assert_eq!(code, Some(0), "{log}");
     } else {
         skipped.push(format!("software-breakpoint hits ({})", probe.sw_breakpoint.detail));
@@ -363,12 +258,12 @@ fn software_breakpoints_and_watchpoints_stop_where_the_host_delivers_them() {
     if probe.write_watch.supported && probe.rw_watch.supported {
         let server = Server::start(&["--vcpu1", "data"]);
         let (script, expected) = scenarios::watchpoints();
-        let out = gdb(&gdb_path, &server, "watch", &script);
+        let out = scenarios::gdb(&gdb_path, server.port, &|| server.output(), "watch", &script);
         for e in expected {
-            expect(&out, &e);
+            scenarios::expect(&out, &e);
         }
         let (code, log) = server.wait();
-        expect(&log, "guest memory: every routine byte-exact as booted");
+        scenarios::expect(&log, "guest memory: every routine byte-exact as booted");
         assert_eq!(code, Some(0), "{log}");
     } else {
         skipped.push(format!(

@@ -2,7 +2,193 @@
 //! test (`gdb_e2e.rs`) and the simulated-vCPU test (`gdb_adapter.rs`).
 #![allow(dead_code)]
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
 use kvm_glue::guest;
+
+/// Generous: one scenario takes well under a second.
+pub const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `gdb` from PATH, or `None` after one SKIPPED line (a failure where
+/// `KVM_GLUE_REQUIRE_KVM` is set: `.ci/run` installs gdb there).
+pub fn find_gdb(test: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("gdb"))
+            .find(|p| p.is_file())
+    });
+    match found {
+        Some(gdb) => Some(gdb),
+        None if std::env::var_os("KVM_GLUE_REQUIRE_KVM").is_some() => {
+            panic!("{test}: no gdb on PATH but KVM_GLUE_REQUIRE_KVM is set (.ci/run installs it)")
+        }
+        None => {
+            println!("{test}: SKIPPED: no gdb on PATH (apt-get install -y gdb)");
+            None
+        }
+    }
+}
+
+/// Everything the issue lists, vCPU 0 on the straight line and vCPU 1 on the
+/// software-breakpoint routine, both held at their first instruction:
+/// threads, per-thread stepping with the other vCPU held, an int3 hidden from
+/// reads (GDB's and a raw `m` packet) and a raw write over it, an unmapped
+/// address, hbreak + continue, stepi ×3, registers, delete + continue to the
+/// guest's end.
+pub fn main() -> (String, Vec<String>) {
+    let [i0, _, i2, i3, i4, i5, _] = guest::STRAIGHT_INSNS;
+    let script = format!(
+        r#"info threads
+set scheduler-locking step
+thread 2
+stepi
+printf "T2 after stepi: pc=%#lx\n", $pc
+thread 1
+printf "T1 held: pc=%#lx\n", $pc
+set breakpoint always-inserted on
+break *{sw_after:#x}
+x/4xb {sw_after:#x}
+maint packet m{sw_after:x},4
+maint packet M{sw_after:x},1:fe
+maint packet m{sw_after:x},1
+monitor breakpoints
+maint packet M{sw_after:x},1:ff
+maint packet m200000,4
+delete
+set breakpoint always-inserted off
+hbreak *{i2:#x}
+continue
+stepi
+printf "step 1: pc=%#lx\n", $pc
+stepi
+printf "step 2: pc=%#lx\n", $pc
+stepi
+printf "step 3: pc=%#lx\n", $pc
+info registers rip
+info threads
+delete
+continue
+"#,
+        sw_after = guest::SW_AFTER,
+    );
+    let t = |n: u64| format!("{n:#018x}");
+    let mut expected = Vec::new();
+    expected.push(format!("Thread 1.1 (vCPU 0) {} in ?? ()", t(i0)));
+    expected.push(format!("Thread 1.2 (vCPU 1) {} in ?? ()", t(guest::SW)));
+    expected.push(format!("T2 after stepi: pc={:#x}", guest::SW_PATCH));
+    expected.push(format!("T1 held: pc={i0:#x}"));
+    // The int3 is in memory (monitor) but reads show the original bytes,
+    // through GDB and raw; a write over it updates the saved byte.
+    expected.push(format!("{:#x}:\t0xff\t0xc0\t0xe6\t0x10", guest::SW_AFTER));
+    expected.push("received: \"ffc0e610\"".to_string());
+    expected.push("received: \"fe\"".to_string());
+    expected.push(format!("int3 at {:#x}", guest::SW_AFTER));
+    // 0x200000 is past the guest's page tables: EFAULT, not a crash.
+    expected.push("received: \"E0e\"".to_string());
+    expected.push(format!("Thread 1 hit Breakpoint 2, {} in ?? ()", t(i2)));
+    expected.push(format!("step 1: pc={i3:#x}"));
+    expected.push(format!("step 2: pc={i4:#x}"));
+    expected.push(format!("step 3: pc={i5:#x}"));
+    expected.push(format!("rip            {i5:#x}"));
+    expected.push("[Inferior 1 (process 1) exited normally]".to_string());
+    (script, expected)
+}
+
+/// A software breakpoint on vCPU 1's path (the instruction after the one
+/// the int3 table's routine patches): the thread that ran into it stops
+/// there, its memory shows the original byte, and the guest runs on to its
+/// end once the breakpoint is deleted.
+pub fn software_breakpoint() -> (String, Vec<String>) {
+    let at = guest::SW_AFTER;
+    let script = format!("break *{at:#x}\ncontinue\nprintf \"at: pc=%#lx\\n\", $pc\nx/1xb $pc\ndelete\ncontinue\n");
+    let expected = vec![
+        format!("Thread 2 hit Breakpoint 1, {at:#018x}"),
+        format!("at: pc={at:#x}"),
+        format!("{at:#x}:\t0xff"),
+        "[Inferior 1 (process 1) exited normally]".to_string(),
+    ];
+    (script, expected)
+}
+
+/// Detach with an int3 and a hardware breakpoint set on the vCPUs' paths:
+/// GDB shows them set (`monitor breakpoints`) before it detaches.
+pub fn detach() -> (String, Vec<String>) {
+    let script = format!(
+        "set breakpoint always-inserted on\nbreak *{:#x}\nhbreak *{:#x}\nmonitor breakpoints\ndetach\n",
+        guest::SW_AFTER,
+        guest::STRAIGHT_INSNS[3]
+    );
+    let expected = vec![
+        format!("int3 at {:#x}", guest::SW_AFTER),
+        format!("DR0: execute breakpoint at {:#x}", guest::STRAIGHT_INSNS[3]),
+        "[Inferior 1 (process 1) detached]".to_string(),
+    ];
+    (script, expected)
+}
+
+/// Raw packets GDB itself would not send, then five hardware breakpoints
+/// (four slots: GDB says it cannot insert the fifth; an error ends a batch
+/// script, so it comes last).
+pub fn refusals() -> (String, Vec<String>) {
+    let i = guest::STRAIGHT_INSNS;
+    let script = format!(
+        "maint packet Z3,20000,1\nmaint packet Z2,20001,16\nmaint packet Z2,20000,8\nmaint packet z2,20000,8\nmaint packet z1,12345,1\nmaint packet Z9,0,0\nmaint packet Z2,20000,3\nmaint packet z2,20000,3\nmonitor breakpoints\nset breakpoint always-inserted on\nhbreak *{:#x}\nhbreak *{:#x}\nhbreak *{:#x}\nhbreak *{:#x}\nhbreak *{:#x}\n",
+        i[0], i[1], i[2], i[3], i[4]
+    );
+    let expected = vec![
+        "Cannot insert hardware breakpoint 5.".to_string(),
+        // Z3 (read) and a 16-byte range at an odd address: no slots for them.
+        "sending: Z3,20000,1\nreceived: \"E16\"".to_string(),
+        "sending: Z2,20001,16\nreceived: \"E16\"".to_string(),
+        "sending: Z2,20000,8\nreceived: \"OK\"".to_string(),
+        "sending: z2,20000,8\nreceived: \"OK\"".to_string(),
+        // Removing what is not set: an error reply.
+        "sending: z1,12345,1\nreceived: \"E16\"".to_string(),
+        // An unknown type: "not supported", the session goes on.
+        "sending: Z9,0,0\nreceived: \"\"".to_string(),
+        // 3 bytes at DATA: two slots (2 + 1), taken back by z2.
+        "sending: Z2,20000,3\nreceived: \"OK\"".to_string(),
+        "sending: z2,20000,3\nreceived: \"OK\"".to_string(),
+        "no breakpoints".to_string(),
+    ];
+    (script, expected)
+}
+
+/// When to send gdb its Ctrl-C in [`interrupt`]: well after it connected
+/// and sent `continue`.
+pub const INTERRUPT_AFTER: Duration = Duration::from_millis(1500);
+
+/// Ctrl-C while both vCPUs run (vCPU 1 loops for ever; vCPU 0 has long
+/// finished and idles in its final `hlt`): GDB hears SIGINT on a thread,
+/// and every vCPU is stopped where it was.
+pub fn interrupt() -> (String, Vec<String>) {
+    let script =
+        "continue\ninfo threads\nthread 2\nstepi\nprintf \"T2 stepped: pc=%#lx\\n\", $pc\ndetach\n".to_string();
+    let expected = vec![
+        "received signal SIGINT".to_string(),
+        // After its out, vCPU 0 is on the hlt or the jmp back to it.
+        "Thread 1.1 (vCPU 0) 0x00000000000100".to_string(),
+        "Thread 1.2 (vCPU 1) 0x00000000000104".to_string(),
+        "T2 stepped: pc=0x104".to_string(),
+        "[Inferior 1 (process 1) detached]".to_string(),
+    ];
+    (script, expected)
+}
+
+/// Both vCPUs run the straight line into one hardware breakpoint: the
+/// first is reported, the second after the next continue.
+pub fn shared_breakpoint() -> (String, Vec<String>) {
+    let at = guest::STRAIGHT_INSNS[2];
+    let script = format!("hbreak *{at:#x}\ncontinue\ncontinue\ndelete\ncontinue\n");
+    let expected = vec![
+        format!("Thread 1 hit Breakpoint 1, {at:#018x}"),
+        format!("Thread 2 hit Breakpoint 1, {at:#018x}"),
+        "[Inferior 1 (process 1) exited normally]".to_string(),
+    ];
+    (script, expected)
+}
 
 /// Watchpoints on vCPU 1 running the data-access routine (vCPU 0 runs the
 /// straight line). GDB reports a `watch` only when the value changed, so the
@@ -48,4 +234,76 @@ continue
         "[Inferior 1 (process 1) exited normally]".to_string(),
     ];
     (script, expected)
+}
+
+/// Runs `gdb -batch` on `script` (after connecting to `server`); returns what it printed.
+pub fn gdb(gdb: &Path, port: u16, server_log: &dyn Fn() -> String, name: &str, script: &str) -> String {
+    gdb_interrupting(gdb, port, server_log, name, script, None)
+}
+
+/// As [`gdb`], and sends gdb SIGINT (what Ctrl-C at its prompt does) once,
+/// `interrupt` after it started: GDB then interrupts the running target.
+pub fn gdb_interrupting(
+    gdb: &Path,
+    port: u16,
+    server_log: &dyn Fn() -> String,
+    name: &str,
+    script: &str,
+    interrupt: Option<Duration>,
+) -> String {
+    let dir = std::env::temp_dir().join(format!("kvm-glue-gdb-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(format!("{name}.gdb"));
+    let full = format!(
+        "set pagination off\nset confirm off\nset width 0\ntarget remote 127.0.0.1:{}\n{script}",
+        port
+    );
+    std::fs::write(&path, &full).expect("write script");
+    let mut child = Command::new(gdb)
+        .args(["-q", "-nx", "-batch", "-x"])
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start gdb");
+    let started = Instant::now();
+    let deadline = started + TIMEOUT;
+    let mut interrupt = interrupt;
+    while child.try_wait().expect("try_wait").is_none() {
+        if interrupt.is_some_and(|after| started.elapsed() >= after) {
+            interrupt = None;
+            let sent = Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status()
+                .expect("kill -INT");
+            assert!(sent.success(), "kill -INT gdb failed");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("gdb did not finish {name}; server said:\n{}", server_log());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("gdb output");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("---- gdb transcript: {name} ----\n{text}---- end {name} ----");
+    text
+}
+
+/// Every line of `expected` is in `text`.
+#[track_caller]
+pub fn expect_all(text: &str, expected: &[String]) {
+    for e in expected {
+        expect(text, e);
+    }
+}
+
+/// `what` is in `text`.
+#[track_caller]
+pub fn expect(text: &str, what: &str) {
+    assert!(text.contains(what), "expected {what:?} in:\n{text}");
 }
