@@ -509,6 +509,10 @@ impl<M: GuestMemory> VmDebug<M> {
     /// `KVM_RUN`, on its own thread, in [`VcpuDebug::before_run`]).
     /// Idempotent.
     ///
+    /// Only vCPUs that have a handle are waited for: make every vCPU's
+    /// handle ([`vcpu`](Self::vcpu)) before starting the vCPU threads, and
+    /// move it into its thread.
+    ///
     /// # Errors
     /// [`Error::StopTimeout`] naming a vCPU that did not park within
     /// `timeout` (it stays asked to stop); [`Error::Kick`] if a kick failed.
