@@ -368,6 +368,23 @@ impl SimVm {
         self.log.lock().expect("log").clone()
     }
 
+    /// Waits until the server has logged the end of `n` sessions (it does
+    /// after gdb has gone).
+    fn wait_sessions(&self, n: usize) -> String {
+        let deadline = Instant::now() + scenarios::TIMEOUT;
+        loop {
+            let log = self.log();
+            if log.matches("GDB session ended").count() >= n {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {n} sessions in the server log:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Waits for `serve` to return (the guest ended); its exit code.
     fn wait_end(&mut self) -> u8 {
         let deadline = Instant::now() + scenarios::TIMEOUT;
@@ -493,7 +510,7 @@ fn sim_no_free_slot_and_read_watchpoints_are_refused_as_gdb_expects() {
     .unwrap_or_default();
     scenarios::expect(&next, "no breakpoints");
     scenarios::expect(&next, "Thread 1.2 (vCPU 1)");
-    let log = vm.log();
+    let log = vm.wait_sessions(3);
     assert_eq!(log.matches("GDB connected").count(), 3, "{log}");
     scenarios::expect(&log, "GDB session ended (protocol error");
 }
