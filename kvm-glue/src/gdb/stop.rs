@@ -61,3 +61,126 @@ pub fn interrupted(vcpu: usize) -> Option<MultiThreadStopReason<u64>> {
         signal: Signal::SIGINT,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use gdbstub::target::ext::breakpoints::WatchKind;
+    use x86_debugreg::sw::ByteMemory;
+    use x86_debugreg::{Applied, BreakpointType, DebugExit, DebugState, Decision};
+
+    use super::super::watch::{split, Watch};
+    use super::*;
+
+    /// Hardware slots need no memory.
+    struct NoMemory;
+    impl ByteMemory for NoMemory {
+        type Error = ();
+        fn read_byte(&mut self, _: u64) -> Result<u8, ()> {
+            Err(())
+        }
+        fn write_byte(&mut self, _: u64, _: u8) -> Result<(), ()> {
+            Err(())
+        }
+    }
+
+    /// The stop a vCPU running `state` (single-step `step`) decodes from a
+    /// #DB with `dr6` at `pc`.
+    fn decoded(state: &DebugState, step: bool, pc: u64, dr6: u64) -> StopEvent {
+        let applied = Applied::was_set(state.guest_debug_for(step));
+        let exit = DebugExit {
+            exception: 1,
+            pc,
+            dr6,
+            dr7: 0,
+        };
+        match state.decode(&exit, &applied) {
+            Ok(Decision::Stop(stop)) => StopEvent { vcpu: 1, pc, dr6, stop },
+            other => panic!("not a stop: {other:?}"),
+        }
+    }
+
+    fn tid2() -> Tid {
+        Tid::new(2).unwrap_or(Tid::MIN)
+    }
+
+    #[test]
+    fn thread_ids_start_at_one() {
+        assert_eq!(tid(0).map(Tid::get), Some(1));
+        assert_eq!(tid(usize::MAX), None);
+        assert_eq!(vcpu(tid2()), 1);
+    }
+
+    #[test]
+    fn a_watch_piece_hit_is_reported_at_the_address_gdb_set() -> Result<(), x86_debugreg::BreakpointError<()>> {
+        let mut state = DebugState::new();
+        // GDB: watch 4 bytes at 0x1002 -> slots (0x1002, 2) in DR0 and (0x1004, 2) in DR1.
+        let pieces = split(0x1002, 4).unwrap_or_default();
+        let mut watches = WatchTable::new();
+        for p in &pieces {
+            state.insert(&mut NoMemory, BreakpointType::WriteWatch, p.addr, p.len)?;
+        }
+        watches.add(Watch {
+            addr: 0x1002,
+            len: 4,
+            kind: WatchKind::Write,
+            pieces,
+        });
+        let ev = decoded(&state, false, 0x5000, 0xffff_0ff2);
+        assert_eq!(
+            stop_reason(&ev, &watches),
+            Some(MultiThreadStopReason::Watch {
+                tid: tid2(),
+                kind: WatchKind::Write,
+                addr: 0x1002
+            })
+        );
+        // The same hit while stepping: still the watchpoint (GDB checks values).
+        let ev = decoded(&state, true, 0x5000, 0xffff_4ff2);
+        assert!(matches!(
+            stop_reason(&ev, &watches),
+            Some(MultiThreadStopReason::Watch { addr: 0x1002, .. })
+        ));
+        // A slot no GDB watchpoint owns (the table forgot it): a trap on the thread.
+        let ev = decoded(&state, false, 0x5000, 0xffff_0ff1);
+        assert_eq!(
+            stop_reason(&ev, &WatchTable::new()),
+            Some(MultiThreadStopReason::SignalWithThread {
+                tid: tid2(),
+                signal: Signal::SIGTRAP
+            })
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn execute_hits_are_hwbreak_and_steps_are_sigtrap_on_the_thread() -> Result<(), x86_debugreg::BreakpointError<()>> {
+        let mut state = DebugState::new();
+        state.insert(&mut NoMemory, BreakpointType::Hardware, 0x1000, 1)?;
+        let watches = WatchTable::new();
+        let ev = decoded(&state, false, 0x1000, 0xffff_0ff1);
+        assert_eq!(stop_reason(&ev, &watches), Some(MultiThreadStopReason::HwBreak(tid2())));
+        let ev = decoded(&state, true, 0x2000, 0xffff_4ff0);
+        assert_eq!(
+            stop_reason(&ev, &watches),
+            Some(MultiThreadStopReason::SignalWithThread {
+                tid: tid2(),
+                signal: Signal::SIGTRAP
+            })
+        );
+        let sw = StopEvent {
+            vcpu: 1,
+            pc: 0x3000,
+            dr6: 0,
+            stop: Stop::Software { addr: 0x3000 },
+        };
+        assert_eq!(stop_reason(&sw, &watches), Some(MultiThreadStopReason::SwBreak(tid2())));
+        assert_eq!(
+            interrupted(0),
+            Some(MultiThreadStopReason::SignalWithThread {
+                tid: Tid::MIN,
+                signal: Signal::SIGINT
+            })
+        );
+        Ok(())
+    }
+}

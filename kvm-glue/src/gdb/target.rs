@@ -547,3 +547,62 @@ impl<M: GuestMemory + Send + Sync + 'static> MonitorCmd for VmTarget<M> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> (kvm_regs, kvm_sregs) {
+        let regs = kvm_regs {
+            rax: 1,
+            rbx: 2,
+            rcx: 3,
+            rdx: 4,
+            rsi: 5,
+            rdi: 6,
+            rsp: 7,
+            rbp: 8,
+            r8: 9,
+            r15: 16,
+            rip: 0x1000,
+            rflags: 0x1_0000_0246,
+            ..Default::default()
+        };
+        let mut sregs = kvm_sregs::default();
+        sregs.cs.selector = 0x8;
+        sregs.ss.selector = 0x10;
+        (regs, sregs)
+    }
+
+    #[test]
+    fn gdb_order_puts_rbp_before_rsp() {
+        let (regs, sregs) = sample();
+        let g = to_gdb(&regs, &sregs);
+        assert_eq!(&g.regs[..8], &[1, 2, 3, 4, 5, 6, 8, 7]);
+        assert_eq!((g.regs[8], g.regs[15]), (9, 16));
+        assert_eq!((g.rip, g.eflags), (0x1000, 0x246));
+        assert_eq!((g.segments.cs, g.segments.ss), (0x8, 0x10));
+    }
+
+    #[test]
+    fn a_register_write_round_trips_and_keeps_rflags_upper_half() {
+        let (regs, sregs) = sample();
+        let mut g = to_gdb(&regs, &sregs);
+        assert_eq!(from_gdb(&g, &regs, &sregs), Ok(regs));
+        g.regs[7] = 0x9000; // rsp
+        g.eflags = 0x202;
+        let set = from_gdb(&g, &regs, &sregs).unwrap_or_default();
+        assert_eq!((set.rsp, set.rbp, set.rflags), (0x9000, 8, 0x1_0000_0202));
+    }
+
+    #[test]
+    fn selector_and_fpu_writes_are_refused() {
+        let (regs, sregs) = sample();
+        let mut g = to_gdb(&regs, &sregs);
+        g.segments.ds = 0x23;
+        assert_eq!(from_gdb(&g, &regs, &sregs), Err(RegisterWriteError::Segment));
+        let mut g = to_gdb(&regs, &sregs);
+        g.xmm[3] = 1;
+        assert_eq!(from_gdb(&g, &regs, &sregs), Err(RegisterWriteError::Fpu));
+    }
+}
