@@ -559,3 +559,37 @@ fn sim_registers_written_by_gdb_reach_the_vcpu() {
     assert!(!out.contains("unreached"), "{out}");
     drop(vm);
 }
+
+#[test]
+fn sim_a_debugger_that_dies_mid_continue_is_detached_and_the_next_one_starts_clean() {
+    let test = "sim_a_debugger_that_dies_mid_continue_is_detached_and_the_next_one_starts_clean";
+    let vm = SimVm::start(guest::LOOP);
+    let Some(gdb) = scenarios::find_gdb(test) else { return };
+    let script = format!(
+        "set breakpoint always-inserted on\nbreak *{:#x}\nhbreak *{:#x}\ncontinue\ncontinue\n",
+        guest::SW_AFTER,
+        guest::INT1,
+    );
+    // gdb is killed while the guest runs (waiting in `continue`): the
+    // connection drops with an int3 and a slot set.
+    let _ = scenarios::gdb_signalled(
+        &gdb,
+        vm.port,
+        &|| vm.log(),
+        "sim-killed",
+        &script,
+        Some((scenarios::INTERRUPT_AFTER, "-KILL")),
+    );
+    let log = vm.wait_sessions(1);
+    scenarios::expect(&log, "GDB session ended (connection lost");
+    let next = scenarios::gdb(
+        &gdb,
+        vm.port,
+        &|| vm.log(),
+        "sim-after-killed",
+        &format!("monitor breakpoints\nx/1xb {:#x}\ndetach\n", guest::SW_AFTER),
+    );
+    scenarios::expect(&next, "no breakpoints");
+    scenarios::expect(&next, &format!("{:#x}:\t0xff", guest::SW_AFTER));
+    assert!(vm.byte_exact());
+}

@@ -541,7 +541,10 @@ impl<M: GuestMemory + Send + Sync + 'static> MonitorCmd for VmTarget<M> {
             }
             _ => {
                 outputln!(out, "kvm-glue monitor commands:");
-                outputln!(out, "  breakpoints   every debug-register slot and int3 kvm-glue holds");
+                outputln!(
+                    out,
+                    "  breakpoints   every debug-register slot and int3 (by guest-physical address) kvm-glue holds"
+                );
             }
         }
         Ok(())

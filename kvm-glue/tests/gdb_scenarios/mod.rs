@@ -238,18 +238,31 @@ continue
 
 /// Runs `gdb -batch` on `script` (after connecting to `server`); returns what it printed.
 pub fn gdb(gdb: &Path, port: u16, server_log: &dyn Fn() -> String, name: &str, script: &str) -> String {
-    gdb_interrupting(gdb, port, server_log, name, script, None)
+    gdb_signalled(gdb, port, server_log, name, script, None)
 }
 
 /// As [`gdb`], and sends gdb SIGINT (what Ctrl-C at its prompt does) once,
-/// `interrupt` after it started: GDB then interrupts the running target.
+/// `after` it started: GDB then interrupts the running target.
 pub fn gdb_interrupting(
     gdb: &Path,
     port: u16,
     server_log: &dyn Fn() -> String,
     name: &str,
     script: &str,
-    interrupt: Option<Duration>,
+    after: Option<Duration>,
+) -> String {
+    gdb_signalled(gdb, port, server_log, name, script, after.map(|a| (a, "-INT")))
+}
+
+/// As [`gdb`], and sends gdb `signal` (`-INT`, `-KILL`) once, the given
+/// time after it started.
+pub fn gdb_signalled(
+    gdb: &Path,
+    port: u16,
+    server_log: &dyn Fn() -> String,
+    name: &str,
+    script: &str,
+    signal: Option<(Duration, &str)>,
 ) -> String {
     let dir = std::env::temp_dir().join(format!("kvm-glue-gdb-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -268,15 +281,15 @@ pub fn gdb_interrupting(
         .expect("start gdb");
     let started = Instant::now();
     let deadline = started + TIMEOUT;
-    let mut interrupt = interrupt;
+    let mut signal = signal;
     while child.try_wait().expect("try_wait").is_none() {
-        if interrupt.is_some_and(|after| started.elapsed() >= after) {
-            interrupt = None;
+        if let Some((_, sig)) = signal.filter(|(after, _)| started.elapsed() >= *after) {
+            signal = None;
             let sent = Command::new("kill")
-                .args(["-INT", &child.id().to_string()])
+                .args([sig, &child.id().to_string()])
                 .status()
-                .expect("kill -INT");
-            assert!(sent.success(), "kill -INT gdb failed");
+                .expect("kill");
+            assert!(sent.success(), "kill {sig} gdb failed");
         }
         if Instant::now() > deadline {
             let _ = child.kill();
