@@ -56,6 +56,8 @@ maint packet m{sw_after:x},1
 monitor breakpoints
 maint packet M{sw_after:x},1:ff
 maint packet m200000,4
+maint packet M1ffffe,4:01020304
+maint packet m1ffffe,2
 delete
 set breakpoint always-inserted off
 hbreak *{i2:#x}
@@ -86,7 +88,11 @@ continue
     expected.push("received: \"fe\"".to_string());
     expected.push(format!("int3 at {:#x}", guest::SW_AFTER));
     // 0x200000 is past the guest's page tables: EFAULT, not a crash.
-    expected.push("received: \"E0e\"".to_string());
+    expected.push("sending: m200000,4\nreceived: \"E0e\"".to_string());
+    // A write that runs off the mapped range changes nothing, not even the
+    // two mapped bytes before the boundary.
+    expected.push("sending: M1ffffe,4:01020304\nreceived: \"E0e\"".to_string());
+    expected.push("sending: m1ffffe,2\nreceived: \"0000\"".to_string());
     expected.push(format!("Thread 1 hit Breakpoint 2, {} in ?? ()", t(i2)));
     expected.push(format!("step 1: pc={i3:#x}"));
     expected.push(format!("step 2: pc={i4:#x}"));
