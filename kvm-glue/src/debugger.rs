@@ -26,8 +26,6 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
@@ -43,6 +41,7 @@ use crate::kick::Kick;
 use crate::memory::{translate, AddressSpace, MemoryError, PhysicalMemory};
 use crate::probe::Int1Pc;
 use crate::sw_table::{Lookup, Request, Requests, SpaceKind};
+use crate::sync::{mpsc, Arc, AtomicU64, Condvar, Mutex, MutexGuard, Ordering, RwLock};
 use crate::vcpu::VcpuOps;
 use crate::vcpu_debug::{effective, StopEvent, VcpuDebug};
 
@@ -101,7 +100,7 @@ pub(crate) struct Shared<M> {
     pub(crate) inner: Mutex<Inner<M>>,
     pub(crate) ctl: Mutex<Control>,
     pub(crate) cond: Condvar,
-    kick: RwLock<Option<Arc<dyn Kick>>>,
+    kick: RwLock<Option<std::sync::Arc<dyn Kick>>>,
     /// Readable while a posted stop may be waiting.
     pub(crate) stop_fd: EventFd,
 }
@@ -300,7 +299,7 @@ impl<M: GuestMemory> VmDebug<M> {
     ///
     /// # Errors
     /// [`Error::Poisoned`].
-    pub fn set_kick(&self, kick: Arc<dyn Kick>) -> Result<()> {
+    pub fn set_kick(&self, kick: std::sync::Arc<dyn Kick>) -> Result<()> {
         *self.shared.kick.write().map_err(|_| Error::Poisoned)? = Some(kick);
         Ok(())
     }
@@ -679,7 +678,7 @@ impl<M: GuestMemory> VmDebug<M> {
         R: Send + 'static,
         F: FnOnce(&dyn VcpuOps) -> R + Send + 'static,
     {
-        let (tx, rx) = mpsc::sync_channel(1);
+        let (tx, rx) = mpsc::channel();
         {
             let mut ctl = self.shared.ctl()?;
             if ctl.state(vcpu) != RunState::Parked {

@@ -84,6 +84,7 @@ pub mod kick;
 pub mod memory;
 pub mod probe;
 pub mod sw_table;
+mod sync;
 pub mod vcpu;
 pub mod vcpu_debug;
 

@@ -56,8 +56,6 @@
 //! ```
 
 use std::fmt;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use kvm_bindings::{kvm_debug_exit_arch, kvm_guest_debug, kvm_guest_debug_arch};
 use vm_memory::GuestMemory;
@@ -70,6 +68,7 @@ use crate::debugger::{Shared, VmDebug};
 use crate::error::{Error, Result};
 use crate::memory::{translate, PhysicalMemory};
 use crate::probe::Int1Pc;
+use crate::sync::{Arc, Ordering};
 use crate::vcpu::VcpuOps;
 
 /// The `int1` (ICEBP) opcode.
