@@ -216,6 +216,12 @@ impl fmt::Display for ServeEvent {
 /// (see [`Options::end`]); returns its exit code. `on_event` hears of every
 /// connection and session end.
 ///
+/// Every vCPU is stopped before a session starts and [`VmDebug::detach`]ed
+/// after it, whatever ended it. A stop a vCPU posts while no debugger is
+/// attached (one racing a detach) is dropped the same way and the guest
+/// runs on. vCPUs the VMM holds before the first debugger connects (as the
+/// `gdb_server` example does) stay held until then.
+///
 /// # Errors
 /// [`GdbError::NotLoopback`] for a listener on any other address;
 /// [`GdbError::Listener`] if accepting fails; [`GdbError::Vm`] if the vCPUs
