@@ -832,3 +832,39 @@ fn relabel(e: BreakpointError<MemoryError>, gpa: u64, addr: u64) -> Error {
         other => other,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CPUID rule against the kernel's own reading of the vendor
+    /// (`/proc/cpuinfo`), an independent source.
+    #[test]
+    fn int1_pc_follows_the_vendor_the_kernel_reports() {
+        let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
+            println!("int1_pc_follows_the_vendor_the_kernel_reports: SKIPPED: no /proc/cpuinfo");
+            return;
+        };
+        let vendor = info
+            .lines()
+            .find_map(|l| l.strip_prefix("vendor_id"))
+            .and_then(|l| l.split(':').nth(1))
+            .map(str::trim)
+            .unwrap_or("");
+        let expected = match vendor {
+            "GenuineIntel" => Int1Pc::AtInstruction,
+            "AuthenticAMD" | "HygonGenuine" => Int1Pc::AfterInstruction,
+            _ => Int1Pc::Unknown,
+        };
+        assert_eq!(int1_pc_from_cpuid(), expected, "vendor {vendor:?}");
+    }
+
+    #[test]
+    fn a_new_handle_uses_the_cpuid_rule_by_default_and_it_can_be_overridden() {
+        let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).expect("mmap");
+        let dbg = VmDebug::new(mem);
+        assert_eq!(dbg.int1_pc().expect("rule"), int1_pc_from_cpuid());
+        dbg.set_int1_pc(Int1Pc::Unknown).expect("set");
+        assert_eq!(dbg.int1_pc().expect("rule"), Int1Pc::Unknown);
+    }
+}

@@ -664,6 +664,24 @@ impl<M: GuestMemory> VmDebug<M> {
     ///
     /// Returns how many `KVM_SET_GUEST_DEBUG` calls were made.
     ///
+    /// ```
+    /// use kvm_glue::fake::{FakeVcpu, Op};
+    /// use kvm_glue::{AddressSpace, BreakpointType, VmDebug};
+    /// use vm_memory::{GuestAddress, GuestMemoryMmap};
+    ///
+    /// let dbg = VmDebug::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)])?);
+    /// let fakes = [FakeVcpu::new(), FakeVcpu::new()];
+    /// let mut handles = [dbg.vcpu(0), dbg.vcpu(1)];
+    /// dbg.sync_all(&mut handles, &fakes)?; // the first sync always applies
+    /// dbg.insert(AddressSpace::Physical, BreakpointType::Hardware, 0x100, 1)?;
+    /// fakes[1].fail_op(Op::SetGuestDebug, 1); // vCPU 1's ioctl will fail
+    /// let err = dbg.sync_all(&mut handles, &fakes).expect_err("vCPU 1 fails");
+    /// assert_eq!((err.error.vcpu(), err.rolled_back.as_slice()), (Some(1), &[0][..]));
+    /// assert_eq!(fakes[0].guest_debug().map(|d| d.control), Some(0), "vCPU 0 set back");
+    /// assert_eq!(dbg.sync_all(&mut handles, &fakes)?, 2, "all or nothing: both now");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
     /// # Errors
     /// If the ioctl fails on a vCPU, the vCPUs already changed by this call
     /// are set back to the configuration they had, and the error names the
