@@ -10,7 +10,9 @@
 //! vCPU 0 (GDB thread 1) runs the straight-line routine at `0x10000`, vCPU 1
 //! (thread 2) the software-breakpoint routine at `0x10300` (`--vcpu1 data`:
 //! the data-access routine at `0x10100`, for watchpoints; `--vcpu1 loop`: an
-//! endless loop at `0x10400`, so the guest never ends). Each routine ends
+//! endless loop at `0x10400`, so the guest never ends; `--vcpu1 int3`: the
+//! guest's own `int3`, which its own handler must get, never GDB). Each
+//! routine ends
 //! with `out 0x10`; when both have, the guest has ended: GDB prints
 //! `[Inferior 1 (process 1) exited normally]` and the server checks that
 //! every routine's bytes in guest memory are what they were at boot (no
@@ -59,17 +61,18 @@ fn parse_args() -> Result<Args, String> {
                     "data" => ("data", guest::DATA_ACCESS),
                     "straight" => ("straight", guest::STRAIGHT),
                     "loop" => ("loop", guest::LOOP),
-                    _ => return Err(format!("--vcpu1 {v}: expected sw, data, straight or loop")),
+                    "int3" => ("int3", guest::INT3),
+                    _ => return Err(format!("--vcpu1 {v}: expected sw, data, straight, loop or int3")),
                 };
             }
             "-h" | "--help" => {
-                return Err("usage: gdb_server --port N [--vcpu1 sw|data|straight|loop]".into());
+                return Err("usage: gdb_server --port N [--vcpu1 sw|data|straight|loop|int3]".into());
             }
             other => return Err(format!("unknown argument {other}")),
         }
     }
     Ok(Args {
-        port: port.ok_or("usage: gdb_server --port N [--vcpu1 sw|data|straight|loop]")?,
+        port: port.ok_or("usage: gdb_server --port N [--vcpu1 sw|data|straight|loop|int3]")?,
         vcpu1,
     })
 }
@@ -133,6 +136,11 @@ fn vcpu_loop(
                         finish.done()?;
                     }
                     guest::PORT_DONE => {}
+                    // A trap handler returns to the routine: the guest's own
+                    // #DB/#BP reached the guest, as it must.
+                    guest::PORT_VECTOR if guest::is_trap_vector(value) => {
+                        println!("vCPU {id}: the guest's own handler ran for vector {value}");
+                    }
                     guest::PORT_VECTOR => {
                         println!("vCPU {id}: guest exception, vector {value}");
                         finish.end.end(1)?;

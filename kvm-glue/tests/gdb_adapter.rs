@@ -36,6 +36,7 @@ const ENABLE: u32 = 0x1;
 const SINGLESTEP: u32 = 0x2;
 const USE_SW_BP: u32 = 0x1_0000;
 const USE_HW_BP: u32 = 0x2_0000;
+const INJECT_BP: u32 = 0x8_0000;
 const DR6_FIXED: u64 = 0xffff_0ff0;
 const DR6_BS: u64 = 1 << 14;
 
@@ -43,7 +44,7 @@ const DR6_BS: u64 = 1 << 14;
 #[derive(Debug)]
 enum SimExit {
     Debug(kvm_bindings::kvm_debug_exit_arch),
-    Out(u16),
+    Out(u16, u8),
     Hlt,
     /// Kicked, or a slice of instructions done: back to `before_run`.
     Interrupted,
@@ -109,6 +110,8 @@ struct SimVcpu {
     fake: FakeVcpu,
     mem: Mem,
     kicked: AtomicBool,
+    /// `KVM_SET_GUEST_DEBUG` calls already looked at for INJECT_BP.
+    seen: std::sync::atomic::AtomicUsize,
 }
 
 impl SimVcpu {
@@ -139,6 +142,17 @@ impl SimVcpu {
             })
         };
         let mut regs = self.fake.regs();
+        // KVM queues an injected exception when KVM_SET_GUEST_DEBUG asks for
+        // it; the next run delivers it. The #BP exit left RIP at the int3:
+        // the guest's handler (report the vector, return) runs, and returns
+        // after the int3.
+        let history = self.fake.debug_history();
+        let seen = self.seen.swap(history.len(), Ordering::AcqRel);
+        if history.iter().skip(seen).any(|d| d.control & INJECT_BP != 0) {
+            regs.rip += 1;
+            self.fake.put_regs(regs);
+            return SimExit::Out(guest::PORT_VECTOR, 3);
+        }
         for _ in 0..10_000 {
             if self.kicked.swap(false, Ordering::AcqRel) {
                 self.fake.put_regs(regs);
@@ -223,7 +237,7 @@ impl SimVcpu {
             }
             if let Some(port) = out {
                 self.fake.put_regs(regs);
-                return SimExit::Out(port);
+                return SimExit::Out(port, regs.rax as u8);
             }
         }
         self.fake.put_regs(regs);
@@ -241,7 +255,13 @@ fn image() -> Mem {
 }
 
 /// The VMM loop of the example, on a simulated vCPU.
-fn vcpu_loop(sim: &SimVcpu, mut vdbg: VcpuDebug<Mem>, quit: &AtomicBool, finished: &dyn Fn()) {
+fn vcpu_loop(
+    sim: &SimVcpu,
+    mut vdbg: VcpuDebug<Mem>,
+    quit: &AtomicBool,
+    finished: &dyn Fn(),
+    vectors: &Mutex<Vec<(usize, u8)>>,
+) {
     let mut done = false;
     while !quit.load(Ordering::Acquire) {
         vdbg.before_run(&sim.fake).expect("before_run");
@@ -251,11 +271,12 @@ fn vcpu_loop(sim: &SimVcpu, mut vdbg: VcpuDebug<Mem>, quit: &AtomicBool, finishe
                     vdbg.report_stop(event).expect("report_stop");
                 }
             }
-            SimExit::Out(guest::PORT_DONE) if !done => {
+            SimExit::Out(guest::PORT_DONE, _) if !done => {
                 done = true;
                 finished();
             }
-            SimExit::Out(_) | SimExit::Interrupted => {}
+            SimExit::Out(guest::PORT_VECTOR, v) => vectors.lock().expect("vectors").push((vdbg.id(), v)),
+            SimExit::Out(..) | SimExit::Interrupted => {}
             SimExit::Hlt => std::thread::sleep(Duration::from_millis(1)),
             SimExit::Unknown(rip, byte) => panic!("simulated vCPU: cannot run {byte:#04x} at {rip:#x}"),
         }
@@ -271,6 +292,8 @@ struct SimVm {
     quit: Arc<AtomicBool>,
     dbg: VmDebug<Mem>,
     mem: Mem,
+    /// (vCPU, vector) for each time the guest's own exception handler ran.
+    vectors: Arc<Mutex<Vec<(usize, u8)>>>,
 }
 
 impl SimVm {
@@ -292,6 +315,7 @@ impl SimVm {
                     fake,
                     mem: mem.clone(),
                     kicked: AtomicBool::new(false),
+                    seen: std::sync::atomic::AtomicUsize::new(0),
                 })
             })
             .collect();
@@ -323,8 +347,10 @@ impl SimVm {
         let left = Arc::new(Mutex::new(sims.len()));
         let quit = Arc::new(AtomicBool::new(false));
         let go = Arc::new(Barrier::new(sims.len() + 1));
+        let vectors = Arc::new(Mutex::new(Vec::new()));
         for (sim, vdbg) in sims.into_iter().zip(handles) {
             let (quit, go, left, end) = (quit.clone(), go.clone(), left.clone(), end.clone());
+            let vectors = vectors.clone();
             std::thread::spawn(move || {
                 go.wait();
                 let finished = || {
@@ -334,7 +360,7 @@ impl SimVm {
                         end.end(0).expect("end");
                     }
                 };
-                vcpu_loop(&sim, vdbg, &quit, &finished);
+                vcpu_loop(&sim, vdbg, &quit, &finished, &vectors);
             });
         }
         go.wait();
@@ -361,6 +387,7 @@ impl SimVm {
             quit,
             dbg,
             mem,
+            vectors,
         }
     }
 
@@ -591,5 +618,20 @@ fn sim_a_debugger_that_dies_mid_continue_is_detached_and_the_next_one_starts_cle
     );
     scenarios::expect(&next, "no breakpoints");
     scenarios::expect(&next, &format!("{:#x}:\t0xff", guest::SW_AFTER));
+    assert!(vm.byte_exact());
+}
+
+#[test]
+fn sim_the_guests_own_int3_goes_to_the_guest_not_to_gdb() {
+    let test = "sim_the_guests_own_int3_goes_to_the_guest_not_to_gdb";
+    let mut vm = SimVm::start(guest::INT3);
+    let (script, expected) = scenarios::guest_own_int3();
+    let Some(out) = run(test, &vm, "sim-own-int3", &script) else {
+        return;
+    };
+    scenarios::expect_all(&out, &expected);
+    assert!(!out.contains("SIGTRAP"), "{out}");
+    assert_eq!(vm.wait_end(), 0);
+    assert_eq!(*vm.vectors.lock().expect("vectors"), [(1, 3)]);
     assert!(vm.byte_exact());
 }

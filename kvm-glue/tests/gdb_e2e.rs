@@ -252,8 +252,20 @@ fn software_breakpoints_and_watchpoints_stop_where_the_host_delivers_them() {
         let (code, log) = server.wait();
         scenarios::expect(&log, "guest memory: every routine byte-exact as booted");
         assert_eq!(code, Some(0), "{log}");
+        // The guest's own int3, with #BP exits on: the guest's, not GDB's.
+        let server = Server::start(&["--vcpu1", "int3"]);
+        let (script, expected) = scenarios::guest_own_int3();
+        let out = scenarios::gdb(&gdb_path, server.port, &|| server.output(), "own-int3", &script);
+        scenarios::expect_all(&out, &expected);
+        assert!(!out.contains("SIGTRAP"), "{out}");
+        let (code, log) = server.wait();
+        scenarios::expect(&log, scenarios::GUEST_OWN_INT3_LOG);
+        assert_eq!(code, Some(0), "{log}");
     } else {
-        skipped.push(format!("software-breakpoint hits ({})", probe.sw_breakpoint.detail));
+        skipped.push(format!(
+            "software-breakpoint hits and the guest's own int3 under them ({})",
+            probe.sw_breakpoint.detail
+        ));
     }
     if probe.write_watch.supported && probe.rw_watch.supported {
         let server = Server::start(&["--vcpu1", "data"]);

@@ -196,6 +196,19 @@ pub fn shared_breakpoint() -> (String, Vec<String>) {
     (script, expected)
 }
 
+/// vCPU 1 runs the guest's own `int3` while GDB has a software breakpoint
+/// set elsewhere (so `#BP` exits are on): the `#BP` goes to the guest's
+/// handler, GDB never hears of it, and the guest runs to its end. The
+/// server's log must say the handler ran: [`GUEST_OWN_INT3_LOG`].
+pub fn guest_own_int3() -> (String, Vec<String>) {
+    let script = format!("break *{:#x}\ncontinue\n", guest::SW_AFTER);
+    let expected = vec!["[Inferior 1 (process 1) exited normally]".to_string()];
+    (script, expected)
+}
+
+/// What the VMM logs when the guest's own `#BP` handler ran on vCPU 1.
+pub const GUEST_OWN_INT3_LOG: &str = "vCPU 1: the guest's own handler ran for vector 3";
+
 /// Watchpoints on vCPU 1 running the data-access routine (vCPU 0 runs the
 /// straight line). GDB reports a `watch` only when the value changed, so the
 /// script first gives vCPU 1's rax a value. Checks: a write watchpoint on 8
