@@ -1,10 +1,28 @@
 //! What this host's KVM really does with guest debugging, found by running the
 //! tiny guest ([`crate::guest`]) rather than assumed.
 //!
-//! On a plain VMX or SVM host every feature is expected to work; on a host
-//! whose KVM emulates guest code (such as `kvm_pvm`), data watchpoints, `#BP`
-//! exits and RFLAGS.RF may not. VMMs print [`Probe`] (one line per feature);
-//! tests read its fields to decide what they can check.
+//! On a plain VMX or SVM host the breakpoint, watchpoint and single-step
+//! features are expected to work; on a host whose KVM emulates guest code
+//! (such as `kvm_pvm`), data watchpoints, `#BP` exits and RFLAGS.RF may not.
+//! VMMs print [`Probe`] (one line per feature); tests read its fields to
+//! decide what they can check.
+//!
+//! Two things differ by CPU vendor ([`Vendor`], from CPUID), not by host:
+//!
+//! * **`int1` (ICEBP).** On Intel (VMX) the `#DB` an `int1` raises is
+//!   intercepted like an instruction: the debug exit's pc is the `int1`
+//!   ([`Int1Pc::AtInstruction`]). On AMD (SVM) that `#DB` is not subject to
+//!   the `#DB` exception intercept (AMD APM vol. 2, "Exception Intercepts":
+//!   ICEBP has an intercept of its own, which KVM does not set), so there is
+//!   no exit at all: the guest's own `#DB` handler runs
+//!   ([`Probe::guest_int1`] is "no", [`Int1Pc::Unknown`]).
+//! * **`INJECT_BP`.** KVM injects `#BP` as a software exception. On AMD it
+//!   first moves RIP past the instruction at RIP (the `#BP` returns after
+//!   it, as an `int3`'s does) and, in current kernels, drops the injection
+//!   unless that instruction is an `int3`. So on AMD `#BP` can be injected
+//!   only with RIP at an `int3` — the case a debugger has when it gives the
+//!   guest back a `#BP` its own `int3` raised — and the probe checks that
+//!   case there; on Intel it checks injection at a `nop`.
 //!
 //! ```no_run
 //! let probe = kvm_glue::probe::probe()?;
@@ -55,17 +73,67 @@ impl Finding {
 /// Where the guest's own `int1` (ICEBP) leaves the pc of its `#DB` exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Int1Pc {
-    /// At the `int1` itself (VMX: the exit is an instruction intercept).
+    /// At the `int1` itself: Intel VMX, where the exit for ICEBP's `#DB` is
+    /// an instruction intercept taken before the `int1` completes.
     AtInstruction,
-    /// After the `int1` (a trap, as on bare metal and SVM).
+    /// After the `int1`, as the trap it is on bare metal: seen where KVM
+    /// emulates the guest's code (`kvm_pvm`).
     AfterInstruction,
-    /// No `#DB` exit was seen for `int1`.
+    /// No `#DB` exit was seen for `int1`. This is what AMD SVM does: ICEBP's
+    /// `#DB` escapes the `#DB` exception intercept, so the guest's own
+    /// handler runs and KVM never sees it (see the [module docs](self)).
     Unknown,
+}
+
+/// The CPU vendor, from CPUID leaf 0: whose virtualization (Intel VMX or
+/// AMD SVM) the host's KVM drives, which decides the `int1` and `INJECT_BP`
+/// rules in the [module docs](self).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vendor {
+    /// `GenuineIntel`: `kvm_intel`, VMX.
+    Intel,
+    /// `AuthenticAMD` or `HygonGenuine` (an AMD derivative): `kvm_amd`, SVM.
+    Amd,
+    /// Any other vendor string.
+    Other,
+}
+
+impl Vendor {
+    /// The vendor of the CPU this code runs on (inside a VM: the vendor that
+    /// VM's CPU model reports, e.g. `AuthenticAMD` under QEMU's `-cpu max`).
+    pub fn this_cpu() -> Vendor {
+        // SAFETY: CPUID leaf 0 exists on every x86-64 CPU and only reads
+        // registers. (`__cpuid` is a safe function in newer Rust, hence the
+        // allow; the crate's rust-version still needs the block.)
+        #[allow(unused_unsafe)]
+        let id = unsafe { std::arch::x86_64::__cpuid(0) };
+        let mut name = [0u8; 12];
+        name[..4].copy_from_slice(&id.ebx.to_le_bytes());
+        name[4..8].copy_from_slice(&id.edx.to_le_bytes());
+        name[8..].copy_from_slice(&id.ecx.to_le_bytes());
+        match &name {
+            b"GenuineIntel" => Vendor::Intel,
+            b"AuthenticAMD" | b"HygonGenuine" => Vendor::Amd,
+            _ => Vendor::Other,
+        }
+    }
+}
+
+impl fmt::Display for Vendor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Vendor::Intel => "Intel",
+            Vendor::Amd => "AMD",
+            Vendor::Other => "a non-Intel, non-AMD CPU",
+        })
+    }
 }
 
 /// The host's guest-debug capabilities, one [`Finding`] per feature.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Probe {
+    /// The CPU vendor the vendor-specific experiments were chosen by.
+    pub vendor: Vendor,
     /// Execute breakpoints: all four slots stop at the breakpoint with DR6.Bn.
     pub execute: Finding,
     /// Single-step: one `#DB` exit with DR6.BS per instruction, at the next pc.
@@ -80,11 +148,14 @@ pub struct Probe {
     pub resume_flag: Finding,
     /// The guest's own `int3` (no debugging on) reaches its IDT handler.
     pub guest_int3: Finding,
-    /// The guest's own `int1` with debugging on exits with exception 1.
+    /// The guest's own `int1` with debugging on exits with exception 1
+    /// (never on AMD: the guest's own `#DB` handler runs instead).
     pub guest_int1: Finding,
-    /// Where that exit's pc was.
+    /// Where that exit's pc was ([`Int1Pc::Unknown`] when there was none).
     pub guest_int1_pc: Int1Pc,
-    /// `INJECT_DB` and `INJECT_BP` deliver `#DB`/`#BP` to the guest's IDT.
+    /// `INJECT_DB` and `INJECT_BP` deliver `#DB`/`#BP` to the guest's IDT and
+    /// the guest goes on; `#BP` is injected at a `nop` on Intel, at an `int3`
+    /// on AMD (the only place KVM on AMD injects it; see the module docs).
     pub inject: Finding,
     /// The `dr7` field of debug exits holds the programmed DR7.
     pub exit_dr7: Finding,
@@ -202,9 +273,11 @@ fn describe(exits: &[Exit]) -> String {
 /// [`ProbeError::Guest`] when the guest cannot be built (see
 /// [`ProbeError::is_no_kvm`]); [`ProbeError::Kvm`] when an ioctl fails.
 pub fn probe() -> Result<Probe, ProbeError> {
+    let vendor = Vendor::this_cpu();
     let (execute, exit_dr7) = probe_execute()?;
-    let (guest_int1, guest_int1_pc) = probe_int1()?;
+    let (guest_int1, guest_int1_pc) = probe_int1(vendor)?;
     Ok(Probe {
+        vendor,
         execute,
         single_step: probe_single_step()?,
         write_watch: probe_watch(1, "write")?,
@@ -214,7 +287,7 @@ pub fn probe() -> Result<Probe, ProbeError> {
         guest_int3: probe_guest_int3()?,
         guest_int1,
         guest_int1_pc,
-        inject: probe_inject()?,
+        inject: probe_inject(vendor)?,
         exit_dr7,
     })
 }
@@ -386,7 +459,7 @@ fn probe_guest_int3() -> Result<Finding, ProbeError> {
     )
 }
 
-fn probe_int1() -> Result<(Finding, Int1Pc), ProbeError> {
+fn probe_int1(vendor: Vendor) -> Result<(Finding, Int1Pc), ProbeError> {
     let dbg = raw_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP, [0; 4], 0x400);
     let mut g = fresh(guest::INT1, &dbg)?;
     let exits = run_until(&mut g, |e| matches!(e, Exit::Debug { .. }) || done(e))?;
@@ -403,22 +476,57 @@ fn probe_int1() -> Result<(Finding, Int1Pc), ProbeError> {
             };
             (Finding::yes(format!("#DB exit at pc {pc:#x}, DR6 {dr6:#x}")), at)
         }
+        _ if vendor == Vendor::Amd
+            && exits.first() == Some(&Exit::Out(guest::PORT_VECTOR, 1))
+            && exits.last().is_some_and(done) =>
+        {
+            (
+                Finding::no("no exit, as on any AMD host: the guest's own #DB handler ran, then the guest went on"),
+                Int1Pc::Unknown,
+            )
+        }
         _ => (Finding::no(format!("int1 gave {}", describe(&exits))), Int1Pc::Unknown),
     })
 }
 
-fn probe_inject() -> Result<Finding, ProbeError> {
+fn probe_inject(vendor: Vendor) -> Result<Finding, ProbeError> {
+    // (flag, vector, where RIP is): #BP at an int3 on AMD, at a nop elsewhere.
+    let bp_at = if vendor == Vendor::Amd {
+        guest::INT3
+    } else {
+        guest::STRAIGHT
+    };
+    let cases = [
+        (KVM_GUESTDBG_INJECT_DB, 1u8, guest::STRAIGHT),
+        (KVM_GUESTDBG_INJECT_BP, 3u8, bp_at),
+    ];
     let mut seen = Vec::new();
     let mut ok = true;
-    for (flag, vector) in [(KVM_GUESTDBG_INJECT_DB, 1u8), (KVM_GUESTDBG_INJECT_BP, 3u8)] {
-        let mut g = fresh(guest::STRAIGHT, &raw_debug(KVM_GUESTDBG_ENABLE | flag, [0; 4], 0x400))?;
-        let exits = run_until(&mut g, done)?;
+    for (flag, vector, rip) in cases {
+        let exits = inject_at(flag, rip)?;
         ok &= exits.first() == Some(&Exit::Out(guest::PORT_VECTOR, vector)) && exits.last().is_some_and(done);
-        seen.push(describe(&exits));
+        seen.push(format!("#{vector} at {rip:#x}: {}", describe(&exits)));
     }
-    Ok(if ok {
-        Finding::yes("the guest's #DB and #BP handlers run, then the guest goes on")
-    } else {
+    Ok(if !ok {
         Finding::no(seen.join("; "))
+    } else if vendor == Vendor::Amd {
+        // What a #BP injected at a nop does on this host, for the record.
+        let nop = inject_at(KVM_GUESTDBG_INJECT_BP, guest::STRAIGHT)?;
+        let at_nop = if nop.first() == Some(&Exit::Out(guest::PORT_VECTOR, 3)) {
+            "reached the guest too".to_string()
+        } else {
+            format!("never reached the guest ({})", describe(&nop))
+        };
+        Finding::yes(format!(
+            "the guest's #DB and #BP handlers run, then the guest goes on (AMD: #BP at an int3; at a nop it {at_nop})"
+        ))
+    } else {
+        Finding::yes("the guest's #DB and #BP handlers run, then the guest goes on")
     })
+}
+
+/// Runs a fresh vCPU from `rip` with the one-shot inject `flag` set.
+fn inject_at(flag: u32, rip: u64) -> Result<Vec<Exit>, ProbeError> {
+    let mut g = fresh(rip, &raw_debug(KVM_GUESTDBG_ENABLE | flag, [0; 4], 0x400))?;
+    run_until(&mut g, done)
 }
