@@ -42,6 +42,9 @@
 //! * [`exit`]: debug-exit decoding.
 //! * [`state`]: [`DebugState`], the aggregate with the seed's API.
 //! * [`predict`]: which DR6 B-bits an access sets (checked against the CPU).
+//! * [`region`]: any byte range as the fewest aligned slot ranges.
+//! * [`watch`]: [`WatchSlots`], watchpoints on any region sharing the four
+//!   slots, transactional, with read watchpoints by value check.
 //! * `reference` (feature `reference`): the integer-level oracle the tests use,
 //!   and `differential`, which runs both models in lock-step.
 //! * `fuzzing` (features `reference` + `arbitrary`): the fuzz targets' bodies.
@@ -69,8 +72,10 @@ pub mod hw;
 pub mod predict;
 #[cfg(feature = "reference")]
 pub mod reference;
+pub mod region;
 pub mod state;
 pub mod sw;
+pub mod watch;
 
 pub use control::{Applied, ControlFlags, GuestDebug};
 pub use dr6::Dr6;
@@ -80,3 +85,4 @@ pub use gdb::BreakpointType;
 pub use hw::{HwBreakpoint, HwError, HwKind, HwSlots};
 pub use predict::{Access, AccessKind, SlotMask};
 pub use state::{BreakpointError, DebugState};
+pub use watch::{Watch, WatchError, WatchKind, WatchSlots};
