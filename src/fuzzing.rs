@@ -22,6 +22,8 @@
 //! * [`sw()`]: the `int3` table over a memory that fails at arbitrary points: a
 //!   failed operation changes nothing, and after a final remove-all on healthy
 //!   memory every byte is what the guest last wrote.
+//! * [`regions()`]: the region planner and [`crate::WatchSlots`] against a
+//!   multiset reference (`src/fuzzing/regions.rs`).
 //!
 //! ```
 //! use x86_debugreg::differential::Op;
@@ -950,3 +952,8 @@ pub fn parse_exit(data: &[u8]) -> Option<ExitCase> {
 pub fn parse_sw(data: &[u8]) -> Option<SwCase> {
     parse(data)
 }
+
+// ------------------------------------------------------------ regions ----
+
+mod regions;
+pub use regions::{parse_regions, regions, RegionOp, RegionsCase};

@@ -11,14 +11,21 @@ use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
 use x86_debugreg::differential::Op;
-use x86_debugreg::fuzzing::{self, Applied, Dr7Case, ExitCase, SwCase, SwOp};
+use x86_debugreg::fuzzing::{self, Applied, Dr7Case, ExitCase, RegionOp, RegionsCase, SwCase, SwOp};
+use x86_debugreg::region::Mode;
+use x86_debugreg::watch::WatchKind;
 use x86_debugreg::DebugExit;
 
 /// A fuzz target's body: runs one input, says whether it is worth keeping.
 type Body = fn(&[u8]) -> bool;
 
 /// Every target and its body.
-const TARGETS: [(&str, Body); 3] = [("dr7", fuzzing::dr7), ("exit", fuzzing::exit), ("sw", fuzzing::sw)];
+const TARGETS: [(&str, Body); 4] = [
+    ("dr7", fuzzing::dr7),
+    ("exit", fuzzing::exit),
+    ("sw", fuzzing::sw),
+    ("regions", fuzzing::regions),
+];
 
 fn corpus_dir(target: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target)
@@ -400,6 +407,158 @@ fn sw_seeds() -> Vec<(&'static str, SwCase)> {
     ]
 }
 
+fn regions_seeds() -> Vec<(&'static str, RegionsCase)> {
+    use RegionOp::*;
+    use WatchKind::*;
+    vec![
+        (
+            "planner-examples",
+            RegionsCase {
+                mode: Mode::Long,
+                ops: vec![
+                    Plan { addr: 0x1003, len: 6 },
+                    Plan { addr: 0x2004, len: 12 },
+                    Plan { addr: 0x1001, len: 16 },
+                    Plan { addr: 0, len: 0 },
+                    Plan { addr: u64::MAX, len: 2 },
+                    Plan {
+                        addr: 0xffff_ffff_ffff_fff8,
+                        len: 8,
+                    },
+                    Plan { addr: 1, len: u64::MAX },
+                    Plan {
+                        addr: 0x3,
+                        len: 0x1_0000,
+                    },
+                ],
+            },
+        ),
+        (
+            "sharing-and-full",
+            RegionsCase {
+                mode: Mode::Long,
+                ops: vec![
+                    Insert {
+                        kind: Write,
+                        addr: 0x1003,
+                        len: 6,
+                    },
+                    Insert {
+                        kind: Write,
+                        addr: 0x1004,
+                        len: 4,
+                    },
+                    Insert {
+                        kind: ReadWrite,
+                        addr: 0x2004,
+                        len: 12,
+                    },
+                    Insert {
+                        kind: Execute,
+                        addr: 0x40_1000,
+                        len: 1,
+                    },
+                    Insert {
+                        kind: Write,
+                        addr: 0x1001,
+                        len: 16,
+                    },
+                    Stop {
+                        mask: 0b0010,
+                        changed: None,
+                    },
+                    Remove {
+                        kind: Write,
+                        addr: 0x1003,
+                        len: 6,
+                    },
+                    Insert {
+                        kind: ReadWrite,
+                        addr: 0x2004,
+                        len: 12,
+                    },
+                    Insert {
+                        kind: Execute,
+                        addr: 0x40_1000,
+                        len: 0,
+                    },
+                    Stop {
+                        mask: 0b1111,
+                        changed: None,
+                    },
+                    RemoveSet { index: 1 },
+                    Remove {
+                        kind: Write,
+                        addr: 0x1004,
+                        len: 5,
+                    },
+                    Insert {
+                        kind: Write,
+                        addr: 0,
+                        len: 0,
+                    },
+                    Insert {
+                        kind: Write,
+                        addr: u64::MAX,
+                        len: 2,
+                    },
+                    Clear,
+                    RemoveSet { index: 0 },
+                ],
+            },
+        ),
+        (
+            "read-watch-values",
+            RegionsCase {
+                mode: Mode::Legacy,
+                ops: vec![
+                    Insert {
+                        kind: Read,
+                        addr: 0x1003,
+                        len: 6,
+                    },
+                    Insert {
+                        kind: ReadWrite,
+                        addr: 0x1004,
+                        len: 4,
+                    },
+                    Stop {
+                        mask: 0b0010,
+                        changed: None,
+                    },
+                    Stop {
+                        mask: 0b0010,
+                        changed: Some(1),
+                    },
+                    Stop {
+                        mask: 0b0001,
+                        changed: Some(0),
+                    },
+                    Insert {
+                        kind: Read,
+                        addr: 0x2004,
+                        len: 12,
+                    },
+                    Remove {
+                        kind: Read,
+                        addr: 0x1003,
+                        len: 6,
+                    },
+                    Insert {
+                        kind: Read,
+                        addr: 0x2004,
+                        len: 12,
+                    },
+                    Stop {
+                        mask: 0b1110,
+                        changed: Some(0x2a),
+                    },
+                ],
+            },
+        ),
+    ]
+}
+
 /// Every hand-made seed: target, file name, bytes.
 fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     let mut all = Vec::new();
@@ -411,6 +570,9 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     }
     for (name, case) in sw_seeds() {
         all.push(("sw", format!("seed-{name}"), case.to_bytes()));
+    }
+    for (name, case) in regions_seeds() {
+        all.push(("regions", format!("seed-{name}"), case.to_bytes()));
     }
     all
 }
@@ -440,6 +602,14 @@ fn hand_made_seeds_decode_to_themselves_and_pass() {
             "sw seed {name}"
         );
         assert_eq!(case.check(), Ok(()), "sw seed {name}");
+    }
+    for (name, case) in regions_seeds() {
+        assert_eq!(
+            fuzzing::parse_regions(&case.to_bytes()).as_ref(),
+            Some(&case),
+            "regions seed {name}"
+        );
+        assert_eq!(case.check(), Ok(()), "regions seed {name}");
     }
 }
 
