@@ -1,0 +1,172 @@
+//! The CPU oracle for planned regions (issue #12): a watchpoint on an
+//! unaligned region, planned into pieces by [`WatchSlots`] and programmed into
+//! this machine's debug registers through ptrace (the harness in `oracle/`),
+//! fires for every byte inside the region and for no byte outside.
+//!
+//! For each region the child makes 1-byte loads and stores at every offset
+//! from 8 bytes before the region to 8 bytes after its end; the DR6 B-bits the
+//! CPU reports (masked to the enabled slots, see `tests/cpu_oracle.rs`) must
+//! be non-empty exactly for the offsets inside — for loads only when the
+//! watchpoint watches reads — and must map back, through
+//! [`WatchSlots::hits_in_mask`], to the user's watchpoints with their own
+//! address and length. Expected answers come from the offset alone (inside
+//! `0..len` or not), never from the planner.
+//!
+//! If the host forbids ptrace, one line says so and nothing is checked.
+//! Linux x86-64 only.
+#![cfg(all(target_os = "linux", target_arch = "x86_64"))]
+
+// The harness serves tests/cpu_oracle.rs too; this file uses part of it.
+#[allow(dead_code, unused_imports)]
+mod oracle;
+
+use oracle::{buffer_addr, Access, AccessKind, Oracle, BUFFER_LEN};
+use x86_debugreg::predict::SlotMask;
+use x86_debugreg::region::Mode;
+use x86_debugreg::watch::{Watch, WatchKind, WatchSlots};
+
+/// Bytes probed on each side of a region.
+const MARGIN: i64 = 8;
+
+/// What one sweep saw.
+#[derive(Default)]
+struct Tally {
+    accesses: u64,
+    hits: u64,
+}
+
+/// The CPU's B-bits of the enabled slots for an access of `size` bytes.
+fn cpu_mask(oracle: &mut Oracle, slots: &WatchSlots, addr: u64, size: u8, kind: AccessKind) -> SlotMask {
+    let dr7 = slots.dr7();
+    let raw = oracle
+        .cpu_hits(slots.addresses(), dr7.into_bits(), Access { addr, size, kind })
+        .unwrap_or_else(|e| panic!("oracle: {e}"));
+    SlotMask::from_bits_truncate(raw).intersection(SlotMask::enabled(dr7))
+}
+
+/// Sweeps loads and stores of each width in `sizes` starting from `MARGIN`
+/// bytes before the regions in `watches` to `MARGIN` after them, with all of
+/// them set at once. An access must name exactly the watchpoints whose
+/// region it overlaps and whose kind it matches, in order of insertion.
+fn sweep(oracle: &mut Oracle, mode: Mode, watches: &[Watch], sizes: &[u8], tally: &mut Tally) {
+    let mut slots = WatchSlots::new(mode);
+    for w in watches {
+        slots.insert(*w).unwrap_or_else(|e| panic!("{w} does not fit: {e}"));
+    }
+    let lo = watches.iter().map(|w| w.addr()).min().expect("a watchpoint") as i64 - MARGIN;
+    let hi = watches.iter().map(|w| w.addr() + w.len()).max().expect("a watchpoint") as i64 + MARGIN;
+    for at in lo..hi {
+        let at = at as u64;
+        assert!(
+            at >= buffer_addr() && at < buffer_addr() + BUFFER_LEN as u64,
+            "{at:#x} is outside the child's buffer"
+        );
+        for (&size, kind) in sizes
+            .iter()
+            .flat_map(|s| [(s, AccessKind::Read), (s, AccessKind::Write)])
+        {
+            let mask = cpu_mask(oracle, &slots, at, size, kind);
+            // By hand: a watchpoint fires when the access overlaps its region
+            // and it watches this kind of access.
+            let expected: Vec<Watch> = watches
+                .iter()
+                .filter(|w| at < w.addr() + w.len() && w.addr() < at + u64::from(size))
+                .filter(|w| kind == AccessKind::Write || w.kind() != WatchKind::Write)
+                .copied()
+                .collect();
+            let named: Vec<Watch> = slots.hits_in_mask(mask).iter().map(|h| h.watch).collect();
+            assert_eq!(
+                named,
+                expected,
+                "{kind:?} of {size} bytes at {at:#x} (region offset {}): the CPU set {mask} with DR0-3 {:x?}, \
+                 DR7 {:#x}",
+                at as i64 - watches[0].addr() as i64,
+                slots.addresses(),
+                slots.dr7().into_bits()
+            );
+            assert_eq!(mask.is_empty(), expected.is_empty());
+            tally.accesses += 1;
+            tally.hits += u64::from(!mask.is_empty());
+        }
+    }
+}
+
+fn run(what: &str, sizes: &[u8], cases: &[(Mode, Vec<Watch>)]) {
+    let Some(mut oracle) = oracle::spawn_or_skip() else {
+        return;
+    };
+    let mut tally = Tally::default();
+    for (mode, watches) in cases {
+        sweep(&mut oracle, *mode, watches, sizes, &mut tally);
+    }
+    println!(
+        "oracle regions: {what}: {} accesses ({sizes:?} bytes) checked against the CPU, {} hit",
+        tally.accesses, tally.hits
+    );
+    assert!(tally.hits > 0 && tally.hits < tally.accesses);
+}
+
+fn watch(kind: WatchKind, offset: u64, len: u64) -> Watch {
+    Watch::new(kind, buffer_addr() + offset, len).expect("valid region")
+}
+
+#[test]
+fn oracle_six_bytes_at_an_odd_address_fire_for_every_byte_inside_and_none_outside() {
+    // Offset 0x803: pieces 0x803/1, 0x804/4, 0x808/1 (the buffer is
+    // page-aligned, so offsets have the addresses' alignment).
+    run(
+        "6 bytes at an odd address",
+        &[1],
+        &[
+            (Mode::Long, vec![watch(WatchKind::Write, 0x803, 6)]),
+            (Mode::Long, vec![watch(WatchKind::ReadWrite, 0x803, 6)]),
+            (Mode::Long, vec![watch(WatchKind::Read, 0x803, 6)]),
+        ],
+    );
+}
+
+#[test]
+fn oracle_a_twelve_byte_struct_fires_for_every_byte_inside_and_none_outside() {
+    // Offset 0x904: 0x904/4 + 0x908/8 in 64-bit mode, three of 4 otherwise.
+    run(
+        "12 bytes at a 4-aligned address",
+        &[1],
+        &[
+            (Mode::Long, vec![watch(WatchKind::Write, 0x904, 12)]),
+            (Mode::Long, vec![watch(WatchKind::ReadWrite, 0x904, 12)]),
+            (Mode::Legacy, vec![watch(WatchKind::ReadWrite, 0x904, 12)]),
+        ],
+    );
+}
+
+#[test]
+fn oracle_regions_across_a_page_boundary_and_of_odd_lengths() {
+    // Wider accesses too: one that straddles an edge of the region fires.
+    run(
+        "odd regions",
+        &[1, 2, 4, 8],
+        &[
+            // 0xffd/1, 0xffe/2, 0x1000/4: across the page boundary.
+            (Mode::Long, vec![watch(WatchKind::ReadWrite, 0xffd, 7)]),
+            // 0xa01/1, 0xa02/2.
+            (Mode::Long, vec![watch(WatchKind::Write, 0xa01, 3)]),
+            // 0xb06/2, 0xb08/8.
+            (Mode::Long, vec![watch(WatchKind::ReadWrite, 0xb06, 10)]),
+        ],
+    );
+}
+
+#[test]
+fn oracle_a_shared_slot_names_both_owners() {
+    // 0xc03/6 is 0xc03/1, 0xc04/4, 0xc08/1; 0xc04/4 shares its middle
+    // slot. A byte of 0xc04..0xc08 must name both watchpoints, 0xc03 and
+    // 0xc08 only the first.
+    run(
+        "shared slots",
+        &[1],
+        &[(
+            Mode::Long,
+            vec![watch(WatchKind::Write, 0xc03, 6), watch(WatchKind::Write, 0xc04, 4)],
+        )],
+    );
+}
