@@ -1,9 +1,10 @@
 //! A fake vCPU for tests: records every call, counts them, answers
 //! `KVM_TRANSLATE` from a small map, and fails the k-th call on demand.
+//! `KVM_SET_FPU` leaves MXCSR alone, as the kernel's does.
 
 use std::sync::{Mutex, MutexGuard};
 
-use kvm_bindings::{kvm_guest_debug, kvm_regs, kvm_sregs, kvm_translation};
+use kvm_bindings::{kvm_fpu, kvm_guest_debug, kvm_regs, kvm_sregs, kvm_translation};
 
 use crate::vcpu::VcpuOps;
 
@@ -25,6 +26,10 @@ pub enum Op {
     GetSregs,
     /// `KVM_SET_SREGS`.
     SetSregs,
+    /// `KVM_GET_FPU`.
+    GetFpu,
+    /// `KVM_SET_FPU`.
+    SetFpu,
 }
 
 #[derive(Debug, Default)]
@@ -36,6 +41,7 @@ struct State {
     debug_history: Vec<kvm_guest_debug>,
     regs: kvm_regs,
     sregs: kvm_sregs,
+    fpu: kvm_fpu,
     /// `(gva_base, gpa_base, size)` ranges; anything else is identity when
     /// `identity` is set, else unmapped.
     maps: Vec<(u64, u64, u64)>,
@@ -122,6 +128,26 @@ impl FakeVcpu {
         self.lock().regs = regs;
     }
 
+    /// The fake's special registers.
+    pub fn sregs(&self) -> kvm_sregs {
+        self.lock().sregs
+    }
+
+    /// Sets the fake's special registers without counting a call.
+    pub fn put_sregs(&self, sregs: kvm_sregs) {
+        self.lock().sregs = sregs;
+    }
+
+    /// The fake's x87/SSE state.
+    pub fn fpu(&self) -> kvm_fpu {
+        self.lock().fpu
+    }
+
+    /// Sets the fake's x87/SSE state without counting a call.
+    pub fn put_fpu(&self, fpu: kvm_fpu) {
+        self.lock().fpu = fpu;
+    }
+
     /// Records a call of `op`; `Err` if it is the one to fail.
     fn enter(&self, s: &mut State, op: Op) -> Result<(), kvm_ioctls::Error> {
         s.calls.push(op);
@@ -171,6 +197,22 @@ impl VcpuOps for FakeVcpu {
         let mut s = self.lock();
         self.enter(&mut s, Op::SetSregs)?;
         s.sregs = *sregs;
+        Ok(())
+    }
+
+    fn get_fpu(&self) -> Result<kvm_fpu, kvm_ioctls::Error> {
+        let mut s = self.lock();
+        self.enter(&mut s, Op::GetFpu)?;
+        Ok(s.fpu)
+    }
+
+    fn set_fpu(&self, fpu: &kvm_fpu) -> Result<(), kvm_ioctls::Error> {
+        let mut s = self.lock();
+        self.enter(&mut s, Op::SetFpu)?;
+        // As the kernel's KVM_SET_FPU: every field but MXCSR
+        // (kvm_arch_vcpu_ioctl_set_fpu does not copy it).
+        let mxcsr = s.fpu.mxcsr;
+        s.fpu = kvm_fpu { mxcsr, ..*fpu };
         Ok(())
     }
 

@@ -3,7 +3,7 @@
 //! and fails on demand), so every ioctl kvm-glue issues can be counted and made
 //! to fail in tests.
 
-use kvm_bindings::{kvm_guest_debug, kvm_regs, kvm_sregs, kvm_translation};
+use kvm_bindings::{kvm_fpu, kvm_guest_debug, kvm_regs, kvm_sregs, kvm_translation};
 use kvm_ioctls::VcpuFd;
 
 /// The vCPU ioctls kvm-glue issues.
@@ -37,6 +37,16 @@ pub trait VcpuOps {
     /// # Errors
     /// The ioctl's error.
     fn set_sregs(&self, sregs: &kvm_sregs) -> Result<(), kvm_ioctls::Error>;
+    /// `KVM_GET_FPU`: the x87 and SSE state (FXSAVE layout).
+    ///
+    /// # Errors
+    /// The ioctl's error.
+    fn get_fpu(&self) -> Result<kvm_fpu, kvm_ioctls::Error>;
+    /// `KVM_SET_FPU`.
+    ///
+    /// # Errors
+    /// The ioctl's error.
+    fn set_fpu(&self, fpu: &kvm_fpu) -> Result<(), kvm_ioctls::Error>;
     /// `KVM_TRANSLATE`: guest-virtual (linear) to guest-physical address, with
     /// the vCPU's current paging state. `valid == 0` in the answer means unmapped.
     ///
@@ -61,6 +71,12 @@ impl VcpuOps for VcpuFd {
     fn set_sregs(&self, sregs: &kvm_sregs) -> Result<(), kvm_ioctls::Error> {
         VcpuFd::set_sregs(self, sregs)
     }
+    fn get_fpu(&self) -> Result<kvm_fpu, kvm_ioctls::Error> {
+        VcpuFd::get_fpu(self)
+    }
+    fn set_fpu(&self, fpu: &kvm_fpu) -> Result<(), kvm_ioctls::Error> {
+        VcpuFd::set_fpu(self, fpu)
+    }
     fn translate_gva(&self, gva: u64) -> Result<kvm_translation, kvm_ioctls::Error> {
         VcpuFd::translate_gva(self, gva)
     }
@@ -82,6 +98,12 @@ impl<V: VcpuOps + ?Sized> VcpuOps for &V {
     fn set_sregs(&self, sregs: &kvm_sregs) -> Result<(), kvm_ioctls::Error> {
         (**self).set_sregs(sregs)
     }
+    fn get_fpu(&self) -> Result<kvm_fpu, kvm_ioctls::Error> {
+        (**self).get_fpu()
+    }
+    fn set_fpu(&self, fpu: &kvm_fpu) -> Result<(), kvm_ioctls::Error> {
+        (**self).set_fpu(fpu)
+    }
     fn translate_gva(&self, gva: u64) -> Result<kvm_translation, kvm_ioctls::Error> {
         (**self).translate_gva(gva)
     }
@@ -102,6 +124,12 @@ impl<V: VcpuOps + ?Sized> VcpuOps for &mut V {
     }
     fn set_sregs(&self, sregs: &kvm_sregs) -> Result<(), kvm_ioctls::Error> {
         (**self).set_sregs(sregs)
+    }
+    fn get_fpu(&self) -> Result<kvm_fpu, kvm_ioctls::Error> {
+        (**self).get_fpu()
+    }
+    fn set_fpu(&self, fpu: &kvm_fpu) -> Result<(), kvm_ioctls::Error> {
+        (**self).set_fpu(fpu)
     }
     fn translate_gva(&self, gva: u64) -> Result<kvm_translation, kvm_ioctls::Error> {
         (**self).translate_gva(gva)

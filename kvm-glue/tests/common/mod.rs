@@ -4,7 +4,7 @@
 use std::cell::Cell;
 use std::sync::OnceLock;
 
-use kvm_bindings::{kvm_guest_debug, kvm_regs, kvm_sregs, kvm_translation};
+use kvm_bindings::{kvm_fpu, kvm_guest_debug, kvm_regs, kvm_sregs, kvm_translation};
 use kvm_glue::guest::{self, Exit, Guest, GuestError};
 use kvm_glue::probe::{self, Probe};
 use kvm_glue::{Handled, StopEvent, VcpuDebug, VcpuOps};
@@ -65,6 +65,12 @@ impl VcpuOps for Counting<'_> {
     }
     fn set_sregs(&self, sregs: &kvm_sregs) -> Result<(), kvm_ioctls::Error> {
         self.fd.set_sregs(sregs)
+    }
+    fn get_fpu(&self) -> Result<kvm_fpu, kvm_ioctls::Error> {
+        self.fd.get_fpu()
+    }
+    fn set_fpu(&self, fpu: &kvm_fpu) -> Result<(), kvm_ioctls::Error> {
+        self.fd.set_fpu(fpu)
     }
     fn translate_gva(&self, gva: u64) -> Result<kvm_translation, kvm_ioctls::Error> {
         self.fd.translate_gva(gva)
