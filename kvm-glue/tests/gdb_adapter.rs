@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::kvm_regs;
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use kvm_glue::fake::FakeVcpu;
 use kvm_glue::gdb::{serve, GuestEnd, Options};
 use kvm_glue::guest;
@@ -287,6 +287,7 @@ fn vcpu_loop(
 /// loopback port, all on threads of this process.
 struct SimVm {
     port: u16,
+    sims: Vec<Arc<SimVcpu>>,
     log: Arc<Mutex<String>>,
     served: Option<std::thread::JoinHandle<Result<u8, kvm_glue::gdb::GdbError>>>,
     quit: Arc<AtomicBool>,
@@ -294,6 +295,70 @@ struct SimVm {
     mem: Mem,
     /// (vCPU, vector) for each time the guest's own exception handler ran.
     vectors: Arc<Mutex<Vec<(usize, u8)>>>,
+}
+
+/// -2 as an x87 80-bit value: sign and exponent 0xC000, mantissa
+/// 0x8000_0000_0000_0000.
+const MINUS_TWO: [u8; 10] = [0, 0, 0, 0, 0, 0, 0, 0x80, 0x00, 0xc0];
+
+/// What the simulated vCPUs' x87/SSE state starts with (put there below).
+const SIM_FPU: scenarios::FpuAtStart = scenarios::FpuAtStart {
+    fctrl: 0x37f,
+    mxcsr: 0x1f80,
+    xmm0: 0x0000_0007_0000_0005,
+    st0: "-2",
+};
+
+/// The segments the tiny guest's setup loads (guest.rs): 64-bit code at
+/// CODE_SELECTOR, flat data at DATA_SELECTOR; a base on fs so that a kept
+/// base is visible.
+fn sim_sregs() -> kvm_sregs {
+    let mut s = kvm_sregs {
+        cr0: 0x8000_0033,
+        cr4: 0x620,
+        efer: 0x500,
+        ..Default::default()
+    };
+    s.cs = kvm_segment {
+        selector: guest::CODE_SELECTOR,
+        limit: 0xffff_ffff,
+        type_: 11,
+        present: 1,
+        s: 1,
+        l: 1,
+        g: 1,
+        ..Default::default()
+    };
+    let data = kvm_segment {
+        selector: guest::DATA_SELECTOR,
+        limit: 0xffff_ffff,
+        type_: 3,
+        present: 1,
+        s: 1,
+        db: 1,
+        g: 1,
+        ..Default::default()
+    };
+    (s.ss, s.ds, s.es, s.gs) = (data, data, data, data);
+    s.fs = kvm_segment {
+        base: 0x7000_0000,
+        ..data
+    };
+    s
+}
+
+fn sim_fpu() -> kvm_fpu {
+    let mut f = kvm_fpu {
+        fcw: SIM_FPU.fctrl,
+        mxcsr: SIM_FPU.mxcsr,
+        // FSW.TOP = 7: st0 is physical register 7, the one tagged valid.
+        fsw: 7 << 11,
+        ftwx: 0x80,
+        ..Default::default()
+    };
+    f.fpr[0][..10].copy_from_slice(&MINUS_TWO);
+    f.xmm[0] = SIM_FPU.xmm0.to_le_bytes();
+    f
 }
 
 impl SimVm {
@@ -311,6 +376,8 @@ impl SimVm {
                     rflags: guest::RFLAGS_FIXED,
                     ..Default::default()
                 });
+                fake.put_sregs(sim_sregs());
+                fake.put_fpu(sim_fpu());
                 Arc::new(SimVcpu {
                     fake,
                     mem: mem.clone(),
@@ -348,7 +415,7 @@ impl SimVm {
         let quit = Arc::new(AtomicBool::new(false));
         let go = Arc::new(Barrier::new(sims.len() + 1));
         let vectors = Arc::new(Mutex::new(Vec::new()));
-        for (sim, vdbg) in sims.into_iter().zip(handles) {
+        for (sim, vdbg) in sims.iter().cloned().zip(handles) {
             let (quit, go, left, end) = (quit.clone(), go.clone(), left.clone(), end.clone());
             let vectors = vectors.clone();
             std::thread::spawn(move || {
@@ -382,6 +449,7 @@ impl SimVm {
         };
         SimVm {
             port,
+            sims,
             log,
             served: Some(served),
             quit,
@@ -575,16 +643,45 @@ fn sim_both_vcpus_hitting_one_breakpoint_are_both_reported() {
 fn sim_registers_written_by_gdb_reach_the_vcpu() {
     let test = "sim_registers_written_by_gdb_reach_the_vcpu";
     let vm = SimVm::start(guest::SW);
-    let script = "thread 2\nset $rax = 0x1234\nset $rip = 0x10301\nprintf \"rax=%#lx rip=%#lx\\n\", $rax, $rip\nset $cs = 0x10\nprintf \"unreached\\n\"\n";
+    // The cache flushed: GDB reads back what the vCPU holds.
+    let script = "thread 2\nset $rax = 0x1234\nset $rip = 0x10301\nmaint flush register-cache\nprintf \"rax=%#lx rip=%#lx\\n\", $rax, $rip\n";
     let Some(out) = run(test, &vm, "sim-regs", script) else {
         return;
     };
     scenarios::expect(&out, "rax=0x1234 rip=0x10301");
-    // A selector write is refused (descriptors are not loaded), and the
-    // refusal changed nothing else.
-    scenarios::expect(&out, "Could not write registers; remote failure reply 'E16'");
-    assert!(!out.contains("unreached"), "{out}");
     drop(vm);
+}
+
+#[test]
+fn sim_x87_sse_and_selectors_read_and_written_by_gdb_reach_the_vcpu() {
+    let test = "sim_x87_sse_and_selectors_read_and_written_by_gdb_reach_the_vcpu";
+    let vm = SimVm::start(guest::SW);
+    let (script, expected) = scenarios::registers(&SIM_FPU);
+    let Some(out) = run(test, &vm, "sim-x87-sse", &script) else {
+        return;
+    };
+    scenarios::expect_all(&out, &expected);
+    scenarios::expect_fpu_at_start(&out, &SIM_FPU);
+    // The vCPU holds what GDB wrote, and the rest of every segment as it was.
+    let fake = &vm.sims[0].fake;
+    let fpu = fake.fpu();
+    assert_eq!(u32::from_le_bytes(fpu.xmm[0][..4].try_into().expect("4 bytes")), 42);
+    assert_eq!(&fpu.xmm[15][8..], &0x1122_3344_5566_7788u64.to_le_bytes());
+    // 1.5 in st0 (physical 7), MXCSR untouched.
+    assert_eq!(fpu.fpr[0][..10], [0, 0, 0, 0, 0, 0, 0, 0xc0, 0xff, 0x3f]);
+    assert_eq!(fpu.mxcsr, SIM_FPU.mxcsr);
+    let (was, now) = (sim_sregs(), fake.sregs());
+    assert_eq!(
+        now.ds,
+        kvm_segment {
+            selector: 0x18,
+            ..was.ds
+        }
+    );
+    assert_eq!(now.ss, kvm_segment { selector: 0, ..was.ss });
+    assert_eq!((now.cs, now.es, now.fs, now.gs), (was.cs, was.es, was.fs, was.gs));
+    // vCPU 1 was not touched.
+    assert_eq!(vm.sims[1].fake.fpu(), sim_fpu());
 }
 
 #[test]

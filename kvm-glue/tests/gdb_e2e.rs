@@ -291,3 +291,36 @@ fn software_breakpoints_and_watchpoints_stop_where_the_host_delivers_them() {
         );
     }
 }
+
+/// x87/SSE and selectors: GDB reads
+/// what the vCPU holds (KVM's reset state, which the tiny guest never
+/// changes: the test reads it from a fresh vCPU of its own), writes xmm0,
+/// xmm15, st0 and ds that a step later reads back from KVM, and gets an
+/// error reply, with nothing changed, for a cs of another privilege level,
+/// an mxcsr (KVM_SET_FPU does not write it) and an 11-bit-overflowing fop.
+/// The guest then runs to its end.
+#[test]
+fn x87_sse_and_selectors_round_trip_through_kvm() {
+    let test = "x87_sse_and_selectors_round_trip_through_kvm";
+    let Some(gdb_path) = ready(test) else { return };
+    let Some(mut fresh) = common::guest(test, 1) else {
+        return;
+    };
+    let reset = fresh.vcpu(0).get_fpu().expect("KVM_GET_FPU on a fresh vCPU");
+    assert_eq!(reset.fpr[0], [0; 16], "a fresh vCPU's st0 is expected to be zero");
+    let at_start = scenarios::FpuAtStart {
+        fctrl: reset.fcw,
+        mxcsr: reset.mxcsr,
+        xmm0: u128::from_le_bytes(reset.xmm[0]),
+        st0: "0",
+    };
+    let server = Server::start(&[]);
+    let (script, expected) = scenarios::registers(&at_start);
+    let out = scenarios::gdb(&gdb_path, server.port, &|| server.output(), "x87-sse", &script);
+    scenarios::expect_all(&out, &expected);
+    scenarios::expect_fpu_at_start(&out, &at_start);
+    let (code, log) = server.wait();
+    println!("---- server ----\n{log}---- end server ----");
+    scenarios::expect(&log, "guest memory: every routine byte-exact as booted");
+    assert_eq!(code, Some(0), "{log}");
+}

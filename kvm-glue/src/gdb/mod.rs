@@ -17,6 +17,10 @@
 //! ```
 //!
 //! What GDB gets:
+//! * **registers**: general, `rip`, `eflags`, segment selectors, x87
+//!   (`st0`–`st7`, `fctrl`…`fop`), `xmm0`–`xmm15` and `mxcsr`, read and
+//!   written on the vCPU's own thread, all together or not at all; see
+//!   [`regs`] for what a selector write does and what is refused.
 //! * **threads**: GDB thread `n + 1` is vCPU `n`; `info threads` lists them
 //!   all; memory is read and written through the selected thread's page
 //!   tables (`KVM_TRANSLATE` on that vCPU's own thread).
@@ -43,12 +47,14 @@
 //!   `[Inferior 1 (process 1) exited normally]`, and [`serve`] return.
 
 mod event_loop;
+pub mod regs;
 pub mod stop;
 mod target;
 mod watch;
 
 pub use event_loop::VmEventLoop;
-pub use target::{from_gdb, to_gdb, RegisterWriteError, VmTarget};
+pub use regs::{from_gdb, to_gdb, RegisterWriteError, VcpuRegs};
+pub use target::VmTarget;
 
 use std::fmt;
 use std::io;

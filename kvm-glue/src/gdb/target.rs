@@ -7,8 +7,11 @@
 //! VM-wide intent, and each vCPU applies its own configuration before it
 //! re-enters `KVM_RUN`.
 //!
+//! Registers are mapped in [`regs`](super::regs) and written all together
+//! or not at all.
+//!
 //! Errors GDB can cause (a bad address, a misaligned watchpoint, a register
-//! kvm-glue cannot write) are error replies (`Exx`) and change nothing;
+//! value no CPU can hold) are error replies (`Exx`) and change nothing;
 //! errors that leave the VM in doubt (a vCPU that does not stop, a poisoned
 //! lock) end the session, and [`serve`](super::serve) detaches.
 
@@ -30,12 +33,12 @@ use gdbstub::target::ext::thread_extra_info::{ThreadExtraInfo, ThreadExtraInfoOp
 use gdbstub::target::{Target, TargetError, TargetResult};
 use gdbstub_arch::x86::reg::X86_64CoreRegs;
 use gdbstub_arch::x86::X86_64_SSE;
-use kvm_bindings::{kvm_regs, kvm_sregs};
 use vm_memory::GuestMemory;
 use x86_debugreg::sw::SwError;
 use x86_debugreg::{BreakpointError, BreakpointType, HwKind};
 
 use super::event_loop::Waiter;
+use super::regs::{self, ApplyError, VcpuRegs};
 use super::stop;
 use super::watch::{self, Watch, WatchTable};
 use super::GuestEnd;
@@ -51,6 +54,8 @@ const EFAULT: u8 = 14;
 const EINVAL: u8 = 22;
 /// `EIO`: a vCPU ioctl failed.
 const EIO: u8 = 5;
+/// `ENOTSUP`: KVM does not apply the value (`mxcsr` through `KVM_SET_FPU`).
+const ENOTSUP: u8 = 95;
 
 /// Bytes per guest page: memory is read page by page, so a read that runs
 /// into an unmapped page returns what came before it.
@@ -235,79 +240,6 @@ fn gdb_type(kind: HwKind) -> BreakpointType {
     }
 }
 
-/// GDB's view of a vCPU's registers. The x87 and SSE state is not read
-/// (kvm-glue's [`VcpuOps`](crate::VcpuOps) has no `KVM_GET_FPU`): it shows as
-/// zero, and a write that changes it is refused.
-pub fn to_gdb(regs: &kvm_regs, sregs: &kvm_sregs) -> X86_64CoreRegs {
-    X86_64CoreRegs {
-        // GDB's order: rax, rbx, rcx, rdx, rsi, rdi, rbp, rsp, r8-r15.
-        regs: [
-            regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, regs.rbp, regs.rsp, regs.r8, regs.r9, regs.r10,
-            regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
-        ],
-        // GDB's eflags is 32 bits; RFLAGS' upper half is reserved (zero).
-        eflags: regs.rflags as u32,
-        rip: regs.rip,
-        segments: gdbstub_arch::x86::reg::X86SegmentRegs {
-            cs: sregs.cs.selector.into(),
-            ss: sregs.ss.selector.into(),
-            ds: sregs.ds.selector.into(),
-            es: sregs.es.selector.into(),
-            fs: sregs.fs.selector.into(),
-            gs: sregs.gs.selector.into(),
-        },
-        ..X86_64CoreRegs::default()
-    }
-}
-
-/// Why a GDB register write was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum RegisterWriteError {
-    /// A segment selector changed: loading a selector needs its descriptor
-    /// from the guest's GDT, which this stub does not do.
-    #[error("segment selectors cannot be written")]
-    Segment,
-    /// x87/SSE state changed: it is not read or written.
-    #[error("x87/SSE registers cannot be written")]
-    Fpu,
-}
-
-/// The registers to set for GDB's `new` values, given the current ones.
-///
-/// # Errors
-/// [`RegisterWriteError`] when `new` changes what cannot be written;
-/// nothing is written then.
-pub fn from_gdb(new: &X86_64CoreRegs, regs: &kvm_regs, sregs: &kvm_sregs) -> Result<kvm_regs, RegisterWriteError> {
-    let now = to_gdb(regs, sregs);
-    if new.segments != now.segments {
-        return Err(RegisterWriteError::Segment);
-    }
-    if new.st != now.st || new.fpu != now.fpu || new.xmm != now.xmm || new.mxcsr != now.mxcsr {
-        return Err(RegisterWriteError::Fpu);
-    }
-    let r = &new.regs;
-    Ok(kvm_regs {
-        rax: r[0],
-        rbx: r[1],
-        rcx: r[2],
-        rdx: r[3],
-        rsi: r[4],
-        rdi: r[5],
-        rbp: r[6],
-        rsp: r[7],
-        r8: r[8],
-        r9: r[9],
-        r10: r[10],
-        r11: r[11],
-        r12: r[12],
-        r13: r[13],
-        r14: r[14],
-        r15: r[15],
-        rip: new.rip,
-        rflags: (regs.rflags & !0xffff_ffff) | u64::from(new.eflags),
-    })
-}
-
 impl<M: GuestMemory + Send + Sync + 'static> Target for VmTarget<M> {
     type Arch = X86_64_SSE;
     type Error = Error;
@@ -328,24 +260,26 @@ impl<M: GuestMemory + Send + Sync + 'static> Target for VmTarget<M> {
 impl<M: GuestMemory + Send + Sync + 'static> MultiThreadBase for VmTarget<M> {
     fn read_registers(&mut self, out: &mut X86_64CoreRegs, tid: Tid) -> TargetResult<(), Self> {
         let id = self.vcpu_of(tid)?;
-        let got = self.on_vcpu(id, |_, ops| {
-            Ok::<_, kvm_ioctls::Error>((ops.get_regs()?, ops.get_sregs()?))
-        })?;
-        let (regs, sregs) = got.map_err(|_| TargetError::Errno(EIO))?;
-        *out = to_gdb(&regs, &sregs);
+        let got = self.on_vcpu(id, |_, ops| VcpuRegs::read(ops))?;
+        *out = regs::to_gdb(&got.map_err(|_| TargetError::Errno(EIO))?);
         Ok(())
     }
 
     fn write_registers(&mut self, new: &X86_64CoreRegs, tid: Tid) -> TargetResult<(), Self> {
         let id = self.vcpu_of(tid)?;
         let new = new.clone();
-        let done = self.on_vcpu(id, move |_, ops| -> Result<(), u8> {
-            let regs = ops.get_regs().map_err(|_| EIO)?;
-            let sregs = ops.get_sregs().map_err(|_| EIO)?;
-            let set = from_gdb(&new, &regs, &sregs).map_err(|_| EINVAL)?;
-            ops.set_regs(&set).map_err(|_| EIO)
-        })?;
-        done.map_err(TargetError::Errno)
+        // Read, check and write on the vCPU's thread, all or nothing: a
+        // refused value is EINVAL, a failed ioctl EIO, a value KVM does not
+        // take (mxcsr) ENOTSUP, each with every register as it was.
+        self.on_vcpu(id, move |_, ops| {
+            let now = VcpuRegs::read(ops).map_err(|_| TargetError::Errno(EIO))?;
+            let set = regs::from_gdb(&new, &now).map_err(|_| TargetError::Errno(EINVAL))?;
+            regs::apply(ops, &now, &set).map_err(|e| match e {
+                ApplyError::Failed { .. } => TargetError::Errno(EIO),
+                ApplyError::NotApplied { .. } => TargetError::Errno(ENOTSUP),
+                ApplyError::Restore { op, source } => TargetError::Fatal(Error::Vcpu { vcpu: id, op, source }),
+            })
+        })?
     }
 
     fn read_addrs(&mut self, start: u64, data: &mut [u8], tid: Tid) -> TargetResult<usize, Self> {
@@ -548,64 +482,5 @@ impl<M: GuestMemory + Send + Sync + 'static> MonitorCmd for VmTarget<M> {
             }
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sample() -> (kvm_regs, kvm_sregs) {
-        let regs = kvm_regs {
-            rax: 1,
-            rbx: 2,
-            rcx: 3,
-            rdx: 4,
-            rsi: 5,
-            rdi: 6,
-            rsp: 7,
-            rbp: 8,
-            r8: 9,
-            r15: 16,
-            rip: 0x1000,
-            rflags: 0x1_0000_0246,
-            ..Default::default()
-        };
-        let mut sregs = kvm_sregs::default();
-        sregs.cs.selector = 0x8;
-        sregs.ss.selector = 0x10;
-        (regs, sregs)
-    }
-
-    #[test]
-    fn gdb_order_puts_rbp_before_rsp() {
-        let (regs, sregs) = sample();
-        let g = to_gdb(&regs, &sregs);
-        assert_eq!(&g.regs[..8], &[1, 2, 3, 4, 5, 6, 8, 7]);
-        assert_eq!((g.regs[8], g.regs[15]), (9, 16));
-        assert_eq!((g.rip, g.eflags), (0x1000, 0x246));
-        assert_eq!((g.segments.cs, g.segments.ss), (0x8, 0x10));
-    }
-
-    #[test]
-    fn a_register_write_round_trips_and_keeps_rflags_upper_half() {
-        let (regs, sregs) = sample();
-        let mut g = to_gdb(&regs, &sregs);
-        assert_eq!(from_gdb(&g, &regs, &sregs), Ok(regs));
-        g.regs[7] = 0x9000; // rsp
-        g.eflags = 0x202;
-        let set = from_gdb(&g, &regs, &sregs).unwrap_or_default();
-        assert_eq!((set.rsp, set.rbp, set.rflags), (0x9000, 8, 0x1_0000_0202));
-    }
-
-    #[test]
-    fn selector_and_fpu_writes_are_refused() {
-        let (regs, sregs) = sample();
-        let mut g = to_gdb(&regs, &sregs);
-        g.segments.ds = 0x23;
-        assert_eq!(from_gdb(&g, &regs, &sregs), Err(RegisterWriteError::Segment));
-        let mut g = to_gdb(&regs, &sregs);
-        g.xmm[3] = 1;
-        assert_eq!(from_gdb(&g, &regs, &sregs), Err(RegisterWriteError::Fpu));
     }
 }

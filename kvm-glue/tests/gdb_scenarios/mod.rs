@@ -255,6 +255,119 @@ continue
     (script, expected)
 }
 
+/// What a vCPU's x87/SSE state holds before GDB touches it, as whoever put
+/// it there says (the simulated vCPU's setup; KVM's reset state, read from a
+/// fresh vCPU of another VM).
+#[derive(Debug, Clone, Copy)]
+pub struct FpuAtStart {
+    /// FCW.
+    pub fctrl: u16,
+    /// MXCSR.
+    pub mxcsr: u32,
+    /// xmm0.
+    pub xmm0: u128,
+    /// st0 as GDB prints it (`p $st0`).
+    pub st0: &'static str,
+}
+
+/// The value of register `name` in an `info registers NAME` line of `text`.
+pub fn info_register(text: &str, name: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        let mut words = l.split_whitespace();
+        (words.next() == Some(name)).then(|| words.next().map(str::to_string))?
+    })
+}
+
+/// x87/SSE and segment registers on thread 1 (vCPU 0, held at the straight
+/// line's first instruction): read, write, a step (so GDB reads them back
+/// from the vCPU, after a run), a selector write, then writes the stub must
+/// refuse (a python `try` keeps the batch script going after each error
+/// reply), each changing nothing. Returns the script and the lines GDB must
+/// print; callers check the `info registers` values with [`info_register`].
+pub fn registers(at_start: &FpuAtStart) -> (String, Vec<String>) {
+    let i = guest::STRAIGHT_INSNS;
+    let script = r#"set scheduler-locking step
+thread 1
+info registers xmm0
+p $xmm0
+p $st0
+info registers mxcsr
+info registers fctrl
+set $xmm0.v4_int32[0] = 42
+set $xmm15.v2_int64[1] = 0x1122334455667788
+set $st0 = 1.5
+stepi
+printf "after stepi: pc=%#lx\n", $pc
+p $xmm0.v4_int32
+p/x $xmm15.v2_int64
+p $st0
+set $ds = 0x18
+stepi
+printf "selectors: cs=%#x ss=%#x ds=%#x es=%#x\n", $cs, $ss, $ds, $es
+python
+for cmd in ("set $cs = 0xb", "set $ss = 0", "set $mxcsr = 0x1f00", "set $fop = 0x800"):
+    try:
+        gdb.execute(cmd)
+        print("accepted: " + cmd)
+    except gdb.error as e:
+        print("refused: %s: %s" % (cmd, e))
+end
+printf "after refusals: cs=%#x ss=%#x mxcsr=%#x fop=%#x xmm0[0]=%d\n", $cs, $ss, $mxcsr, $fop, $xmm0.v4_int32[0]
+printf "pc=%#lx\n", $pc
+detach
+"#
+    .to_string();
+    let (cs, ds) = (guest::CODE_SELECTOR, guest::DATA_SELECTOR);
+    let low32 = at_start.xmm0 as u32 as i32;
+    let expected = vec![
+        format!("uint128 = {:#x}}}", at_start.xmm0),
+        format!("v4_int32 = {{{}, ", low32),
+        format!("$2 = {}", at_start.st0),
+        format!("after stepi: pc={:#x}", i[1]),
+        format!("= {{42, {}, ", (at_start.xmm0 >> 32) as u32 as i32),
+        "= {0x0, 0x1122334455667788}".to_string(),
+        "= 1.5".to_string(),
+        format!("selectors: cs={cs:#x} ss={ds:#x} ds=0x18 es={ds:#x}"),
+        "refused: set $cs = 0xb: Could not write registers; remote failure reply 'E16'".to_string(),
+        // 64-bit code: a null ss is a state the CPU can be in.
+        "accepted: set $ss = 0".to_string(),
+        // KVM_SET_FPU does not write MXCSR: ENOTSUP, nothing changed.
+        "refused: set $mxcsr = 0x1f00: Could not write registers; remote failure reply 'E5f'".to_string(),
+        "refused: set $fop = 0x800: Could not write registers; remote failure reply 'E16'".to_string(),
+        format!(
+            "after refusals: cs={cs:#x} ss=0 mxcsr={} fop=0 xmm0[0]=42",
+            c_hex(at_start.mxcsr)
+        ),
+        format!("pc={:#x}", i[2]),
+        "[Inferior 1 (process 1) detached]".to_string(),
+    ];
+    (script, expected)
+}
+
+/// `printf "%#x"` as C (and GDB) does it: zero is `0`, not `0x0`.
+pub fn c_hex(v: u32) -> String {
+    if v == 0 {
+        "0".to_string()
+    } else {
+        format!("{v:#x}")
+    }
+}
+
+/// Checks the `info registers mxcsr` and `fctrl` lines against `at_start`.
+#[track_caller]
+pub fn expect_fpu_at_start(text: &str, at_start: &FpuAtStart) {
+    assert_eq!(
+        info_register(text, "mxcsr"),
+        Some(format!("{:#x}", at_start.mxcsr)),
+        "{text}"
+    );
+    assert_eq!(
+        info_register(text, "fctrl"),
+        Some(format!("{:#x}", at_start.fctrl)),
+        "{text}"
+    );
+}
+
 /// Runs `gdb -batch` on `script` (after connecting to `server`); returns what it printed.
 pub fn gdb(gdb: &Path, port: u16, server_log: &dyn Fn() -> String, name: &str, script: &str) -> String {
     gdb_signalled(gdb, port, server_log, name, script, None)
