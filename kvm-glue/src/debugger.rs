@@ -31,9 +31,12 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use x86_debugreg::hw::HwError;
+use x86_debugreg::predict::SlotMask;
+use x86_debugreg::region::Mode;
 use x86_debugreg::state::{Inserted, Removed};
 use x86_debugreg::sw::{RemoveAll, SwError, SwRemoved, INT3};
-use x86_debugreg::{BreakpointError, BreakpointType, DebugState, GuestDebug, HwBreakpoint, Stop};
+use x86_debugreg::watch::{Watch, WatchError, WatchHit, WatchKind, WatchSlots};
+use x86_debugreg::{BreakpointError, BreakpointType, DebugState, GuestDebug, HwBreakpoint, Slot, Stop};
 
 use crate::control::{Action, Control, Pending, RunState};
 use crate::error::{Error, Result};
@@ -59,15 +62,18 @@ pub(crate) struct Inner<M> {
     pub(crate) state: DebugState,
     /// The debugger's requests behind each software breakpoint (by GPA).
     pub(crate) requests: Requests,
-    /// Extra uses of hardware breakpoints beyond the first.
-    hw_extra: BTreeMap<(u64, u8, u8), u32>,
+    /// Every hardware breakpoint and watchpoint: regions planned into
+    /// aligned pieces, identical pieces sharing a slot, each insert counted.
+    /// (The core state's own `HwSlots` stays empty.)
+    pub(crate) watch: WatchSlots,
+    /// For each read watchpoint, the watched bytes as of the last stop.
+    pub(crate) read_saved: BTreeMap<Watch, Vec<u8>>,
+    /// Per vCPU, the watchpoints its last reported stop hit (read ones only
+    /// when their value check said "read").
+    pub(crate) stop_hits: Vec<Vec<WatchHit>>,
     pub(crate) mem: M,
     single_step: Vec<bool>,
     pub(crate) int1_pc: Int1Pc,
-}
-
-fn hw_key(bp: &HwBreakpoint) -> (u64, u8, u8) {
-    (bp.addr(), bp.kind().condition().into_bits(), bp.len().into_bits())
 }
 
 impl<M> Inner<M> {
@@ -77,7 +83,13 @@ impl<M> Inner<M> {
 
     /// The configuration vCPU `vcpu` should run with.
     pub(crate) fn config_for(&self, vcpu: usize) -> GuestDebug {
-        self.state.guest_debug_for(self.single_step(vcpu))
+        self.watch
+            .guest_debug(self.state.guest_debug_for(self.single_step(vcpu)))
+    }
+
+    /// What the intent looks like to vCPUs, single-step aside.
+    fn shape(&self) -> GuestDebug {
+        effective(self.watch.guest_debug(self.state.guest_debug_for(false)))
     }
 
     /// Whether a posted stop still means something to the debugger.
@@ -86,7 +98,7 @@ impl<M> Inner<M> {
             Stop::Software { .. } => p.gpa.is_some_and(|gpa| self.state.sw().contains(gpa)),
             Stop::Debug { single_step, hits } => {
                 let stepping = single_step && self.single_step(p.event.vcpu);
-                let still_armed = hits.iter().any(|h| self.state.hw().get(h.slot) == Some(h.breakpoint));
+                let still_armed = !self.watch.hits(&hits).is_empty();
                 stepping || still_armed
             }
         }
@@ -223,7 +235,9 @@ impl<M: GuestMemory> VmDebug<M> {
                 inner: Mutex::new(Inner {
                     state: DebugState::new(),
                     requests: Requests::default(),
-                    hw_extra: BTreeMap::new(),
+                    watch: WatchSlots::new(Mode::Long),
+                    read_saved: BTreeMap::new(),
+                    stop_hits: Vec::new(),
                     mem,
                     single_step: Vec::new(),
                     int1_pc: int1_pc_from_cpuid(),
@@ -309,10 +323,10 @@ impl<M: GuestMemory> VmDebug<M> {
     fn change<T>(&self, op: impl FnOnce(&mut Inner<M>) -> T) -> Result<T> {
         let (out, changed) = {
             let mut inner = self.shared.lock()?;
-            let before = effective(inner.state.guest_debug_for(false));
+            let before = inner.shape();
             let out = op(&mut inner);
             // A second software breakpoint changes memory, not the argument.
-            let changed = effective(inner.state.guest_debug_for(false)) != before;
+            let changed = inner.shape() != before;
             if changed {
                 self.shared.bump();
             }
@@ -347,19 +361,11 @@ impl<M: GuestMemory> VmDebug<M> {
                 Ok(Insert::Inserted(done))
             })?;
         }
-        let bp = HwBreakpoint::from_gdb(ty, addr, len).map_err(|e| Error::Breakpoint(BreakpointError::Hw(e)))?;
-        self.change(|inner| {
-            if let Some(slot) = inner.state.hw().find(&bp) {
-                let extra = inner.hw_extra.entry(hw_key(&bp)).or_insert(0);
-                *extra = extra.checked_add(1).ok_or(Error::TooManyUses { addr })?;
-                return Ok(Insert::Inserted(Inserted::Hardware(slot)));
-            }
-            let mut mem = PhysicalMemory(&inner.mem);
-            match inner.state.insert(&mut mem, ty, addr, len) {
-                Ok(done) => Ok(Insert::Inserted(done)),
-                Err(BreakpointError::Hw(HwError::Full)) => Ok(Insert::NoFreeSlot),
-                Err(e) => Err(e.into()),
-            }
+        let watch = single_slot(ty, addr, len)?;
+        self.change(|inner| match inner.watch.insert(watch) {
+            Ok(slots) => Ok(Insert::Inserted(Inserted::Hardware(first(slots)))),
+            Err(WatchError::Full { .. } | WatchError::TooLarge { .. }) => Ok(Insert::NoFreeSlot),
+            Err(e) => Err(Error::Watch(e)),
         })?
     }
 
@@ -400,19 +406,12 @@ impl<M: GuestMemory> VmDebug<M> {
                 Ok(done)
             })?;
         }
+        let watch = single_slot(ty, addr, len)?;
         let bp = HwBreakpoint::from_gdb(ty, addr, len).map_err(|e| Error::Breakpoint(BreakpointError::Hw(e)))?;
-        self.change(|inner| {
-            if let Some(extra) = inner.hw_extra.get_mut(&hw_key(&bp)) {
-                if let Some(slot) = inner.state.hw().find(&bp) {
-                    *extra -= 1;
-                    if *extra == 0 {
-                        inner.hw_extra.remove(&hw_key(&bp));
-                    }
-                    return Ok(Removed::Hardware(slot));
-                }
-            }
-            let mut mem = PhysicalMemory(&inner.mem);
-            Ok(inner.state.remove(&mut mem, ty, addr, len)?)
+        self.change(|inner| match inner.watch.remove(&watch) {
+            Ok(slots) => Ok(Removed::Hardware(first(slots))),
+            Err(WatchError::NotFound { .. }) => Err(Error::Breakpoint(BreakpointError::Hw(HwError::NotFound { bp }))),
+            Err(e) => Err(Error::Watch(e)),
         })?
     }
 
@@ -427,7 +426,8 @@ impl<M: GuestMemory> VmDebug<M> {
         self.change(|inner| {
             let mut mem = PhysicalMemory(&inner.mem);
             let out = inner.state.remove_all(&mut mem);
-            inner.hw_extra.clear();
+            inner.watch.clear();
+            inner.read_saved.clear();
             let kept: Vec<u64> = out.failed.iter().map(|(gpa, _)| *gpa).collect();
             let requests = std::mem::take(&mut inner.requests);
             for gpa in kept {
@@ -437,6 +437,82 @@ impl<M: GuestMemory> VmDebug<M> {
             }
             out
         })
+    }
+
+    /// Watches any region: `watch` (any length, any alignment; see
+    /// [`x86_debugreg::watch`]) is planned into aligned pieces, identical
+    /// pieces share a slot, and the whole watchpoint goes in or nothing does.
+    /// Returns the slots it uses, or `None` if the free slots cannot hold it
+    /// (GDB then falls back to software watchpoints). Inserting the same
+    /// watchpoint again counts once more.
+    ///
+    /// A [`WatchKind::Read`] watchpoint is a read/write slot plus a value
+    /// check: its bytes are read now through `space` (hardware addresses are
+    /// linear: `Virtual` translates them with that vCPU, `Physical` takes
+    /// them as they are) and again at each hit, in
+    /// [`VcpuDebug::handle_exit`]; a hit where they changed was a write and
+    /// is not a stop. A write of the same value is reported as a read.
+    ///
+    /// # Errors
+    /// [`Error::Memory`] if a read watchpoint's bytes cannot be read;
+    /// nothing changes then.
+    pub fn insert_watch(&self, space: AddressSpace<'_>, watch: Watch) -> Result<Option<SlotMask>> {
+        let bytes = if watch.kind() == WatchKind::Read {
+            let len = usize::try_from(watch.len()).map_err(|_| MemoryError::Wraps {
+                addr: watch.addr(),
+                len: usize::MAX,
+            })?;
+            let mut buf = vec![0; len];
+            self.read_memory(space, watch.addr(), &mut buf)?;
+            Some(buf)
+        } else {
+            None
+        };
+        self.change(|inner| match inner.watch.insert(watch) {
+            Ok(slots) => {
+                if let Some(bytes) = bytes {
+                    inner.read_saved.entry(watch).or_insert(bytes);
+                }
+                Ok(Some(slots))
+            }
+            Err(WatchError::Full { .. } | WatchError::TooLarge { .. }) => Ok(None),
+            Err(e) => Err(Error::Watch(e)),
+        })?
+    }
+
+    /// Removes one insert of `watch`; its slots are freed when no other
+    /// watchpoint shares them. Returns the slots it used.
+    ///
+    /// # Errors
+    /// [`Error::Watch`] if `watch` is not set; nothing changes then.
+    pub fn remove_watch(&self, watch: Watch) -> Result<SlotMask> {
+        self.change(|inner| {
+            let slots = inner.watch.remove(&watch).map_err(Error::Watch)?;
+            if inner.watch.count(&watch) == 0 {
+                inner.read_saved.remove(&watch);
+            }
+            Ok(slots)
+        })?
+    }
+
+    /// The slots and the watchpoints sharing them (a copy).
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`].
+    pub fn watch_slots(&self) -> Result<WatchSlots> {
+        Ok(self.shared.lock()?.watch.clone())
+    }
+
+    /// The watchpoints (and execute breakpoints) `event`'s vCPU hit at its
+    /// last reported stop, with the addresses and lengths they were set with
+    /// (not their pieces'). A read watchpoint is listed only when its value
+    /// check said "read".
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`].
+    pub fn watch_hits(&self, event: &StopEvent) -> Result<Vec<WatchHit>> {
+        let inner = self.shared.lock()?;
+        Ok(inner.stop_hits.get(event.vcpu).cloned().unwrap_or_default())
     }
 
     /// Turns single-step on or off for vCPU `vcpu` only.
@@ -786,6 +862,20 @@ impl<M: GuestMemory> VmDebug<M> {
     }
 }
 
+/// The single aligned slot a GDB `Z1`–`Z4` asks for, validated with the
+/// seed's rules (aligned, length 1/2/4/8, no read-only kind): `insert` and
+/// `remove` keep them; [`VmDebug::insert_watch`] takes any region.
+fn single_slot(ty: BreakpointType, addr: u64, len: u64) -> Result<Watch> {
+    HwBreakpoint::from_gdb(ty, addr, len).map_err(|e| Error::Breakpoint(BreakpointError::Hw(e)))?;
+    Watch::from_gdb(ty, addr, len).map_err(Error::Watch)
+}
+
+/// The lowest slot of a non-empty mask (DR0 for an empty one, which a
+/// successful insert or remove never returns).
+fn first(slots: SlotMask) -> Slot {
+    Slot::ALL.into_iter().find(|s| slots.contains(*s)).unwrap_or(Slot::DR0)
+}
+
 fn space_kind(space: AddressSpace<'_>) -> SpaceKind {
     match space {
         AddressSpace::Physical => SpaceKind::Physical,
@@ -802,7 +892,7 @@ fn resolve(space: AddressSpace<'_>, addr: u64) -> Result<(u64, SpaceKind), Memor
 }
 
 /// `[addr, addr + len)` in `space` as guest-physical pieces, one per 4 KiB page.
-fn chunks(space: AddressSpace<'_>, addr: u64, len: usize) -> Result<Vec<(u64, usize)>, MemoryError> {
+pub(crate) fn chunks(space: AddressSpace<'_>, addr: u64, len: usize) -> Result<Vec<(u64, usize)>, MemoryError> {
     const PAGE: u64 = 0x1000;
     let mut out = Vec::new();
     let mut at = addr;

@@ -38,12 +38,9 @@ pub enum Error {
     /// A debug exit that cannot be a guest-debug exit.
     #[error(transparent)]
     Decode(#[from] DecodeError),
-    /// A hardware breakpoint was inserted `u32::MAX` times over.
-    #[error("hardware breakpoint at {addr:#x} is inserted too many times")]
-    TooManyUses {
-        /// Its address.
-        addr: u64,
-    },
+    /// The watchpoint table refused (not set, or not a slot kind).
+    #[error(transparent)]
+    Watch(#[from] x86_debugreg::watch::WatchError),
     /// A vCPU could not be kicked out of `KVM_RUN`.
     #[error("kicking vCPU {vcpu} failed: {source}")]
     Kick {

@@ -58,15 +58,17 @@
 use std::fmt;
 
 use kvm_bindings::{kvm_debug_exit_arch, kvm_guest_debug, kvm_guest_debug_arch};
-use vm_memory::GuestMemory;
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
 use x86_debugreg::exit::Exception;
+use x86_debugreg::predict::SlotMask;
 use x86_debugreg::sw::{ByteMemory, INT3};
-use x86_debugreg::{Applied, ControlFlags, DebugExit, Decision, Dr6, GuestDebug, HwKind, Slot, Stop};
+use x86_debugreg::watch::WatchHit;
+use x86_debugreg::{Applied, ControlFlags, DebugExit, Decision, Dr6, GuestDebug, Hits, HwKind, Slot, Stop};
 
 use crate::control::Pending;
-use crate::debugger::{Shared, VmDebug};
+use crate::debugger::{chunks, Inner, Shared, VmDebug};
 use crate::error::{Error, Result};
-use crate::memory::{translate, PhysicalMemory};
+use crate::memory::{translate, AddressSpace, MemoryError, PhysicalMemory};
 use crate::probe::Int1Pc;
 use crate::sync::{Arc, Ordering};
 use crate::vcpu::VcpuOps;
@@ -144,6 +146,12 @@ pub enum Resume {
     /// A [`step_over`](VcpuDebug::step_over) finished and the debugger did not
     /// ask this vCPU to single-step.
     SteppedOver,
+    /// The only watchpoints hit were read watchpoints whose bytes changed:
+    /// the access was a write, which a read watchpoint does not report.
+    NotARead {
+        /// The pc after the access.
+        pc: u64,
+    },
     /// A `#BP` at an address that no longer holds `0xCC`: a software
     /// breakpoint removed after this vCPU hit it. Running again executes the
     /// original instruction.
@@ -492,7 +500,7 @@ impl<M: GuestMemory> VcpuDebug<M> {
             dr7: exit.dr7,
         };
         let shared = Arc::clone(&self.shared);
-        let inner = shared.lock()?;
+        let mut inner = shared.lock()?;
         let stepped = self.step;
         self.at_breakpoint = None;
         if let Step::InFlight { sw_gpa } = stepped {
@@ -524,6 +532,18 @@ impl<M: GuestMemory> VcpuDebug<M> {
                     if !single_step && hits.is_empty() {
                         return Ok(Handled::Resume(Resume::SteppedOver));
                     }
+                }
+                // Map the hit slots back to the user's watchpoints; a read
+                // watchpoint whose bytes changed saw a write: not a stop.
+                let (kept, writes_only) = check_reads(&mut inner, vcpu, &hits)?;
+                if let Some(slot) = inner.stop_hits.get_mut(self.id) {
+                    slot.clone_from(&kept);
+                } else {
+                    inner.stop_hits.resize(self.id + 1, Vec::new());
+                    inner.stop_hits[self.id] = kept;
+                }
+                if writes_only && !single_step {
+                    return Ok(Handled::Resume(Resume::NotARead { pc: exit.pc }));
                 }
                 let dr6 = Dr6::from_kvm(exit.dr6);
                 if dr6.bs() && !applied.single_step() {
@@ -654,6 +674,50 @@ impl<M: GuestMemory> VcpuDebug<M> {
             _ => StepOver::NotNeeded,
         }
     }
+}
+
+/// The watchpoints `hits` belong to, with read watchpoints value-checked
+/// (their saved bytes refreshed, as every stop must). Returns those to report
+/// and whether every hit slot belonged only to read watchpoints that saw a
+/// write.
+fn check_reads<M: GuestMemory, V: VcpuOps>(
+    inner: &mut Inner<M>,
+    vcpu: &V,
+    hits: &Hits,
+) -> Result<(Vec<WatchHit>, bool)> {
+    let all = inner.watch.hits(hits);
+    let mut kept = Vec::with_capacity(all.len());
+    let mut dropped = SlotMask::EMPTY;
+    for hit in all {
+        if !hit.needs_values() {
+            kept.push(hit);
+            continue;
+        }
+        let watch = hit.watch;
+        let mut now = vec![0u8; inner.read_saved.get(&watch).map_or(0, Vec::len)];
+        let mut at = 0;
+        for (gpa, len) in chunks(AddressSpace::Virtual(vcpu), watch.addr(), now.len())? {
+            inner
+                .mem
+                .read_slice(&mut now[at..at + len], GuestAddress(gpa))
+                .map_err(|source| MemoryError::Access { gpa, source })?;
+            at += len;
+        }
+        let saved = inner.read_saved.insert(watch, now.clone()).unwrap_or_default();
+        match hit.report(Some((&saved, &now))) {
+            Ok(Some(_)) => kept.push(hit),
+            Ok(None) => dropped = dropped.union(hit.slots),
+            // The saved bytes always have the watchpoint's length; if they
+            // ever did not, report the hit rather than lose it.
+            Err(_) => kept.push(hit),
+        }
+    }
+    let reported = kept.iter().fold(SlotMask::EMPTY, |m, h| m.union(h.slots));
+    let writes_only = !dropped.is_empty()
+        && hits
+            .iter()
+            .all(|h| !reported.contains(h.slot) && dropped.contains(h.slot));
+    Ok((kept, writes_only))
 }
 
 impl<M: GuestMemory> VmDebug<M> {

@@ -189,7 +189,7 @@ fn detach_drops_pending_stops_turns_stepping_off_and_releases_everyone() {
     dbg.detach().expect("detach");
     assert_eq!(dbg.try_take_stop().expect("take"), None);
     assert!(!dbg.single_step(1).expect("step"));
-    assert!(dbg.state().expect("state").hw().is_empty());
+    assert!(dbg.watch_slots().expect("slots").is_empty());
     for id in 0..2 {
         assert_eq!(dbg.run_state(id).expect("state"), RunState::Running);
     }

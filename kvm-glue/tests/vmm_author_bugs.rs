@@ -276,17 +276,11 @@ fn bug5_hardware_and_software_duplicates_both_count() {
             assert!(matches!(second, kvm_glue::Insert::Inserted(Inserted::Hardware(_))));
         }
         dbg.remove(PHYS, ty, addr, 1).expect("first remove");
-        let state = dbg.state().expect("state");
-        assert!(
-            state.hw().len() + state.sw().len() == 1,
-            "{ty:?}: one use left, still set"
-        );
+        let (slots, sw) = (dbg.watch_slots().expect("slots"), dbg.state().expect("state"));
+        assert!(slots.used() + sw.sw().len() == 1, "{ty:?}: one use left, still set");
         dbg.remove(PHYS, ty, addr, 1).expect("second remove");
-        let state = dbg.state().expect("state");
-        assert!(
-            state.hw().is_empty() && state.sw().is_empty(),
-            "{ty:?}: gone with the last"
-        );
+        let (slots, sw) = (dbg.watch_slots().expect("slots"), dbg.state().expect("state"));
+        assert!(slots.is_empty() && sw.sw().is_empty(), "{ty:?}: gone with the last");
         assert!(
             dbg.remove(PHYS, ty, addr, 1).is_err(),
             "{ty:?}: a third remove is not found"

@@ -461,8 +461,8 @@ impl<M: GuestMemory + Send + Sync + 'static> MonitorCmd for VmTarget<M> {
             b"breakpoints" | b"bp" => {
                 let state = self.dbg.state()?;
                 let mut any = false;
-                for (slot, bp) in state.hw().iter() {
-                    outputln!(out, "{slot}: {bp}");
+                for used in self.dbg.watch_slots()?.iter() {
+                    outputln!(out, "{}: {}", used.slot, used.breakpoint);
                     any = true;
                 }
                 for (addr, _) in state.sw().iter() {
