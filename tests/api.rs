@@ -388,3 +388,74 @@ fn len_and_slot_helpers() {
     assert_eq!(Slot::ALL.map(Slot::index), [0, 1, 2, 3]);
     assert_eq!(Slot::ALL.map(Slot::get), [0, 1, 2, 3]);
 }
+
+#[test]
+fn control_flags_set_operations_and_guest_debug_predicates() {
+    let (e, ss, sw, hwbp) = (
+        ControlFlags::ENABLE,
+        ControlFlags::SINGLESTEP,
+        ControlFlags::USE_SW_BP,
+        ControlFlags::USE_HW_BP,
+    );
+    assert!(ControlFlags::NONE.is_empty() && ControlFlags::default().is_empty());
+    assert!(!e.is_empty() && !ControlFlags::from_bits_retain(0x8000_0000).is_empty());
+    assert_eq!((e | ss | sw).difference(ss).bits(), 0x1_0001);
+    assert_eq!(
+        (e | ss).difference(sw).bits(),
+        0x3,
+        "removing an absent flag changes nothing"
+    );
+    assert_eq!(e.difference(e), ControlFlags::NONE);
+    assert_eq!(
+        ControlFlags::from_bits_retain(0xffff_ffff).difference(hwbp).bits(),
+        0xfffd_ffff
+    );
+    let mut c = e;
+    c |= sw;
+    assert_eq!(c.bits(), 0x1_0001);
+    assert!(c.contains(e) && c.contains(sw) && !c.contains(hwbp) && c.contains(ControlFlags::NONE));
+    let debug = |control: ControlFlags| GuestDebug {
+        control,
+        debugreg: [0; 8],
+    };
+    assert!(debug(e | sw).uses_sw_breakpoints());
+    assert!(!debug(sw).uses_sw_breakpoints(), "USE_SW_BP without ENABLE");
+    assert!(!debug(e | hwbp).uses_sw_breakpoints());
+    assert!(debug(e | hwbp).uses_hw_breakpoints() && !debug(hwbp).uses_hw_breakpoints());
+    assert!(debug(e | ss).single_step() && !debug(ss).single_step() && !debug(e).single_step());
+    assert_eq!(debug(ControlFlags::NONE), GuestDebug::DISABLED);
+    assert_eq!(*Applied::DISABLED.config(), GuestDebug::DISABLED);
+    assert_eq!(Applied::was_set(debug(e | sw)).config().control.bits(), 0x1_0001);
+}
+
+#[test]
+fn setting_an_enable_that_is_already_set_keeps_it() {
+    for slot in Slot::ALL {
+        let n = 2 * u32::from(slot.get());
+        assert_eq!(Dr7::from_bits(!0).with_local(slot, true).into_bits(), !0);
+        assert_eq!(Dr7::from_bits(!0).with_global(slot, true).into_bits(), !0);
+        let l = Dr7::from_bits(0x400 | 1 << n);
+        assert_eq!(l.with_local(slot, true), l);
+        assert_eq!(l.with_global(slot, true).into_bits(), 0x400 | 0b11 << n);
+    }
+}
+
+#[test]
+fn gdb_type_numbers_are_0_to_4_in_gdb_order() {
+    let all = [
+        (0, BreakpointType::Software),
+        (1, BreakpointType::Hardware),
+        (2, BreakpointType::WriteWatch),
+        (3, BreakpointType::ReadWatch),
+        (4, BreakpointType::AccessWatch),
+    ];
+    for (n, ty) in all {
+        assert_eq!(BreakpointType::try_from(n), Ok(ty));
+        assert_eq!(u64::from(ty.gdb_number()), n);
+        assert_eq!(BreakpointType::ALL[n as usize], ty);
+    }
+    for n in [5, 6, 255, 1 << 32, u64::MAX] {
+        assert_eq!(BreakpointType::try_from(n), Err(UnknownBreakpointType(n)));
+    }
+    assert_eq!(BreakpointType::ReadWatch.to_string(), "read watchpoint");
+}
