@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,12 +24,18 @@ const T: Duration = Duration::from_secs(10);
 type Dbg = VmDebug<GuestMemoryMmap>;
 
 /// The VMM's loop, as a VMM writes it; returns at the routine's end.
-fn vcpu_loop(mut h: VcpuDebug<GuestMemoryMmap>, vcpu: &mut VcpuFd, kick: &SignalKick) -> Result<u32, String> {
+fn vcpu_loop(
+    mut h: VcpuDebug<GuestMemoryMmap>,
+    vcpu: &mut VcpuFd,
+    kick: &SignalKick,
+    entered: &AtomicUsize,
+) -> Result<u32, String> {
     let id = h.id();
     kick.prepare_vcpu_thread(id, vcpu).map_err(|e| e.to_string())?;
     let mut kicks = 0;
     loop {
         h.before_run(&*vcpu).map_err(|e| e.to_string())?;
+        entered.fetch_add(1, Ordering::SeqCst);
         match guest::run_once(vcpu).map_err(|e| e.to_string())? {
             Exit::Interrupted => {
                 kicks += 1;
@@ -66,7 +73,10 @@ fn send_to_end(dbg: &Dbg, ids: &[usize]) {
 
 /// Runs `debugger` against two vCPU threads spinning in `LOOP`; every vCPU
 /// must end by reaching PORT_DONE (the debugger sends them there).
-fn with_two_spinning_vcpus(name: &str, debugger: impl FnOnce(&Dbg)) -> Option<Vec<u32>> {
+/// How many times each vCPU thread was about to enter `KVM_RUN`.
+type Entered = [AtomicUsize; 2];
+
+fn with_two_spinning_vcpus(name: &str, debugger: impl FnOnce(&Dbg, &Entered)) -> Option<Vec<u32>> {
     let mut g = guest(name, 2)?;
     for id in 0..2 {
         g.start(id, guest::LOOP).expect("start");
@@ -74,6 +84,7 @@ fn with_two_spinning_vcpus(name: &str, debugger: impl FnOnce(&Dbg)) -> Option<Ve
     let dbg = VmDebug::new(g.memory().clone());
     let kick = SignalKick::new(1).expect("SIGRTMIN+1 is free in a test binary");
     dbg.set_kick(kick.clone() as Arc<dyn Kick>).expect("set kick");
+    let entered: Entered = [AtomicUsize::new(0), AtomicUsize::new(0)];
     let kicks = std::thread::scope(|s| {
         let threads: Vec<_> = g
             .vcpus_mut()
@@ -82,11 +93,11 @@ fn with_two_spinning_vcpus(name: &str, debugger: impl FnOnce(&Dbg)) -> Option<Ve
             .map(|(id, vcpu)| {
                 // The handle is made before the thread starts, so stop_all
                 // knows about this vCPU from the beginning.
-                let (h, kick) = (dbg.vcpu(id), Arc::clone(&kick));
-                s.spawn(move || vcpu_loop(h, vcpu, &kick))
+                let (h, kick, entered) = (dbg.vcpu(id), Arc::clone(&kick), &entered[id]);
+                s.spawn(move || vcpu_loop(h, vcpu, &kick, entered))
             })
             .collect();
-        debugger(&dbg);
+        debugger(&dbg, &entered);
         threads
             .into_iter()
             .map(|t| t.join().expect("vCPU thread").expect("vCPU loop"))
@@ -98,8 +109,15 @@ fn with_two_spinning_vcpus(name: &str, debugger: impl FnOnce(&Dbg)) -> Option<Ve
 #[test]
 fn stop_all_kicks_both_vcpus_out_of_an_endless_loop_and_holds_them() {
     let name = "stop_all";
-    let Some(kicks) = with_two_spinning_vcpus(name, |dbg| {
-        std::thread::sleep(Duration::from_millis(20));
+    let Some(kicks) = with_two_spinning_vcpus(name, |dbg, entered| {
+        // Both must be in the guest (or about to enter it) before the stop,
+        // or one may park before it ever runs and need no kick.
+        let start = std::time::Instant::now();
+        while entered.iter().any(|e| e.load(Ordering::SeqCst) == 0) {
+            assert!(start.elapsed() < T, "a vCPU thread never reached KVM_RUN");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(5));
         dbg.stop_all(T).expect("both park");
         for id in 0..2 {
             assert_eq!(dbg.run_state(id).expect("state"), RunState::Parked);
@@ -127,7 +145,7 @@ fn stop_all_kicks_both_vcpus_out_of_an_endless_loop_and_holds_them() {
 #[test]
 fn an_execute_breakpoint_inserted_while_vcpus_run_reaches_them_by_a_kick() {
     let name = "insert_while_running";
-    let Some(_) = with_two_spinning_vcpus(name, |dbg| {
+    let Some(_) = with_two_spinning_vcpus(name, |dbg, _| {
         std::thread::sleep(Duration::from_millis(20));
         // No stop first: the running vCPUs must pick the change up.
         dbg.insert(PHYS, BreakpointType::Hardware, guest::LOOP, 1)
@@ -155,7 +173,7 @@ fn an_execute_breakpoint_inserted_while_vcpus_run_reaches_them_by_a_kick() {
 #[test]
 fn a_step_of_one_vcpu_leaves_the_other_parked_and_composes_with_the_step_over() {
     let name = "step_one";
-    let Some(_) = with_two_spinning_vcpus(name, |dbg| {
+    let Some(_) = with_two_spinning_vcpus(name, |dbg, _| {
         let jmp = guest::LOOP + 3;
         dbg.stop_all(T).expect("stop");
         dbg.insert(PHYS, BreakpointType::Hardware, jmp, 1).expect("insert");
@@ -195,7 +213,7 @@ fn a_step_of_one_vcpu_leaves_the_other_parked_and_composes_with_the_step_over() 
 #[test]
 fn detach_removes_everything_and_the_guest_runs_on() {
     let name = "detach";
-    let Some(_) = with_two_spinning_vcpus(name, |dbg| {
+    let Some(_) = with_two_spinning_vcpus(name, |dbg, _| {
         dbg.stop_all(T).expect("stop");
         dbg.insert(PHYS, BreakpointType::Hardware, guest::STRAIGHT_INSNS[3], 1)
             .expect("insert");
