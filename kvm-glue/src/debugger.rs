@@ -42,7 +42,7 @@ use crate::control::{Action, Control, Pending, RunState};
 use crate::error::{Error, Result};
 use crate::kick::Kick;
 use crate::memory::{translate, AddressSpace, MemoryError, PhysicalMemory};
-use crate::probe::Int1Pc;
+use crate::probe::{Int1Pc, Vendor};
 use crate::sw_table::{Lookup, Request, Requests, SpaceKind};
 use crate::sync::{mpsc, Arc, AtomicU64, Condvar, Mutex, MutexGuard, Ordering, RwLock};
 use crate::vcpu::VcpuOps;
@@ -200,22 +200,10 @@ impl<M> fmt::Debug for VmDebug<M> {
 /// No VM is booted: this works under a seccomp filter. The probe
 /// ([`crate::probe`]) stays available as a cross-check.
 pub fn int1_pc_from_cpuid() -> Int1Pc {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let id = std::arch::x86_64::__cpuid(0);
-        let mut vendor = [0u8; 12];
-        vendor[..4].copy_from_slice(&id.ebx.to_le_bytes());
-        vendor[4..8].copy_from_slice(&id.edx.to_le_bytes());
-        vendor[8..].copy_from_slice(&id.ecx.to_le_bytes());
-        match &vendor {
-            b"GenuineIntel" => Int1Pc::AtInstruction,
-            b"AuthenticAMD" | b"HygonGenuine" => Int1Pc::AfterInstruction,
-            _ => Int1Pc::Unknown,
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        Int1Pc::Unknown
+    match Vendor::this_cpu() {
+        Vendor::Intel => Int1Pc::AtInstruction,
+        Vendor::Amd => Int1Pc::AfterInstruction,
+        Vendor::Other => Int1Pc::Unknown,
     }
 }
 
