@@ -5,6 +5,9 @@
 //! cargo run -p kvm-glue --features gdb --example gdb_server -- --port 1234
 //! # then, as printed:
 //! gdb -q -ex 'target remote 127.0.0.1:1234'
+//! # or on a Unix socket:
+//! cargo run -p kvm-glue --features gdb --example gdb_server -- --socket /tmp/vm.sock
+//! gdb -q -ex 'target remote /tmp/vm.sock'
 //! ```
 //!
 //! vCPU 0 (GDB thread 1) runs the straight-line routine at `0x10000`, vCPU 1
@@ -18,15 +21,21 @@
 //! every routine's bytes in guest memory are what they were at boot (no
 //! breakpoint left behind), prints the result and exits. A debugger may
 //! detach and another attach meanwhile; one at a time. `--port 0` picks a
-//! free port. The server listens on 127.0.0.1 only.
+//! free port. The server listens on 127.0.0.1 only, or on the Unix socket
+//! `--socket PATH` (created with this user's umask; a stale socket file
+//! left there by a dead server is replaced, anything else is refused; the
+//! file is removed when the guest ends).
 
 use std::net::TcpListener;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use kvm_glue::gdb::{serve, GuestEnd, Options};
+use kvm_glue::gdb::{serve, serve_unix, GuestEnd, Options};
 use kvm_glue::guest::{self, Exit, Guest};
 use kvm_glue::kick::SignalKick;
 use kvm_glue::{Handled, RunState, VcpuDebug, VmDebug};
@@ -39,20 +48,37 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 /// `hlt` exits to us) sleeps before it looks at the debugger's requests again.
 const IDLE: Duration = Duration::from_millis(5);
 
+/// Where GDB connects.
+enum Listen {
+    Port(u16),
+    Socket(PathBuf),
+}
+
 struct Args {
-    port: u16,
+    listen: Listen,
     vcpu1: (&'static str, u64),
 }
 
+const USAGE: &str = "usage: gdb_server (--port N | --socket PATH) [--vcpu1 sw|data|straight|loop|int3]";
+
 fn parse_args() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
-    let mut port = None;
+    let mut listen = None;
     let mut vcpu1 = ("sw", guest::SW);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--port" => {
                 let v = args.next().ok_or("--port needs a value")?;
-                port = Some(v.parse::<u16>().map_err(|e| format!("--port {v}: {e}"))?);
+                let port = v.parse::<u16>().map_err(|e| format!("--port {v}: {e}"))?;
+                if listen.replace(Listen::Port(port)).is_some() {
+                    return Err(USAGE.into());
+                }
+            }
+            "--socket" => {
+                let v = args.next().ok_or("--socket needs a path")?;
+                if listen.replace(Listen::Socket(PathBuf::from(v))).is_some() {
+                    return Err(USAGE.into());
+                }
             }
             "--vcpu1" => {
                 let v = args.next().ok_or("--vcpu1 needs a value")?;
@@ -65,14 +91,12 @@ fn parse_args() -> Result<Args, String> {
                     _ => return Err(format!("--vcpu1 {v}: expected sw, data, straight, loop or int3")),
                 };
             }
-            "-h" | "--help" => {
-                return Err("usage: gdb_server --port N [--vcpu1 sw|data|straight|loop|int3]".into());
-            }
+            "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other}")),
         }
     }
     Ok(Args {
-        port: port.ok_or("usage: gdb_server --port N [--vcpu1 sw|data|straight|loop|int3]")?,
+        listen: listen.ok_or(USAGE)?,
         vcpu1,
     })
 }
@@ -154,6 +178,28 @@ fn vcpu_loop(
     }
 }
 
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+/// Binds a Unix socket at `path`, replacing a stale socket file (one nobody
+/// listens on) and refusing anything else that is there.
+fn bind_unix(path: &Path) -> Result<UnixListener, Error> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("{}: {e}", path.display()).into()),
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(format!("{} exists and is not a socket", path.display()).into());
+        }
+        Ok(_) if UnixStream::connect(path).is_ok() => {
+            return Err(format!("{}: another server is listening there", path.display()).into());
+        }
+        Ok(_) => std::fs::remove_file(path)?,
+    }
+    Ok(UnixListener::bind(path)?)
+}
+
 /// Whether every routine's bytes are the ones the guest booted with.
 fn memory_byte_exact(mem: &GuestMemoryMmap) -> Result<Vec<u64>, Error> {
     let mut differ = Vec::new();
@@ -193,8 +239,14 @@ fn run(args: &Args) -> Result<u8, Error> {
         std::thread::sleep(Duration::from_millis(1));
     }
 
-    let listener = TcpListener::bind(("127.0.0.1", args.port))?;
-    let port = listener.local_addr()?.port();
+    let listener = match &args.listen {
+        Listen::Port(port) => Listener::Tcp(TcpListener::bind(("127.0.0.1", *port))?),
+        Listen::Socket(path) => Listener::Unix(bind_unix(path)?, path.clone()),
+    };
+    let target = match &listener {
+        Listener::Tcp(l) => format!("127.0.0.1:{}", l.local_addr()?.port()),
+        Listener::Unix(_, path) => path.display().to_string(),
+    };
     let end = GuestEnd::new()?;
     let finish = Finish {
         left: AtomicUsize::new(g.vcpu_count()),
@@ -225,12 +277,22 @@ fn run(args: &Args) -> Result<u8, Error> {
             guest::STRAIGHT,
             args.vcpu1.1
         );
-        println!("attach with: gdb -q -ex 'target remote 127.0.0.1:{port}'");
+        println!("attach with: gdb -q -ex 'target remote {target}'");
         let options = Options {
             end: Some(end.clone()),
             ..Options::default()
         };
-        let code = serve(&listener, &dbg, &options, |event| println!("{event}"))?;
+        let served = match &listener {
+            Listener::Tcp(l) => serve(l, &dbg, &options, |event| println!("{event}")),
+            Listener::Unix(l, _) => serve_unix(l, &dbg, &options, |event| println!("{event}")),
+        };
+        if let Listener::Unix(_, path) = &listener {
+            // The guest ended (or serving failed): nobody can attach any more.
+            if let Err(e) = std::fs::remove_file(path) {
+                eprintln!("gdb_server: removing {}: {e}", path.display());
+            }
+        }
+        let code = served?;
         println!("the guest ended (exit code {code})");
         let differ = memory_byte_exact(&mem)?;
         if differ.is_empty() {

@@ -19,13 +19,15 @@ mod gdb_scenarios;
 use gdb_scenarios as scenarios;
 
 use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use kvm_glue::fake::FakeVcpu;
-use kvm_glue::gdb::{serve, GuestEnd, Options};
+use kvm_glue::gdb::{serve, serve_unix, GuestEnd, Options};
 use kvm_glue::guest;
 use kvm_glue::{Handled, RunState, VcpuDebug, VmDebug};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -287,6 +289,8 @@ fn vcpu_loop(
 /// loopback port, all on threads of this process.
 struct SimVm {
     port: u16,
+    /// What `target remote` takes: `127.0.0.1:PORT`, or the socket's path.
+    target: String,
     sims: Vec<Arc<SimVcpu>>,
     log: Arc<Mutex<String>>,
     served: Option<std::thread::JoinHandle<Result<u8, kvm_glue::gdb::GdbError>>>,
@@ -361,8 +365,18 @@ fn sim_fpu() -> kvm_fpu {
     f
 }
 
+/// Where `serve` listens.
+enum Listen {
+    Tcp,
+    Unix(PathBuf),
+}
+
 impl SimVm {
     fn start(vcpu1_rip: u64) -> SimVm {
+        SimVm::start_on(vcpu1_rip, Listen::Tcp)
+    }
+
+    fn start_on(vcpu1_rip: u64, listen: Listen) -> SimVm {
         let mem = image();
         let dbg = VmDebug::new(mem.clone());
         let sims: Vec<Arc<SimVcpu>> = [guest::STRAIGHT, vcpu1_rip]
@@ -432,23 +446,29 @@ impl SimVm {
         }
         go.wait();
         stopper.join().expect("stopper").expect("stop_all");
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = listener.local_addr().expect("addr").port();
         let log = Arc::new(Mutex::new(String::new()));
-        let served = {
-            let (dbg, log) = (dbg.clone(), log.clone());
-            let options = Options {
-                end: Some(end),
-                ..Options::default()
-            };
-            std::thread::spawn(move || {
-                serve(&listener, &dbg, &options, |e| {
-                    log.lock().expect("log").push_str(&format!("{e}\n"));
-                })
-            })
+        let (dbg2, log2) = (dbg.clone(), log.clone());
+        let options = Options {
+            end: Some(end),
+            ..Options::default()
+        };
+        let on_event = move |e: &kvm_glue::gdb::ServeEvent| log2.lock().expect("log").push_str(&format!("{e}\n"));
+        let (port, target, served) = match listen {
+            Listen::Tcp => {
+                let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+                let port = listener.local_addr().expect("addr").port();
+                let served = std::thread::spawn(move || serve(&listener, &dbg2, &options, on_event));
+                (port, format!("127.0.0.1:{port}"), served)
+            }
+            Listen::Unix(path) => {
+                let listener = UnixListener::bind(&path).expect("bind the socket");
+                let served = std::thread::spawn(move || serve_unix(&listener, &dbg2, &options, on_event));
+                (0, path.display().to_string(), served)
+            }
         };
         SimVm {
             port,
+            target,
             sims,
             log,
             served: Some(served),
@@ -652,6 +672,15 @@ fn sim_registers_written_by_gdb_reach_the_vcpu() {
     drop(vm);
 }
 
+/// A scratch directory for Unix sockets, unique to this test process.
+fn socket_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kvm-glue-gdb-sock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("socket dir");
+    let path = dir.join(format!("{name}.sock"));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
 #[test]
 fn sim_x87_sse_and_selectors_read_and_written_by_gdb_reach_the_vcpu() {
     let test = "sim_x87_sse_and_selectors_read_and_written_by_gdb_reach_the_vcpu";
@@ -682,6 +711,47 @@ fn sim_x87_sse_and_selectors_read_and_written_by_gdb_reach_the_vcpu() {
     assert_eq!((now.cs, now.es, now.fs, now.gs), (was.cs, was.es, was.fs, was.gs));
     // vCPU 1 was not touched.
     assert_eq!(vm.sims[1].fake.fpu(), sim_fpu());
+}
+
+#[test]
+fn sim_gdb_on_a_unix_socket_drives_the_guest_to_its_end() {
+    let test = "sim_gdb_on_a_unix_socket_drives_the_guest_to_its_end";
+    let path = socket_path("sim-main");
+    let mut vm = SimVm::start_on(guest::SW, Listen::Unix(path.clone()));
+    let Some(gdb) = scenarios::find_gdb(test) else { return };
+    let (script, expected) = scenarios::main();
+    let out = scenarios::gdb_at(&gdb, &vm.target, &|| vm.log(), "sim-unix-main", &script);
+    scenarios::expect_all(&out, &expected);
+    assert_eq!(vm.wait_end(), 0);
+    scenarios::expect(&vm.log(), &format!("GDB connected from unix socket {}", path.display()));
+    assert!(vm.byte_exact());
+}
+
+#[test]
+fn sim_a_unix_socket_session_ends_clean_and_the_next_one_starts_clean() {
+    let test = "sim_a_unix_socket_session_ends_clean_and_the_next_one_starts_clean";
+    let path = socket_path("sim-again");
+    let vm = SimVm::start_on(guest::LOOP, Listen::Unix(path));
+    let Some(gdb) = scenarios::find_gdb(test) else { return };
+    let first = format!(
+        "set breakpoint always-inserted on\nbreak *{:#x}\nhbreak *{:#x}\nmonitor breakpoints\ndetach\n",
+        guest::SW_AFTER,
+        guest::STRAIGHT_INSNS[2]
+    );
+    let out = scenarios::gdb_at(&gdb, &vm.target, &|| vm.log(), "sim-unix-first", &first);
+    scenarios::expect(&out, &format!("int3 at {:#x}", guest::SW_AFTER));
+    scenarios::expect(&out, "[Inferior 1 (process 1) detached]");
+    let second = format!(
+        "monitor breakpoints\nx/1xb {:#x}\ninfo threads\ndetach\n",
+        guest::SW_AFTER
+    );
+    let out = scenarios::gdb_at(&gdb, &vm.target, &|| vm.log(), "sim-unix-second", &second);
+    scenarios::expect(&out, "no breakpoints");
+    scenarios::expect(&out, &format!("{:#x}:\t0xff", guest::SW_AFTER));
+    scenarios::expect(&out, "Thread 1.2 (vCPU 1)");
+    let log = vm.wait_sessions(2);
+    assert_eq!(log.matches("GDB session ended (detached)").count(), 2, "{log}");
+    assert!(vm.byte_exact());
 }
 
 #[test]

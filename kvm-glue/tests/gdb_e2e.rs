@@ -17,7 +17,7 @@ mod gdb_scenarios;
 use gdb_scenarios as scenarios;
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -53,13 +53,26 @@ struct Server {
     out: Arc<Mutex<String>>,
     /// The exact command line it printed.
     attach: String,
+    /// What it printed after `target remote`.
+    target: String,
+    /// The TCP port (0 on a Unix socket).
     port: u16,
 }
 
 impl Server {
     fn start(args: &[&str]) -> Server {
+        Server::start_listening(&["--port", "0"], args)
+    }
+
+    /// The server on a Unix socket at `path`.
+    fn start_unix(path: &Path, args: &[&str]) -> Server {
+        let path = path.to_str().expect("a UTF-8 socket path");
+        Server::start_listening(&["--socket", path], args)
+    }
+
+    fn start_listening(listen: &[&str], args: &[&str]) -> Server {
         let mut child = Command::new(server_binary())
-            .args(["--port", "0"])
+            .args(listen)
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -86,17 +99,21 @@ impl Server {
             Ok(cmd) => cmd,
             Err(_) => panic!("gdb_server printed no command line:\n{}", out.lock().expect("log")),
         };
-        // gdb -q -ex 'target remote 127.0.0.1:PORT'
-        let port = attach
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.trim_end_matches('\'').parse().ok())
-            .unwrap_or_else(|| panic!("no port in {attach:?}"));
-        assert!(attach.starts_with("gdb -q -ex 'target remote 127.0.0.1:"), "{attach}");
+        // gdb -q -ex 'target remote 127.0.0.1:PORT' (or a socket's path)
+        let target = attach
+            .strip_prefix("gdb -q -ex 'target remote ")
+            .and_then(|t| t.strip_suffix('\''))
+            .unwrap_or_else(|| panic!("not a gdb command line: {attach:?}"))
+            .to_string();
+        let port = match target.strip_prefix("127.0.0.1:") {
+            Some(p) => p.parse().unwrap_or_else(|_| panic!("no port in {attach:?}")),
+            None => 0,
+        };
         Server {
             child,
             out,
             attach,
+            target,
             port,
         }
     }
@@ -292,16 +309,16 @@ fn software_breakpoints_and_watchpoints_stop_where_the_host_delivers_them() {
     }
 }
 
-/// x87/SSE and selectors: GDB reads
+/// x87/SSE and selectors through the server on a Unix socket: GDB reads
 /// what the vCPU holds (KVM's reset state, which the tiny guest never
 /// changes: the test reads it from a fresh vCPU of its own), writes xmm0,
 /// xmm15, st0 and ds that a step later reads back from KVM, and gets an
 /// error reply, with nothing changed, for a cs of another privilege level,
 /// an mxcsr (KVM_SET_FPU does not write it) and an 11-bit-overflowing fop.
-/// The guest then runs to its end.
+/// The guest then runs to its end; the socket file is gone.
 #[test]
-fn x87_sse_and_selectors_round_trip_through_kvm() {
-    let test = "x87_sse_and_selectors_round_trip_through_kvm";
+fn x87_sse_and_selectors_over_a_unix_socket() {
+    let test = "x87_sse_and_selectors_over_a_unix_socket";
     let Some(gdb_path) = ready(test) else { return };
     let Some(mut fresh) = common::guest(test, 1) else {
         return;
@@ -314,13 +331,21 @@ fn x87_sse_and_selectors_round_trip_through_kvm() {
         xmm0: u128::from_le_bytes(reset.xmm[0]),
         st0: "0",
     };
-    let server = Server::start(&[]);
+    let dir = std::env::temp_dir().join(format!("kvm-glue-gdb-e2e-sock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("socket dir");
+    let path = dir.join("x87.sock");
+    let _ = std::fs::remove_file(&path);
+    let server = Server::start_unix(&path, &[]);
+    println!("{test}: the example printed: {}", server.attach);
+    assert_eq!(server.target, path.display().to_string());
     let (script, expected) = scenarios::registers(&at_start);
-    let out = scenarios::gdb(&gdb_path, server.port, &|| server.output(), "x87-sse", &script);
+    let out = scenarios::gdb_at(&gdb_path, &server.target, &|| server.output(), "x87-sse", &script);
     scenarios::expect_all(&out, &expected);
     scenarios::expect_fpu_at_start(&out, &at_start);
     let (code, log) = server.wait();
     println!("---- server ----\n{log}---- end server ----");
+    scenarios::expect(&log, &format!("GDB connected from unix socket {}", path.display()));
     scenarios::expect(&log, "guest memory: every routine byte-exact as booted");
     assert_eq!(code, Some(0), "{log}");
+    assert!(!path.exists(), "the server left its socket file behind");
 }

@@ -94,18 +94,23 @@ pub struct Ready {
     pub end: bool,
 }
 
-/// The event loop of a [`VmTarget`] over a TCP connection.
+/// The event loop of a [`VmTarget`] over a connection `C`: a
+/// [`TcpStream`] or a [`UnixStream`](std::os::unix::net::UnixStream).
 #[derive(Debug)]
-pub struct VmEventLoop<M>(PhantomData<M>);
+pub struct VmEventLoop<M, C = TcpStream>(PhantomData<(M, C)>);
 
 type WaitResult = Result<Event<MultiThreadStopReason<u64>>, WaitForStopReasonError<Error, io::Error>>;
 
-impl<M: GuestMemory + Send + Sync + 'static> BlockingEventLoop for VmEventLoop<M> {
+impl<M, C> BlockingEventLoop for VmEventLoop<M, C>
+where
+    M: GuestMemory + Send + Sync + 'static,
+    C: ConnectionExt<Error = io::Error>,
+{
     type Target = VmTarget<M>;
-    type Connection = TcpStream;
+    type Connection = C;
     type StopReason = MultiThreadStopReason<u64>;
 
-    fn wait_for_stop_reason(target: &mut VmTarget<M>, conn: &mut TcpStream) -> WaitResult {
+    fn wait_for_stop_reason(target: &mut VmTarget<M>, conn: &mut C) -> WaitResult {
         loop {
             // A posted stop first: all-stop, then report it.
             if let Some(reason) = take_stop(target).map_err(WaitForStopReasonError::Target)? {

@@ -4,8 +4,8 @@
 //!
 //! The VMM keeps its vCPU threads and its run loop (see
 //! [`VcpuDebug::before_run`](crate::VcpuDebug::before_run)); it hands
-//! [`serve`] a loopback listener and a clone of its [`VmDebug`], on a thread
-//! of its own:
+//! [`serve`] a loopback TCP listener (or [`serve_unix`] a Unix socket) and
+//! a clone of its [`VmDebug`], on a thread of its own:
 //!
 //! ```no_run
 //! # fn f(dbg: kvm_glue::VmDebug<vm_memory::GuestMemoryMmap>) -> Result<(), Box<dyn std::error::Error>> {
@@ -13,6 +13,17 @@
 //! let listener = std::net::TcpListener::bind("127.0.0.1:1234")?;
 //! // gdb -ex 'target remote 127.0.0.1:1234'
 //! serve(&listener, &dbg, &Options::default(), |event| eprintln!("{event}"))?;
+//! # Ok(()) }
+//! ```
+//!
+//! A Unix socket works the same way (`gdb -ex 'target remote /path/to/socket'`,
+//! GDB 9 and later):
+//!
+//! ```no_run
+//! # fn f(dbg: kvm_glue::VmDebug<vm_memory::GuestMemoryMmap>) -> Result<(), Box<dyn std::error::Error>> {
+//! use kvm_glue::gdb::{serve_unix, Options};
+//! let listener = std::os::unix::net::UnixListener::bind("/run/vm0/gdb.sock")?;
+//! serve_unix(&listener, &dbg, &Options::default(), |event| eprintln!("{event}"))?;
 //! # Ok(()) }
 //! ```
 //!
@@ -58,11 +69,14 @@ pub use target::VmTarget;
 
 use std::fmt;
 use std::io;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use gdbstub::conn::ConnectionExt;
 use gdbstub::stub::{DisconnectReason, GdbStub, GdbStubError};
 use vm_memory::GuestMemory;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -79,6 +93,14 @@ pub enum GdbError {
     NotLoopback {
         /// The listener's address.
         addr: SocketAddr,
+    },
+    /// The Unix listener has no path (an abstract or unnamed socket): only
+    /// a socket file's permissions say who may connect, and an abstract
+    /// socket has none.
+    #[error("refusing to serve GDB on a Unix socket without a path ({addr})")]
+    NoSocketPath {
+        /// The listener's address, as `Debug` shows it.
+        addr: String,
     },
     /// The listener, or waiting on it, failed.
     #[error("GDB listener: {op} failed: {source}")]
@@ -189,11 +211,29 @@ pub enum SessionEnd {
     Protocol(String),
 }
 
+/// Where a debugger connected from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    /// A TCP peer (on this machine).
+    Tcp(SocketAddr),
+    /// A Unix-socket peer, by the listener's path (peers have none).
+    Unix(PathBuf),
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Peer::Tcp(addr) => write!(f, "{addr}"),
+            Peer::Unix(path) => write!(f, "unix socket {}", path.display()),
+        }
+    }
+}
+
 /// What happened, for the VMM's log.
 #[derive(Debug)]
 pub enum ServeEvent {
     /// A debugger connected; every vCPU is stopped.
-    Connected(SocketAddr),
+    Connected(Peer),
     /// The session ended and the debugger is detached.
     Ended(SessionEnd),
 }
@@ -218,6 +258,35 @@ impl fmt::Display for ServeEvent {
     }
 }
 
+/// A listener [`serve_on`] accepts debuggers from, one at a time.
+trait Accept: AsRawFd {
+    type Stream: ConnectionExt<Error = io::Error> + AsRawFd;
+    fn accept_one(&self) -> io::Result<(Self::Stream, Peer)>;
+}
+
+impl Accept for TcpListener {
+    type Stream = TcpStream;
+    fn accept_one(&self) -> io::Result<(TcpStream, Peer)> {
+        self.accept().map(|(s, addr)| (s, Peer::Tcp(addr)))
+    }
+}
+
+/// A Unix listener with its path (peers have no address of their own).
+struct UnixAt<'a>(&'a UnixListener, PathBuf);
+
+impl AsRawFd for UnixAt<'_> {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl Accept for UnixAt<'_> {
+    type Stream = UnixStream;
+    fn accept_one(&self) -> io::Result<(UnixStream, Peer)> {
+        self.0.accept().map(|(s, _)| (s, Peer::Unix(self.1.clone())))
+    }
+}
+
 /// Serves GDB on `listener`, one debugger at a time, until the guest ends
 /// (see [`Options::end`]); returns its exit code. `on_event` hears of every
 /// connection and session end.
@@ -236,13 +305,47 @@ pub fn serve<M: GuestMemory + Send + Sync + 'static>(
     listener: &TcpListener,
     dbg: &VmDebug<M>,
     options: &Options,
-    mut on_event: impl FnMut(&ServeEvent),
+    on_event: impl FnMut(&ServeEvent),
 ) -> Result<u8, GdbError> {
-    let listener_err = |op| move |source| GdbError::Listener { op, source };
     let addr = listener.local_addr().map_err(listener_err("getsockname"))?;
     if !addr.ip().is_loopback() {
         return Err(GdbError::NotLoopback { addr });
     }
+    serve_on(listener, dbg, options, on_event)
+}
+
+/// As [`serve`], on a Unix socket: the same sessions, one debugger at a
+/// time. Who may connect is the socket file's permissions (the VMM creates
+/// it; GDB attaches with `target remote PATH`).
+///
+/// # Errors
+/// [`GdbError::NoSocketPath`] for an abstract or unnamed socket; otherwise
+/// as [`serve`].
+pub fn serve_unix<M: GuestMemory + Send + Sync + 'static>(
+    listener: &UnixListener,
+    dbg: &VmDebug<M>,
+    options: &Options,
+    on_event: impl FnMut(&ServeEvent),
+) -> Result<u8, GdbError> {
+    let addr = listener.local_addr().map_err(listener_err("getsockname"))?;
+    let Some(path) = addr.as_pathname() else {
+        return Err(GdbError::NoSocketPath {
+            addr: format!("{addr:?}"),
+        });
+    };
+    serve_on(&UnixAt(listener, path.to_path_buf()), dbg, options, on_event)
+}
+
+fn listener_err(op: &'static str) -> impl Fn(io::Error) -> GdbError {
+    move |source| GdbError::Listener { op, source }
+}
+
+fn serve_on<M: GuestMemory + Send + Sync + 'static, L: Accept>(
+    listener: &L,
+    dbg: &VmDebug<M>,
+    options: &Options,
+    mut on_event: impl FnMut(&ServeEvent),
+) -> Result<u8, GdbError> {
     let end_fd = options.end.as_ref().map(GuestEnd::raw_fd);
     // Wait for a debugger or the guest's end, whichever comes first.
     let accept_waiter = Waiter::new(listener.as_raw_fd(), dbg.stop_fd(), end_fd).map_err(listener_err("epoll"))?;
@@ -262,7 +365,7 @@ pub fn serve<M: GuestMemory + Send + Sync + 'static>(
             }
             continue;
         }
-        let (stream, peer) = listener.accept().map_err(listener_err("accept"))?;
+        let (stream, peer) = listener.accept_one().map_err(listener_err("accept"))?;
         dbg.stop_all(options.stop_timeout).map_err(|source| GdbError::Vm {
             what: "stopped for a debugger",
             source,
@@ -285,11 +388,11 @@ pub fn serve<M: GuestMemory + Send + Sync + 'static>(
 }
 
 /// One GDB session on `stream`, every vCPU stopped at its start.
-fn session<M: GuestMemory + Send + Sync + 'static>(
-    stream: std::net::TcpStream,
-    dbg: &VmDebug<M>,
-    options: &Options,
-) -> SessionEnd {
+fn session<M, C>(stream: C, dbg: &VmDebug<M>, options: &Options) -> SessionEnd
+where
+    M: GuestMemory + Send + Sync + 'static,
+    C: ConnectionExt<Error = io::Error> + AsRawFd,
+{
     let mut target = match VmTarget::new(dbg.clone(), options.stop_timeout, options.end.clone()) {
         Ok(t) => t,
         Err(e) => return SessionEnd::Fatal(e),
@@ -299,7 +402,7 @@ fn session<M: GuestMemory + Send + Sync + 'static>(
         Ok(w) => target.waiter = Some(w),
         Err(e) => return SessionEnd::ConnectionLost(e),
     }
-    match GdbStub::new(stream).run_blocking::<VmEventLoop<M>>(&mut target) {
+    match GdbStub::new(stream).run_blocking::<VmEventLoop<M, C>>(&mut target) {
         Ok(DisconnectReason::Disconnect) => SessionEnd::Detached,
         Ok(DisconnectReason::Kill) => SessionEnd::Killed,
         Ok(DisconnectReason::TargetExited(code)) => SessionEnd::GuestEnded(code),

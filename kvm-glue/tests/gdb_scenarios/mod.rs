@@ -368,9 +368,14 @@ pub fn expect_fpu_at_start(text: &str, at_start: &FpuAtStart) {
     );
 }
 
-/// Runs `gdb -batch` on `script` (after connecting to `server`); returns what it printed.
+/// Runs `gdb -batch` on `script` (after connecting to `127.0.0.1:port`); returns what it printed.
 pub fn gdb(gdb: &Path, port: u16, server_log: &dyn Fn() -> String, name: &str, script: &str) -> String {
     gdb_signalled(gdb, port, server_log, name, script, None)
+}
+
+/// As [`gdb`], connecting with `target remote TARGET` (a Unix socket's path).
+pub fn gdb_at(gdb: &Path, target: &str, server_log: &dyn Fn() -> String, name: &str, script: &str) -> String {
+    run_gdb(gdb, target, server_log, name, script, None)
 }
 
 /// As [`gdb`], and sends gdb SIGINT (what Ctrl-C at its prompt does) once,
@@ -396,13 +401,21 @@ pub fn gdb_signalled(
     script: &str,
     signal: Option<(Duration, &str)>,
 ) -> String {
+    run_gdb(gdb, &format!("127.0.0.1:{port}"), server_log, name, script, signal)
+}
+
+fn run_gdb(
+    gdb: &Path,
+    target: &str,
+    server_log: &dyn Fn() -> String,
+    name: &str,
+    script: &str,
+    signal: Option<(Duration, &str)>,
+) -> String {
     let dir = std::env::temp_dir().join(format!("kvm-glue-gdb-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join(format!("{name}.gdb"));
-    let full = format!(
-        "set pagination off\nset confirm off\nset width 0\ntarget remote 127.0.0.1:{}\n{script}",
-        port
-    );
+    let full = format!("set pagination off\nset confirm off\nset width 0\ntarget remote {target}\n{script}");
     std::fs::write(&path, &full).expect("write script");
     let mut child = Command::new(gdb)
         .args(["-q", "-nx", "-batch", "-x"])
