@@ -184,7 +184,10 @@ enum Listener {
 }
 
 /// Binds a Unix socket at `path`, replacing a stale socket file (one nobody
-/// listens on) and refusing anything else that is there.
+/// listens on) and refusing anything else that is there. Finding out
+/// whether a server listens means connecting once: a live server sees a
+/// connection that closes at once, and ends that session as it ends any
+/// other (its guest stopped and resumed).
 fn bind_unix(path: &Path) -> Result<UnixListener, Error> {
     match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

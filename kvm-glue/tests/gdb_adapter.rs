@@ -728,6 +728,22 @@ fn sim_gdb_on_a_unix_socket_drives_the_guest_to_its_end() {
 }
 
 #[test]
+fn a_unix_socket_without_a_path_is_refused() {
+    use std::os::linux::net::SocketAddrExt;
+    // An abstract socket has no file, so no permissions: anyone on the
+    // machine could connect. serve_unix refuses it before accepting.
+    let name = format!("kvm-glue-gdb-abstract-{}", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("abstract name");
+    let listener = UnixListener::bind_addr(&addr).expect("bind an abstract socket");
+    let dbg = VmDebug::new(image());
+    let served = serve_unix(&listener, &dbg, &Options::default(), |_| {});
+    assert!(
+        matches!(served, Err(kvm_glue::gdb::GdbError::NoSocketPath { .. })),
+        "{served:?}"
+    );
+}
+
+#[test]
 fn sim_a_unix_socket_session_ends_clean_and_the_next_one_starts_clean() {
     let test = "sim_a_unix_socket_session_ends_clean_and_the_next_one_starts_clean";
     let path = socket_path("sim-again");
