@@ -116,8 +116,9 @@ fn a_read_watch_ignores_the_write_and_stops_at_the_read() {
     let stops = run_data_access(&mut g, &dbg, 0x1122_3344_5566_7788);
     let read_back = guest::DATA_ACCESSES[5];
     assert!(!read_back.write && read_back.addr == guest::DATA + 8);
-    let got: Vec<(u64, Vec<(u64, u64, WatchKind)>)> = stops.iter().map(|(ev, n)| (ev.pc, n.clone())).collect();
-    assert_eq!(got, [(read_back.next, vec![(guest::DATA + 8, 1, WatchKind::Read)])]);
+    let pcs: Vec<u64> = stops.iter().map(|(ev, _)| ev.pc).collect();
+    assert_eq!(pcs, [read_back.next], "one stop, after the read");
+    assert_eq!(stops[0].1, [(guest::DATA + 8, 1, WatchKind::Read)]);
     println!(
         "{check}: checked the write of 0x88 was not reported and the read at {:#x} was",
         read_back.insn
