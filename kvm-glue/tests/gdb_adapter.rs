@@ -572,6 +572,22 @@ fn sim_watchpoints_report_the_address_gdb_set() {
 }
 
 #[test]
+fn sim_region_and_read_watchpoints_report_what_gdb_set() {
+    let test = "sim_region_and_read_watchpoints_report_what_gdb_set";
+    let mut vm = SimVm::start(guest::DATA_ACCESS);
+    let (script, expected, once) = scenarios::region_watchpoints();
+    let Some(out) = run(test, &vm, "sim-region-watch", &script) else {
+        return;
+    };
+    scenarios::expect_all(&out, &expected);
+    for o in &once {
+        scenarios::expect_once(&out, o);
+    }
+    assert_eq!(vm.wait_end(), 0);
+    assert!(vm.byte_exact());
+}
+
+#[test]
 fn sim_detach_removes_every_breakpoint_and_lets_the_guest_run_on() {
     let test = "sim_detach_removes_every_breakpoint_and_lets_the_guest_run_on";
     let mut vm = SimVm::start(guest::SW);
@@ -603,8 +619,8 @@ fn sim_running_into_a_software_breakpoint_after_detach_is_impossible() {
 }
 
 #[test]
-fn sim_no_free_slot_and_read_watchpoints_are_refused_as_gdb_expects() {
-    let test = "sim_no_free_slot_and_read_watchpoints_are_refused_as_gdb_expects";
+fn sim_no_free_slot_and_bad_requests_are_refused_as_gdb_expects() {
+    let test = "sim_no_free_slot_and_bad_requests_are_refused_as_gdb_expects";
     let vm = SimVm::start(guest::LOOP);
     let (script, expected) = scenarios::refusals();
     let Some(out) = run(test, &vm, "sim-refusals", &script) else {

@@ -294,9 +294,21 @@ fn software_breakpoints_and_watchpoints_stop_where_the_host_delivers_them() {
         let (code, log) = server.wait();
         scenarios::expect(&log, "guest memory: every routine byte-exact as booted");
         assert_eq!(code, Some(0), "{log}");
+        // Regions no single slot covers, and a read watchpoint (a read/write
+        // slot plus the value check) that must not report the write.
+        let server = Server::start(&["--vcpu1", "data"]);
+        let (script, expected, once) = scenarios::region_watchpoints();
+        let out = scenarios::gdb(&gdb_path, server.port, &|| server.output(), "region-watch", &script);
+        scenarios::expect_all(&out, &expected);
+        for o in &once {
+            scenarios::expect_once(&out, o);
+        }
+        let (code, log) = server.wait();
+        scenarios::expect(&log, "guest memory: every routine byte-exact as booted");
+        assert_eq!(code, Some(0), "{log}");
     } else {
         skipped.push(format!(
-            "watchpoint hits (write: {}; read/write: {})",
+            "watchpoint hits, region and read watchpoints included (write: {}; read/write: {})",
             probe.write_watch.detail, probe.rw_watch.detail
         ));
     }

@@ -154,5 +154,6 @@ fn take_stop<M: GuestMemory + Send + Sync + 'static>(
     };
     target.stop_all()?;
     target.current = event.vcpu;
-    Ok(stop::stop_reason(&event, target.watches()))
+    let hits = target.watch_hits(&event)?;
+    Ok(stop::stop_reason(&event, &hits))
 }

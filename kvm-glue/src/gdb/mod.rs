@@ -37,15 +37,22 @@
 //!   tables (`KVM_TRANSLATE` on that vCPU's own thread).
 //! * **breakpoints**: `break` (Z0, `int3`, hidden from memory reads: GDB
 //!   sees the original bytes, and a write over one updates the byte the
-//!   guest will run), `hbreak` (Z1), `watch` (Z2) and `awatch` (Z4) on any
-//!   range four debug registers can cover; "no free slot" is answered the
-//!   way GDB expects (`E22`, and GDB says it cannot insert). `rwatch` (Z3) is
-//!   refused: x86 has no read-only condition.
+//!   guest will run), `hbreak` (Z1), and `watch` (Z2), `rwatch` (Z3) and
+//!   `awatch` (Z4) on any range the free debug registers can cover, through
+//!   the core's planner ([`VmDebug::insert_watch`]: aligned pieces, pieces
+//!   shared between watchpoints, all or nothing); a watchpoint that does not
+//!   fit, like a fifth `hbreak`, is answered the way GDB expects (`E22`, and
+//!   GDB says it cannot insert or falls back). x86 has no read-only
+//!   condition: `rwatch` is a read/write slot plus a value check in
+//!   [`VcpuDebug::handle_exit`](crate::VcpuDebug::handle_exit) (the watched
+//!   bytes changed: a write, the vCPU runs on and GDB never hears of it; a
+//!   write of the value already there is reported as a read).
 //! * **all-stop**: when a vCPU stops, every other one is brought out of
 //!   `KVM_RUN` before GDB hears of it; `vCont` actions apply per thread
 //!   (`set scheduler-locking step` steps one vCPU while the others stay).
 //! * **stop reasons** from kvm-glue's decoded stops ([`stop`]), always with
-//!   the thread: `swbreak`, `hwbreak`, `watch:ADDR` with the address GDB set,
+//!   the thread: `swbreak`, `hwbreak`, `watch:ADDR`/`rwatch:ADDR`/
+//!   `awatch:ADDR` with the address GDB set (not the piece that fired),
 //!   `SIGTRAP` for a step, `SIGINT` for Ctrl-C. The guest's own `#DB`/`#BP`
 //!   never reach GDB.
 //! * **one debugger at a time**: every vCPU is stopped before a session
@@ -61,7 +68,6 @@ mod event_loop;
 pub mod regs;
 pub mod stop;
 mod target;
-mod watch;
 
 pub use event_loop::VmEventLoop;
 pub use regs::{from_gdb, to_gdb, RegisterWriteError, VcpuRegs};

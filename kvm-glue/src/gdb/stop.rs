@@ -7,9 +7,10 @@
 
 use gdbstub::common::{Signal, Tid};
 use gdbstub::stub::MultiThreadStopReason;
+use gdbstub::target::ext::breakpoints::WatchKind;
+use x86_debugreg::watch::{WatchHit, WatchKind as CoreWatchKind};
 use x86_debugreg::{HwKind, Stop};
 
-use super::watch::WatchTable;
 use crate::StopEvent;
 
 /// GDB's thread id for vCPU `vcpu`: ids start at 1 (0 means "any thread").
@@ -22,25 +23,28 @@ pub fn vcpu(tid: Tid) -> usize {
     tid.get() - 1
 }
 
-/// What GDB is told about `event`.
+/// What GDB is told about `event`, given the watchpoints it hit
+/// ([`VmDebug::watch_hits`](crate::VmDebug::watch_hits): each as GDB set it,
+/// a read watchpoint only when its value check said "read").
 ///
 /// * a software breakpoint: `SwBreak`;
 /// * a watchpoint hit (with or without a step): `Watch` with the kind and
-///   the address of the watchpoint GDB set, looked up in `watches` (a hit on
-///   a slot no GDB watchpoint owns any more is reported as a trap);
+///   the address of the watchpoint GDB set (not the address of the piece
+///   that fired: GDB finds its watchpoint by that address); a hit on a slot
+///   no watchpoint owns any more, or a read watchpoint that only saw a write
+///   during a step, is not a watchpoint stop;
 /// * an execute breakpoint: `HwBreak`;
 /// * a finished single step, or anything else: `SIGTRAP` on the thread.
 ///
 /// `None` only for a vCPU index with no GDB thread id (`usize::MAX`).
-pub fn stop_reason(event: &StopEvent, watches: &WatchTable) -> Option<MultiThreadStopReason<u64>> {
+pub fn stop_reason(event: &StopEvent, watches: &[WatchHit]) -> Option<MultiThreadStopReason<u64>> {
     let tid = tid(event.vcpu)?;
     Some(match event.stop {
         Stop::Software { .. } => MultiThreadStopReason::SwBreak(tid),
         Stop::Debug { hits, .. } => {
-            let watch = hits
+            let watch = watches
                 .iter()
-                .filter(|hit| hit.breakpoint.is_watchpoint())
-                .find_map(|hit| watches.owner(&hit.breakpoint));
+                .find_map(|hit| Some((gdb_kind(hit.watch.kind())?, hit.watch.addr())));
             let execute = hits.iter().any(|hit| hit.breakpoint.kind() == HwKind::Execute);
             match watch {
                 Some((kind, addr)) => MultiThreadStopReason::Watch { tid, kind, addr },
@@ -54,6 +58,16 @@ pub fn stop_reason(event: &StopEvent, watches: &WatchTable) -> Option<MultiThrea
     })
 }
 
+/// GDB's kind for a data watchpoint, `None` for an execute breakpoint.
+pub fn gdb_kind(kind: CoreWatchKind) -> Option<WatchKind> {
+    match kind {
+        CoreWatchKind::Execute => None,
+        CoreWatchKind::Write => Some(WatchKind::Write),
+        CoreWatchKind::Read => Some(WatchKind::Read),
+        CoreWatchKind::ReadWrite => Some(WatchKind::ReadWrite),
+    }
+}
+
 /// The answer to GDB's Ctrl-C once every vCPU is stopped.
 pub fn interrupted(vcpu: usize) -> Option<MultiThreadStopReason<u64>> {
     Some(MultiThreadStopReason::SignalWithThread {
@@ -64,11 +78,11 @@ pub fn interrupted(vcpu: usize) -> Option<MultiThreadStopReason<u64>> {
 
 #[cfg(test)]
 mod tests {
-    use gdbstub::target::ext::breakpoints::WatchKind;
+    use x86_debugreg::region::Mode;
     use x86_debugreg::sw::ByteMemory;
-    use x86_debugreg::{Applied, BreakpointType, DebugExit, DebugState, Decision};
+    use x86_debugreg::watch::{Watch, WatchError, WatchSlots};
+    use x86_debugreg::{Applied, BreakpointType, ControlFlags, DebugExit, DebugState, Decision, GuestDebug};
 
-    use super::super::watch::{split, Watch};
     use super::*;
 
     /// Hardware slots need no memory.
@@ -83,19 +97,26 @@ mod tests {
         }
     }
 
-    /// The stop a vCPU running `state` (single-step `step`) decodes from a
-    /// #DB with `dr6` at `pc`.
-    fn decoded(state: &DebugState, step: bool, pc: u64, dr6: u64) -> StopEvent {
-        let applied = Applied::was_set(state.guest_debug_for(step));
+    /// The stop a vCPU running `config` decodes from a #DB with `dr6` at `pc`.
+    fn decoded(config: GuestDebug, pc: u64, dr6: u64) -> StopEvent {
+        let applied = Applied::was_set(config);
         let exit = DebugExit {
             exception: 1,
             pc,
             dr6,
             dr7: 0,
         };
-        match state.decode(&exit, &applied) {
+        match x86_debugreg::decode(&exit, &applied, |_| false) {
             Ok(Decision::Stop(stop)) => StopEvent { vcpu: 1, pc, dr6, stop },
             other => panic!("not a stop: {other:?}"),
+        }
+    }
+
+    /// What `VmDebug::watch_hits` lists for `ev` when `slots` is the intent.
+    fn watch_hits(slots: &WatchSlots, ev: &StopEvent) -> Vec<WatchHit> {
+        match ev.stop {
+            Stop::Debug { hits, .. } => slots.hits(&hits),
+            Stop::Software { .. } => Vec::new(),
         }
     }
 
@@ -111,23 +132,16 @@ mod tests {
     }
 
     #[test]
-    fn a_watch_piece_hit_is_reported_at_the_address_gdb_set() -> Result<(), x86_debugreg::BreakpointError<()>> {
-        let mut state = DebugState::new();
-        // GDB: watch 4 bytes at 0x1002 -> slots (0x1002, 2) in DR0 and (0x1004, 2) in DR1.
-        let pieces = split(0x1002, 4).unwrap_or_default();
-        let mut watches = WatchTable::new();
-        for p in &pieces {
-            state.insert(&mut NoMemory, BreakpointType::WriteWatch, p.addr, p.len)?;
-        }
-        watches.add(Watch {
-            addr: 0x1002,
-            len: 4,
-            kind: WatchKind::Write,
-            pieces,
-        });
-        let ev = decoded(&state, false, 0x5000, 0xffff_0ff2);
+    fn a_watch_piece_hit_is_reported_at_the_address_gdb_set() -> Result<(), WatchError> {
+        let mut slots = WatchSlots::new(Mode::Long);
+        // GDB: watch 4 bytes at 0x1002 -> (0x1002, 2) in DR0 and (0x1004, 2) in DR1.
+        let w = Watch::new(CoreWatchKind::Write, 0x1002, 4)?;
+        slots.insert(w)?;
+        let state = slots.guest_debug(GuestDebug::default());
+        let ev = decoded(state, 0x5000, 0xffff_0ff2);
+        let hits = watch_hits(&slots, &ev);
         assert_eq!(
-            stop_reason(&ev, &watches),
+            stop_reason(&ev, &hits),
             Some(MultiThreadStopReason::Watch {
                 tid: tid2(),
                 kind: WatchKind::Write,
@@ -135,15 +149,20 @@ mod tests {
             })
         );
         // The same hit while stepping: still the watchpoint (GDB checks values).
-        let ev = decoded(&state, true, 0x5000, 0xffff_4ff2);
+        let stepping = slots.guest_debug(GuestDebug {
+            control: ControlFlags::ENABLE | ControlFlags::SINGLESTEP,
+            ..GuestDebug::default()
+        });
+        let ev = decoded(stepping, 0x5000, 0xffff_4ff2);
         assert!(matches!(
-            stop_reason(&ev, &watches),
+            stop_reason(&ev, &watch_hits(&slots, &ev)),
             Some(MultiThreadStopReason::Watch { addr: 0x1002, .. })
         ));
-        // A slot no GDB watchpoint owns (the table forgot it): a trap on the thread.
-        let ev = decoded(&state, false, 0x5000, 0xffff_0ff1);
+        // No watchpoint owns the slot any more (or a read watchpoint saw a
+        // write): a trap on the thread.
+        let ev = decoded(state, 0x5000, 0xffff_0ff1);
         assert_eq!(
-            stop_reason(&ev, &WatchTable::new()),
+            stop_reason(&ev, &[]),
             Some(MultiThreadStopReason::SignalWithThread {
                 tid: tid2(),
                 signal: Signal::SIGTRAP
@@ -153,13 +172,33 @@ mod tests {
     }
 
     #[test]
+    fn read_and_access_watchpoints_are_reported_with_their_own_kind() -> Result<(), WatchError> {
+        let mut slots = WatchSlots::new(Mode::Long);
+        // rwatch on 6 bytes at 0x2003: 1 + 4 + 1 bytes, three slots.
+        let r = Watch::new(CoreWatchKind::Read, 0x2003, 6)?;
+        slots.insert(r)?;
+        let ev = decoded(slots.guest_debug(GuestDebug::default()), 0x5000, 0xffff_0ff4);
+        assert_eq!(
+            stop_reason(&ev, &watch_hits(&slots, &ev)),
+            Some(MultiThreadStopReason::Watch {
+                tid: tid2(),
+                kind: WatchKind::Read,
+                addr: 0x2003
+            })
+        );
+        assert_eq!(gdb_kind(CoreWatchKind::ReadWrite), Some(WatchKind::ReadWrite));
+        assert_eq!(gdb_kind(CoreWatchKind::Execute), None);
+        Ok(())
+    }
+
+    #[test]
     fn execute_hits_are_hwbreak_and_steps_are_sigtrap_on_the_thread() -> Result<(), x86_debugreg::BreakpointError<()>> {
         let mut state = DebugState::new();
         state.insert(&mut NoMemory, BreakpointType::Hardware, 0x1000, 1)?;
-        let watches = WatchTable::new();
-        let ev = decoded(&state, false, 0x1000, 0xffff_0ff1);
+        let watches: Vec<WatchHit> = Vec::new();
+        let ev = decoded(state.guest_debug_for(false), 0x1000, 0xffff_0ff1);
         assert_eq!(stop_reason(&ev, &watches), Some(MultiThreadStopReason::HwBreak(tid2())));
-        let ev = decoded(&state, true, 0x2000, 0xffff_4ff0);
+        let ev = decoded(state.guest_debug_for(true), 0x2000, 0xffff_4ff0);
         assert_eq!(
             stop_reason(&ev, &watches),
             Some(MultiThreadStopReason::SignalWithThread {

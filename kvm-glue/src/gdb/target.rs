@@ -10,7 +10,7 @@
 //! Registers are mapped in [`regs`](super::regs) and written all together
 //! or not at all.
 //!
-//! Errors GDB can cause (a bad address, a misaligned watchpoint, a register
+//! Errors GDB can cause (a bad address, removing what is not set, a register
 //! value no CPU can hold) are error replies (`Exx`) and change nothing;
 //! errors that leave the VM in doubt (a vCPU that does not stop, a poisoned
 //! lock) end the session, and [`serve`](super::serve) detaches.
@@ -35,18 +35,18 @@ use gdbstub_arch::x86::reg::X86_64CoreRegs;
 use gdbstub_arch::x86::X86_64_SSE;
 use vm_memory::GuestMemory;
 use x86_debugreg::sw::SwError;
-use x86_debugreg::{BreakpointError, BreakpointType, HwKind};
+use x86_debugreg::watch::{Watch, WatchError, WatchHit, WatchKind as CoreWatchKind};
+use x86_debugreg::{BreakpointError, BreakpointType};
 
 use super::event_loop::Waiter;
 use super::regs::{self, ApplyError, VcpuRegs};
 use super::stop;
-use super::watch::{self, Watch, WatchTable};
 use super::GuestEnd;
 use crate::control::Action;
 use crate::debugger::Insert;
 use crate::error::Error;
 use crate::memory::AddressSpace;
-use crate::VmDebug;
+use crate::{StopEvent, VmDebug};
 
 /// `EFAULT`: an address outside guest memory or not mapped.
 const EFAULT: u8 = 14;
@@ -67,7 +67,6 @@ pub struct VmTarget<M> {
     vcpus: Vec<usize>,
     actions: BTreeMap<usize, Action>,
     scheduler_locked: bool,
-    watches: WatchTable,
     /// The vCPU GDB last heard about: Ctrl-C is reported on it, and software
     /// breakpoints translate through it.
     pub(super) current: usize,
@@ -83,7 +82,6 @@ impl<M> std::fmt::Debug for VmTarget<M> {
             .field("vcpus", &self.vcpus)
             .field("actions", &self.actions)
             .field("scheduler_locked", &self.scheduler_locked)
-            .field("watches", &self.watches)
             .field("current", &self.current)
             .finish_non_exhaustive()
     }
@@ -97,7 +95,7 @@ fn reply(e: Error) -> TargetError<Error> {
         Error::Breakpoint(BreakpointError::Sw(SwError::Read { .. } | SwError::Write { .. })) => {
             TargetError::Errno(EFAULT)
         }
-        Error::Breakpoint(_) => TargetError::Errno(EINVAL),
+        Error::Breakpoint(_) | Error::Watch(_) => TargetError::Errno(EINVAL),
         Error::Vcpu { .. } => TargetError::Errno(EIO),
         other => TargetError::Fatal(other),
     }
@@ -113,17 +111,11 @@ impl<M: GuestMemory + Send + Sync + 'static> VmTarget<M> {
             vcpus,
             actions: BTreeMap::new(),
             scheduler_locked: false,
-            watches: WatchTable::new(),
             current,
             stop_timeout,
             end,
             waiter: None,
         })
-    }
-
-    /// The GDB watchpoints this session set.
-    pub(super) fn watches(&self) -> &WatchTable {
-        &self.watches
     }
 
     /// The vCPU of `tid`, if the VM has it.
@@ -166,77 +158,58 @@ impl<M: GuestMemory + Send + Sync + 'static> VmTarget<M> {
         done.map_err(reply)
     }
 
+    /// Inserts GDB's watchpoint through the core's planner: any range the
+    /// free slots can cover goes in whole (pieces shared with watchpoints
+    /// already set), or nothing changes and GDB hears "cannot insert".
     fn add_watch(&mut self, addr: u64, len: u64, kind: WatchKind) -> TargetResult<bool, Self> {
-        let (Some(hw), Some(pieces)) = (watch::hw_kind(kind), watch::split(addr, len)) else {
-            // A read-only watchpoint, or a range no four slots can cover: GDB
-            // is told "cannot insert" and falls back (software watchpoints).
+        let Ok(watch) = Watch::new(core_kind(kind), addr, len) else {
+            // An empty range or one past 2^64: nothing four slots can watch.
             return Ok(false);
         };
-        if self.watches.position(addr, len, kind).is_some() {
-            return Err(TargetError::Errno(EINVAL));
+        let inserted = if watch.kind() == CoreWatchKind::Read {
+            // The value check reads the watched bytes now and at every hit
+            // through a vCPU's page tables (hardware addresses are linear).
+            self.on_vcpu(self.current, move |dbg, ops| {
+                dbg.insert_watch(AddressSpace::Virtual(ops), watch)
+            })?
+        } else {
+            self.dbg.insert_watch(AddressSpace::Physical, watch)
+        };
+        match inserted {
+            Ok(Some(_)) => Ok(true),
+            // Does not fit in the free slots: GDB falls back.
+            Ok(None) => Ok(false),
+            Err(e) => Err(reply(e)),
         }
-        let ty = gdb_type(hw);
-        let mut set = Vec::new();
-        for piece in &pieces {
-            if self.watches.users(hw, *piece) > 0 || set.contains(piece) {
-                continue;
-            }
-            let outcome = self.dbg.insert(AddressSpace::Physical, ty, piece.addr, piece.len);
-            match outcome {
-                Ok(Insert::Inserted(_)) => set.push(*piece),
-                Ok(Insert::NoFreeSlot) | Err(_) => {
-                    // Nothing half-applied: take back the pieces this call set.
-                    for p in set.iter().rev() {
-                        self.dbg
-                            .remove(AddressSpace::Physical, ty, p.addr, p.len)
-                            .map_err(TargetError::Fatal)?;
-                    }
-                    return match outcome {
-                        Err(e) => Err(reply(e)),
-                        _ => Ok(false),
-                    };
-                }
-            }
-        }
-        self.watches.add(Watch {
-            addr,
-            len,
-            kind,
-            pieces,
-        });
-        Ok(true)
     }
 
     fn remove_watch(&mut self, addr: u64, len: u64, kind: WatchKind) -> TargetResult<bool, Self> {
-        let (Some(hw), Some(index)) = (watch::hw_kind(kind), self.watches.position(addr, len, kind)) else {
+        let Ok(watch) = Watch::new(core_kind(kind), addr, len) else {
             return Ok(false);
         };
-        let Some(w) = self.watches.take(index) else {
-            return Ok(false);
-        };
-        let ty = gdb_type(hw);
-        let mut removed: Vec<watch::Piece> = Vec::new();
-        for piece in &w.pieces {
-            if self.watches.users(hw, *piece) > 0 || removed.contains(piece) {
-                continue;
-            }
-            // A failure here is the state disagreeing with this table: the
-            // session cannot go on trusting either.
-            self.dbg
-                .remove(AddressSpace::Physical, ty, piece.addr, piece.len)
-                .map_err(TargetError::Fatal)?;
-            removed.push(*piece);
+        match self.dbg.remove_watch(watch) {
+            Ok(_) => Ok(true),
+            Err(Error::Watch(WatchError::NotFound { .. })) => Ok(false),
+            Err(e) => Err(reply(e)),
         }
-        Ok(true)
+    }
+
+    /// The watchpoints `event`'s vCPU hit that are still set, each as GDB
+    /// set it.
+    pub(super) fn watch_hits(&self, event: &StopEvent) -> Result<Vec<WatchHit>, Error> {
+        let slots = self.dbg.watch_slots()?;
+        let mut hits = self.dbg.watch_hits(event)?;
+        hits.retain(|hit| slots.count(&hit.watch) > 0);
+        Ok(hits)
     }
 }
 
-/// The GDB breakpoint type of a watch slot kind.
-fn gdb_type(kind: HwKind) -> BreakpointType {
+/// The core's kind for a GDB watch kind (`Z2` write, `Z3` read, `Z4` access).
+fn core_kind(kind: WatchKind) -> CoreWatchKind {
     match kind {
-        HwKind::Execute => BreakpointType::Hardware,
-        HwKind::Write => BreakpointType::WriteWatch,
-        HwKind::ReadWrite => BreakpointType::AccessWatch,
+        WatchKind::Write => CoreWatchKind::Write,
+        WatchKind::Read => CoreWatchKind::Read,
+        WatchKind::ReadWrite => CoreWatchKind::ReadWrite,
     }
 }
 

@@ -140,13 +140,15 @@ pub fn detach() -> (String, Vec<String>) {
 pub fn refusals() -> (String, Vec<String>) {
     let i = guest::STRAIGHT_INSNS;
     let script = format!(
-        "maint packet Z3,20000,1\nmaint packet Z2,20001,16\nmaint packet Z2,20000,8\nmaint packet z2,20000,8\nmaint packet z1,12345,1\nmaint packet Z9,0,0\nmaint packet Z2,20000,3\nmaint packet z2,20000,3\nmonitor breakpoints\nset breakpoint always-inserted on\nhbreak *{:#x}\nhbreak *{:#x}\nhbreak *{:#x}\nhbreak *{:#x}\nhbreak *{:#x}\n",
+        "maint packet Z3,20000,1\nmaint packet z3,20000,1\nmaint packet Z2,20001,16\nmaint packet Z2,20000,8\nmaint packet z2,20000,8\nmaint packet z1,12345,1\nmaint packet Z9,0,0\nmaint packet Z2,20000,3\nmaint packet z2,20000,3\nmaint packet Z4,1fffd,c\nmaint packet Z2,20000,2\nmaint packet z4,1fffd,c\nmaint packet z2,20000,2\nmonitor breakpoints\nset breakpoint always-inserted on\nhbreak *{:#x}\nhbreak *{:#x}\nhbreak *{:#x}\nhbreak *{:#x}\nhbreak *{:#x}\n",
         i[0], i[1], i[2], i[3], i[4]
     );
     let expected = vec![
         "Cannot insert hardware breakpoint 5.".to_string(),
-        // Z3 (read) and a 16-byte range at an odd address: no slots for them.
-        "sending: Z3,20000,1\nreceived: \"E16\"".to_string(),
+        // Z3 (read): a read/write slot plus a value check, taken back by z3.
+        "sending: Z3,20000,1\nreceived: \"OK\"".to_string(),
+        "sending: z3,20000,1\nreceived: \"OK\"".to_string(),
+        // 16 bytes at an odd address need five slots: never.
         "sending: Z2,20001,16\nreceived: \"E16\"".to_string(),
         "sending: Z2,20000,8\nreceived: \"OK\"".to_string(),
         "sending: z2,20000,8\nreceived: \"OK\"".to_string(),
@@ -157,6 +159,12 @@ pub fn refusals() -> (String, Vec<String>) {
         // 3 bytes at DATA: two slots (2 + 1), taken back by z2.
         "sending: Z2,20000,3\nreceived: \"OK\"".to_string(),
         "sending: z2,20000,3\nreceived: \"OK\"".to_string(),
+        // 12 bytes at DATA - 3: 1 + 2 + 8 + 1, all four slots; then one more
+        // write watchpoint does not fit and changes nothing (z2 finds nothing).
+        "sending: Z4,1fffd,c\nreceived: \"OK\"".to_string(),
+        "sending: Z2,20000,2\nreceived: \"E16\"".to_string(),
+        "sending: z4,1fffd,c\nreceived: \"OK\"".to_string(),
+        "sending: z2,20000,2\nreceived: \"E16\"".to_string(),
         "no breakpoints".to_string(),
     ];
     (script, expected)
@@ -253,6 +261,88 @@ continue
         "[Inferior 1 (process 1) exited normally]".to_string(),
     ];
     (script, expected)
+}
+
+/// Watchpoints on regions no single slot covers, and a read watchpoint, on
+/// vCPU 1 running the data-access routine (rax given a value first, so every
+/// write changes the bytes it writes the first time):
+/// * `watch` on 6 bytes at `DATA + 3` (three slots: 1 + 4 + 1): the first
+///   write inside is the 1-byte one at `DATA + 8`;
+/// * `awatch` on 12 bytes at `DATA - 3` (four slots: 1 + 2 + 8 + 1): the
+///   next access inside is the 1-byte write at `DATA`;
+/// * `rwatch` on the byte at `DATA + 4`, which the guest first writes (the
+///   8-byte write, changing it to 0x44) and then reads (the 8-byte read):
+///   only the read is reported.
+///
+/// Each stop's packet is logged (`set debug remote 1`) to show the address
+/// in it is the one GDB set, not the piece's. Returns the script, the lines
+/// GDB must print, and lines it must print exactly once.
+pub fn region_watchpoints() -> (String, Vec<String>, Vec<String>) {
+    let d = guest::DATA;
+    let a = &guest::DATA_ACCESSES;
+    let script = format!(
+        r#"thread 2
+set $rax = 0x1122334455667788
+watch *(char (*)[6]){d3:#x}
+set debug remote 1
+continue
+set debug remote 0
+printf "odd watch stop: pc=%#lx\n", $pc
+delete
+awatch *(char (*)[12]){dm3:#x}
+set debug remote 1
+continue
+set debug remote 0
+printf "odd awatch stop: pc=%#lx\n", $pc
+delete
+rwatch *(char *){d4:#x}
+set debug remote 1
+continue
+set debug remote 0
+printf "rwatch stop: pc=%#lx\n", $pc
+delete
+continue
+"#,
+        d3 = d + 3,
+        dm3 = d - 3,
+        d4 = d + 4,
+    );
+    let expected = vec![
+        format!("Hardware watchpoint 1: *(char (*)[6]){:#x}", d + 3),
+        format!("T05thread:p01.02;watch:{};", packet_hex(d + 3)),
+        r#"New value = "\000\000\000\000\000\210""#.to_string(),
+        format!("odd watch stop: pc={:#x}", a[0].next),
+        format!("Hardware access (read/write) watchpoint 2: *(char (*)[12]){:#x}", d - 3),
+        format!("T05thread:p01.02;awatch:{};", packet_hex(d - 3)),
+        format!("odd awatch stop: pc={:#x}", a[1].next),
+        format!("Hardware read watchpoint 3: *(char *){:#x}", d + 4),
+        format!("T05thread:p01.02;rwatch:{};", packet_hex(d + 4)),
+        "Value = 68 'D'".to_string(),
+        // The read, not the write two instructions before it.
+        format!("rwatch stop: pc={:#x}", a[9].next),
+        "[Inferior 1 (process 1) exited normally]".to_string(),
+    ];
+    let once = vec![
+        "hit Hardware read watchpoint 3".to_string(),
+        format!("T05thread:p01.02;rwatch:{};", packet_hex(d + 4)),
+    ];
+    (script, expected, once)
+}
+
+/// An address as a stop packet spells it: hex, whole bytes.
+pub fn packet_hex(v: u64) -> String {
+    let s = format!("{v:x}");
+    if s.len() % 2 == 1 {
+        format!("0{s}")
+    } else {
+        s
+    }
+}
+
+/// `what` is in `text` exactly once.
+#[track_caller]
+pub fn expect_once(text: &str, what: &str) {
+    assert_eq!(text.matches(what).count(), 1, "expected {what:?} once in:\n{text}");
 }
 
 /// What a vCPU's x87/SSE state holds before GDB touches it, as whoever put
