@@ -172,11 +172,19 @@ pub fn decode(
         DB_VECTOR => {
             let dr6 = Dr6::from_kvm(exit.dr6);
             let single_step = dr6.bs() && applied.single_step();
+            // One pass over the four B-bits, noting whether any armed slot
+            // was hit: no iterator adaptors and no second scan of `hits` on
+            // this hot path (every #DB exit of a debugged vCPU).
             let mut hits = Hits::default();
-            for slot in dr6.hits() {
-                hits.by_slot[slot.index()] = applied.armed(slot);
+            let mut hit = false;
+            for slot in Slot::ALL {
+                if dr6.hit(slot) {
+                    let bp = applied.armed(slot);
+                    hit |= bp.is_some();
+                    hits.by_slot[slot.index()] = bp;
+                }
             }
-            Ok(if single_step || !hits.is_empty() {
+            Ok(if single_step || hit {
                 Decision::Stop(Stop::Debug { single_step, hits })
             } else {
                 Decision::Reinject(Exception::Debug)
