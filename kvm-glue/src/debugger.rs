@@ -785,7 +785,9 @@ impl<M: GuestMemory> VmDebug<M> {
 
     /// Writes `data` to guest memory at `addr` in `space`. A byte under a
     /// software breakpoint updates the byte the breakpoint will restore, and
-    /// the `int3` stays. Every page is translated and checked before any
+    /// the `int3` stays. A read watchpoint over the written bytes takes the
+    /// new bytes as its saved value (the debugger's write is not the
+    /// guest's). Every page is translated and checked before any
     /// byte is written: a failed write changes nothing.
     ///
     /// # Errors
@@ -816,6 +818,33 @@ impl<M: GuestMemory> VmDebug<M> {
                 .write_slice(&bytes, GuestAddress(gpa))
                 .map_err(|source| MemoryError::Access { gpa, source })?;
             done += len;
+        }
+        // A debugger's write under a read watchpoint is not the guest's:
+        // the value check must compare against what is there now.
+        let end = addr.saturating_add(data.len() as u64);
+        let touched: Vec<(Watch, usize)> = inner
+            .read_saved
+            .iter()
+            .filter(|(w, _)| w.addr() < end && addr < w.addr().saturating_add(w.len()))
+            .map(|(w, b)| (*w, b.len()))
+            .collect();
+        for (watch, len) in touched {
+            // Best effort, after the write: a watched range that does not
+            // translate keeps its old copy rather than fail a write that
+            // already happened.
+            let Ok(pieces) = self::chunks(space, watch.addr(), len) else {
+                continue;
+            };
+            let mut now = vec![0u8; len];
+            let mut at = 0;
+            let mut whole = true;
+            for (gpa, n) in pieces {
+                whole &= inner.mem.read_slice(&mut now[at..at + n], GuestAddress(gpa)).is_ok();
+                at += n;
+            }
+            if whole {
+                inner.read_saved.insert(watch, now);
+            }
         }
         Ok(())
     }

@@ -62,7 +62,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory};
 use x86_debugreg::exit::Exception;
 use x86_debugreg::predict::SlotMask;
 use x86_debugreg::sw::{ByteMemory, INT3};
-use x86_debugreg::watch::WatchHit;
+use x86_debugreg::watch::{Watch, WatchHit};
 use x86_debugreg::{Applied, ControlFlags, DebugExit, Decision, Dr6, GuestDebug, Hits, HwKind, Slot, Stop};
 
 use crate::control::Pending;
@@ -556,12 +556,14 @@ impl<M: GuestMemory> VcpuDebug<M> {
                 {
                     self.at_breakpoint = Some(pc);
                 }
+                refresh_reads(&mut inner, vcpu);
                 drop(inner);
                 Ok(self.stop(exit, Stop::Debug { single_step, hits }))
             }
             Decision::Stop(stop) => {
                 self.at_breakpoint = Some(exit.pc);
                 self.last_gpa = bp_gpa;
+                refresh_reads(&mut inner, vcpu);
                 drop(inner);
                 Ok(self.stop(exit, stop))
             }
@@ -676,6 +678,33 @@ impl<M: GuestMemory> VcpuDebug<M> {
     }
 }
 
+/// Reads `watch`'s bytes now, through `vcpu`'s page tables.
+fn read_watched<M: GuestMemory, V: VcpuOps>(inner: &Inner<M>, vcpu: &V, watch: &Watch, len: usize) -> Result<Vec<u8>> {
+    let mut now = vec![0u8; len];
+    let mut at = 0;
+    for (gpa, n) in chunks(AddressSpace::Virtual(vcpu), watch.addr(), len)? {
+        inner
+            .mem
+            .read_slice(&mut now[at..at + n], GuestAddress(gpa))
+            .map_err(|source| MemoryError::Access { gpa, source })?;
+        at += n;
+    }
+    Ok(now)
+}
+
+/// Refreshes every read watchpoint's saved bytes, as each reported stop must
+/// (the debugger, a device or another vCPU may change them between stops
+/// without the slot noticing). A watchpoint whose bytes cannot be read now
+/// keeps its old copy.
+fn refresh_reads<M: GuestMemory, V: VcpuOps>(inner: &mut Inner<M>, vcpu: &V) {
+    let watches: Vec<(Watch, usize)> = inner.read_saved.iter().map(|(w, b)| (*w, b.len())).collect();
+    for (watch, len) in watches {
+        if let Ok(now) = read_watched(inner, vcpu, &watch, len) {
+            inner.read_saved.insert(watch, now);
+        }
+    }
+}
+
 /// The watchpoints `hits` belong to, with read watchpoints value-checked
 /// (their saved bytes refreshed, as every stop must). Returns those to report
 /// and whether every hit slot belonged only to read watchpoints that saw a
@@ -694,15 +723,8 @@ fn check_reads<M: GuestMemory, V: VcpuOps>(
             continue;
         }
         let watch = hit.watch;
-        let mut now = vec![0u8; inner.read_saved.get(&watch).map_or(0, Vec::len)];
-        let mut at = 0;
-        for (gpa, len) in chunks(AddressSpace::Virtual(vcpu), watch.addr(), now.len())? {
-            inner
-                .mem
-                .read_slice(&mut now[at..at + len], GuestAddress(gpa))
-                .map_err(|source| MemoryError::Access { gpa, source })?;
-            at += len;
-        }
+        let len = inner.read_saved.get(&watch).map_or(0, Vec::len);
+        let now = read_watched(inner, vcpu, &watch, len)?;
         let saved = inner.read_saved.insert(watch, now.clone()).unwrap_or_default();
         match hit.report(Some((&saved, &now))) {
             Ok(Some(_)) => kept.push(hit),

@@ -149,3 +149,44 @@ fn removing_a_watch_never_set_is_an_error_and_changes_nothing() {
     assert!(matches!(dbg.remove_watch(other), Err(Error::Watch(_))));
     assert_eq!(dbg.watch_slots().expect("slots").used(), 1);
 }
+
+/// The debugger's own write under a read watchpoint is not the guest's: the
+/// next read must still stop.
+#[test]
+fn a_debugger_write_under_a_read_watch_becomes_its_saved_value() {
+    let (_, dbg, vcpu) = setup();
+    let mut h = dbg.vcpu(0);
+    let r = Watch::new(WatchKind::Read, 0x2000, 4).expect("watch");
+    dbg.insert_watch(PHYS, r).expect("insert").expect("fits");
+    h.sync(&vcpu).expect("sync");
+    dbg.write_memory(PHYS, 0x2001, &[9]).expect("GDB: set var");
+    assert!(
+        matches!(h.handle_exit(&vcpu, &db(0x5003, 0b1)).expect("exit"), Handled::Stop(_)),
+        "the guest's read after the debugger's write is a read"
+    );
+}
+
+/// Every reported stop refreshes the saved bytes (a device or another vCPU
+/// may write between stops without the slot firing), so a read after such a
+/// change still stops.
+#[test]
+fn read_watch_bytes_are_refreshed_at_every_stop() {
+    let (mem, dbg, vcpu) = setup();
+    let mut h = dbg.vcpu(0);
+    let r = Watch::new(WatchKind::Read, 0x2000, 4).expect("watch");
+    dbg.insert_watch(PHYS, r).expect("insert").expect("fits");
+    let x = Watch::new(WatchKind::Execute, 0x1000, 1).expect("breakpoint");
+    dbg.insert_watch(PHYS, x).expect("insert").expect("fits");
+    h.sync(&vcpu).expect("sync");
+    mem.write_slice(&[5, 5], GuestAddress(0x2000)).expect("a device writes");
+    // Another stop (the execute breakpoint in DR1) happens first...
+    assert!(matches!(
+        h.handle_exit(&vcpu, &db(0x1000, 0b10)).expect("exit"),
+        Handled::Stop(_)
+    ));
+    // ...so the guest's read with the bytes as the device left them is a read.
+    assert!(matches!(
+        h.handle_exit(&vcpu, &db(0x5003, 0b1)).expect("exit"),
+        Handled::Stop(_)
+    ));
+}
