@@ -223,6 +223,25 @@ fn hits_and_exceptions_report_what_they_hold() {
         panic!("a stop")
     };
     assert!(!single_step && !hits.is_empty());
+    assert!(x86_debugreg::Hits::default().is_empty());
+    assert_eq!(x86_debugreg::Hits::default().mask(), 0);
+    // A step with no B-bit: a stop whose hits are empty.
+    let step = DebugExit {
+        exception: 1,
+        pc: 0x30,
+        dr6: 0xffff_4ff0,
+        dr7: 0,
+    };
+    let mut stepping = state.clone();
+    stepping.set_single_step(true);
+    let Ok(Decision::Stop(Stop::Debug {
+        single_step: true,
+        hits: none,
+    })) = stepping.decode(&step, &Applied::was_set(stepping.guest_debug()))
+    else {
+        panic!("a step")
+    };
+    assert!(none.is_empty() && none.iter().next().is_none());
     assert_eq!(hits.mask(), 0b0101);
     assert_eq!(hits.get(Slot::DR0), Some(hw(HwKind::Execute, 0x30, 1)));
     assert_eq!(hits.get(Slot::DR1), None);
