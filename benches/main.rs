@@ -386,7 +386,14 @@ mod summary {
                 m(&format!("dr7_compose/typed_compose/{n}")),
                 m(&format!("dr7_compose/reference_compose/{n}")),
             );
-            out.push(line(&format!("DR7 from nothing, {n} slot(s)"), t, r, ""));
+            let why = t.zip(r).map_or("", |(t, r)| {
+                if t > r {
+                    "  (> 1: typed validates and updates DR7 on each insert; see the next row)"
+                } else {
+                    ""
+                }
+            });
+            out.push(line(&format!("DR7 from nothing, {n} slot(s)"), t, r, why));
             let (t, r) = (
                 m(&format!("dr7_compose/typed_guest_debug/{n}")),
                 m(&format!("dr7_compose/reference/{n}")),
