@@ -162,7 +162,10 @@ fn the_guests_own_debug_exceptions_are_reinjected_and_reach_its_idt_handler() {
         assert_eq!(got, Handled::Resume(Resume::Reinjected(Exception::Debug)));
         checked.push("the guest's int1");
     } else {
-        println!("{name}: SKIPPED (part): the guest's own int1; probe: {}", p.guest_int1.detail);
+        println!(
+            "{name}: SKIPPED (part): the guest's own int1; probe: {}",
+            p.guest_int1.detail
+        );
         // What can be checked: an exit with a B-bit the debugger did not set
         // (B3; only DR0 is armed) is re-injected, and the #DB reaches the IDT.
         g.start(0, guest::STRAIGHT).expect("start");
@@ -200,7 +203,10 @@ fn the_guests_own_debug_exceptions_are_reinjected_and_reach_its_idt_handler() {
         assert_eq!(got, Handled::Resume(Resume::Reinjected(Exception::Breakpoint)));
         checked.push("the guest's int3");
     } else {
-        println!("{name}: SKIPPED (part): the guest's own int3; probe: {}", p.sw_breakpoint.detail);
+        println!(
+            "{name}: SKIPPED (part): the guest's own int3; probe: {}",
+            p.sw_breakpoint.detail
+        );
         // What can be checked: a #BP exit at an int3 that is not the
         // debugger's is re-injected, and the #BP reaches the IDT.
         g.start(0, guest::STRAIGHT).expect("start");
@@ -418,7 +424,10 @@ fn software_breakpoints_by_virtual_address_stop_and_step_over_where_the_host_sup
         );
         assert_eq!(phys_byte(&g), 0xCC, "re-armed after the step");
     } else {
-        println!("{name}: SKIPPED (part): int3 stops and step over; probe: {}", p.sw_breakpoint.detail);
+        println!(
+            "{name}: SKIPPED (part): int3 stops and step over; probe: {}",
+            p.sw_breakpoint.detail
+        );
     }
     dbg.remove(AddressSpace::Virtual(&*g.vcpu(0)), BreakpointType::Software, virt, 1)
         .expect("remove");
