@@ -251,7 +251,9 @@ impl<M: GuestMemory> VmDebug<M> {
     }
 
     /// A copy of the intent. Software breakpoints in it are keyed by
-    /// guest-physical address.
+    /// guest-physical address. Its hardware slots are always empty: kvm-glue
+    /// keeps hardware breakpoints and watchpoints in
+    /// [`watch_slots`](Self::watch_slots).
     ///
     /// # Errors
     /// [`Error::Poisoned`].
@@ -764,16 +766,10 @@ impl<M: GuestMemory> VmDebug<M> {
     /// [`Error::Memory`] if an address does not translate or is not guest
     /// memory; `buf` may then be partly written, guest memory is untouched.
     pub fn read_memory(&self, space: AddressSpace<'_>, addr: u64, buf: &mut [u8]) -> Result<()> {
-        let chunks = chunks(space, addr, buf.len())?;
         let inner = self.shared.lock()?;
         let mut done = 0;
-        for (gpa, len) in chunks {
-            let out = &mut buf[done..done + len];
-            inner
-                .mem
-                .read_slice(out, GuestAddress(gpa))
-                .map_err(|source| MemoryError::Access { gpa, source })?;
-            for (i, byte) in out.iter_mut().enumerate() {
+        for (gpa, len) in read_linear(&inner.mem, space, addr, buf)? {
+            for (i, byte) in buf[done..done + len].iter_mut().enumerate() {
                 if let Some(entry) = inner.state.sw().get(gpa + i as u64) {
                     *byte = entry.saved;
                 }
@@ -829,20 +825,11 @@ impl<M: GuestMemory> VmDebug<M> {
             .map(|(w, b)| (*w, b.len()))
             .collect();
         for (watch, len) in touched {
-            // Best effort, after the write: a watched range that does not
-            // translate keeps its old copy rather than fail a write that
-            // already happened.
-            let Ok(pieces) = self::chunks(space, watch.addr(), len) else {
-                continue;
-            };
+            // Best effort, after the write: a watched range that cannot be
+            // read keeps its old copy rather than fail a write that already
+            // happened.
             let mut now = vec![0u8; len];
-            let mut at = 0;
-            let mut whole = true;
-            for (gpa, n) in pieces {
-                whole &= inner.mem.read_slice(&mut now[at..at + n], GuestAddress(gpa)).is_ok();
-                at += n;
-            }
-            if whole {
+            if read_linear(&inner.mem, space, watch.addr(), &mut now).is_ok() {
                 inner.read_saved.insert(watch, now);
             }
         }
@@ -908,8 +895,26 @@ fn resolve(space: AddressSpace<'_>, addr: u64) -> Result<(u64, SpaceKind), Memor
     }
 }
 
+/// Reads `buf.len()` bytes at `addr` in `space` (no `int3` hiding); returns
+/// the guest-physical pieces read, in order.
+pub(crate) fn read_linear<M: GuestMemory>(
+    mem: &M,
+    space: AddressSpace<'_>,
+    addr: u64,
+    buf: &mut [u8],
+) -> Result<Vec<(u64, usize)>, MemoryError> {
+    let pieces = chunks(space, addr, buf.len())?;
+    let mut done = 0;
+    for &(gpa, len) in &pieces {
+        mem.read_slice(&mut buf[done..done + len], GuestAddress(gpa))
+            .map_err(|source| MemoryError::Access { gpa, source })?;
+        done += len;
+    }
+    Ok(pieces)
+}
+
 /// `[addr, addr + len)` in `space` as guest-physical pieces, one per 4 KiB page.
-pub(crate) fn chunks(space: AddressSpace<'_>, addr: u64, len: usize) -> Result<Vec<(u64, usize)>, MemoryError> {
+fn chunks(space: AddressSpace<'_>, addr: u64, len: usize) -> Result<Vec<(u64, usize)>, MemoryError> {
     const PAGE: u64 = 0x1000;
     let mut out = Vec::new();
     let mut at = addr;

@@ -58,7 +58,7 @@
 use std::fmt;
 
 use kvm_bindings::{kvm_debug_exit_arch, kvm_guest_debug, kvm_guest_debug_arch};
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vm_memory::GuestMemory;
 use x86_debugreg::exit::Exception;
 use x86_debugreg::predict::SlotMask;
 use x86_debugreg::sw::{ByteMemory, INT3};
@@ -66,9 +66,9 @@ use x86_debugreg::watch::{Watch, WatchHit};
 use x86_debugreg::{Applied, ControlFlags, DebugExit, Decision, Dr6, GuestDebug, Hits, HwKind, Slot, Stop};
 
 use crate::control::Pending;
-use crate::debugger::{chunks, Inner, Shared, VmDebug};
+use crate::debugger::{read_linear, Inner, Shared, VmDebug};
 use crate::error::{Error, Result};
-use crate::memory::{translate, AddressSpace, MemoryError, PhysicalMemory};
+use crate::memory::{translate, AddressSpace, PhysicalMemory};
 use crate::probe::Int1Pc;
 use crate::sync::{Arc, Ordering};
 use crate::vcpu::VcpuOps;
@@ -445,10 +445,12 @@ impl<M: GuestMemory> VcpuDebug<M> {
         let sw_gpa = if inner.state.sw().is_empty() {
             None
         } else {
-            translate(vcpu, pc)
-                .ok()
-                .or(self.last_gpa)
-                .filter(|gpa| inner.state.sw().contains(*gpa))
+            // The address recorded at the stop being stepped over, if it was
+            // an int3; else (an execute breakpoint on an int3) translate.
+            let ours = |gpa: &u64| inner.state.sw().contains(*gpa);
+            self.last_gpa
+                .filter(ours)
+                .or_else(|| translate(vcpu, pc).ok().filter(ours))
         };
         if slots == 0 && sw_gpa.is_none() {
             self.step = Step::Idle;
@@ -503,6 +505,7 @@ impl<M: GuestMemory> VcpuDebug<M> {
         let mut inner = shared.lock()?;
         let stepped = self.step;
         self.at_breakpoint = None;
+        self.last_gpa = None;
         if let Step::InFlight { sw_gpa } = stepped {
             if let Some(gpa) = sw_gpa {
                 if inner.state.sw().contains(gpa) {
@@ -681,14 +684,7 @@ impl<M: GuestMemory> VcpuDebug<M> {
 /// Reads `watch`'s bytes now, through `vcpu`'s page tables.
 fn read_watched<M: GuestMemory, V: VcpuOps>(inner: &Inner<M>, vcpu: &V, watch: &Watch, len: usize) -> Result<Vec<u8>> {
     let mut now = vec![0u8; len];
-    let mut at = 0;
-    for (gpa, n) in chunks(AddressSpace::Virtual(vcpu), watch.addr(), len)? {
-        inner
-            .mem
-            .read_slice(&mut now[at..at + n], GuestAddress(gpa))
-            .map_err(|source| MemoryError::Access { gpa, source })?;
-        at += n;
-    }
+    read_linear(&inner.mem, AddressSpace::Virtual(vcpu), watch.addr(), &mut now)?;
     Ok(now)
 }
 
@@ -714,6 +710,10 @@ fn check_reads<M: GuestMemory, V: VcpuOps>(
     vcpu: &V,
     hits: &Hits,
 ) -> Result<(Vec<WatchHit>, bool)> {
+    if hits.is_empty() {
+        // A plain single step: nothing to map (the common case while stepping).
+        return Ok((Vec::new(), false));
+    }
     let all = inner.watch.hits(hits);
     let mut kept = Vec::with_capacity(all.len());
     let mut dropped = SlotMask::EMPTY;

@@ -297,7 +297,10 @@ fn with_a_failure_injected_at_every_call_no_vcpu_believes_what_it_does_not_have(
         k += 1;
     }
     println!("injected a failure at each of the first {failures_seen} vCPU calls of the scenario");
-    assert!(failures_seen >= 5, "the scenario makes at least 5 calls on vCPU 1");
+    // sync, the #BP's KVM_TRANSLATE, the step-over's KVM_SET_GUEST_DEBUG and
+    // the re-injection; the step over an int3 uses the address recorded at
+    // its stop instead of translating the pc again.
+    assert!(failures_seen >= 4, "the scenario makes at least 4 calls on vCPU 1");
 }
 
 #[test]
