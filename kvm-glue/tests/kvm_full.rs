@@ -10,14 +10,15 @@
 //! `KVM_GLUE_REQUIRE_KVM` is unset, so a check the probe says this host can
 //! do always runs.
 //!
-//! Self-contained on purpose (no `mod common`): the only kvm-glue API used is
-//! `VmDebug::{new, vcpu, insert, remove}`, `VcpuDebug::{sync, handle_exit,
-//! step_over}`, the tiny guest and the probe. A step-over is asked for with
-//! `step_over()` and armed by the next `sync`.
+//! The kvm-glue API used is `VmDebug::{new, vcpu, insert, remove}`,
+//! `VcpuDebug::{sync, handle_exit, step_over}`, the tiny guest and the probe
+//! (through `common`, shared with the other real-KVM tests). A step-over is
+//! asked for with `step_over()` and armed by the next `sync`.
 
-use std::sync::OnceLock;
+mod common;
 
-use kvm_glue::guest::{self, Exit, Guest, GuestError};
+use common::{guest_for, probe};
+use kvm_glue::guest::{self, Exit, Guest};
 use kvm_glue::probe::{Finding, Probe};
 use kvm_glue::{AddressSpace, Handled, Insert, Resume, StepOver, StopEvent, VcpuDebug, VmDebug};
 use kvm_ioctls::VcpuFd;
@@ -29,39 +30,6 @@ const PHYS: AddressSpace<'static> = AddressSpace::Physical;
 /// breakpoint routine ran its original instruction.
 const SW_DONE: Exit = Exit::Out(guest::PORT_DONE, 0x35);
 const INT3: u8 = 0xCC;
-
-/// The probe, once per test binary.
-fn probe() -> &'static Probe {
-    static PROBE: OnceLock<Probe> = OnceLock::new();
-    PROBE.get_or_init(|| kvm_glue::probe::probe().expect("the probe runs where the guest does"))
-}
-
-/// The tiny guest with `vcpus` vCPUs, if this host can run `check`: `None`
-/// after printing the one SKIPPED line when /dev/kvm is missing (a failure
-/// under `KVM_GLUE_REQUIRE_KVM`) or when the probe says `feature` does not
-/// work here.
-fn guest_for(check: &str, vcpus: usize, feature: fn(&Probe) -> &Finding) -> Option<Guest> {
-    let g = match Guest::new(vcpus) {
-        Ok(g) => g,
-        Err(GuestError::NoKvm(e)) => {
-            if std::env::var_os("KVM_GLUE_REQUIRE_KVM").is_some() {
-                panic!("{check}: /dev/kvm cannot be opened ({e}) but KVM_GLUE_REQUIRE_KVM is set");
-            }
-            println!("{check}: SKIPPED: /dev/kvm cannot be opened ({e})");
-            return None;
-        }
-        Err(e) => panic!("{check}: cannot build the tiny guest: {e}"),
-    };
-    let finding = feature(probe());
-    if !finding.supported {
-        println!(
-            "{check}: SKIPPED: the probe says this host's KVM cannot: {}",
-            finding.detail
-        );
-        return None;
-    }
-    Some(g)
-}
 
 /// What a resumed vCPU came back with.
 #[derive(Debug, Clone, PartialEq, Eq)]

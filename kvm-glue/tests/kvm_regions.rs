@@ -6,9 +6,8 @@
 
 mod common;
 
-use common::{probe, resume, Event};
-use kvm_glue::guest::{self, Exit, Guest, GuestError};
-use kvm_glue::probe::{Finding, Probe};
+use common::{guest_for, resume, Event};
+use kvm_glue::guest::{self, Exit, Guest};
 use kvm_glue::{AddressSpace, StopEvent, VmDebug};
 use vm_memory::{Bytes, GuestAddress};
 use x86_debugreg::watch::{Watch, WatchKind};
@@ -17,31 +16,6 @@ const PHYS: AddressSpace<'static> = AddressSpace::Physical;
 
 /// A stop and the user's watchpoints it named: (address, length, kind).
 type Named = (StopEvent, Vec<(u64, u64, WatchKind)>);
-
-/// The guest, or `None` after one SKIPPED line (no /dev/kvm without
-/// `KVM_GLUE_REQUIRE_KVM`, or the probe says `feature` does not work here).
-fn guest_for(check: &str, feature: fn(&Probe) -> &Finding) -> Option<Guest> {
-    let g = match Guest::new(1) {
-        Ok(g) => g,
-        Err(GuestError::NoKvm(e)) => {
-            if std::env::var_os("KVM_GLUE_REQUIRE_KVM").is_some() {
-                panic!("{check}: /dev/kvm cannot be opened ({e}) but KVM_GLUE_REQUIRE_KVM is set");
-            }
-            println!("{check}: SKIPPED: /dev/kvm cannot be opened ({e})");
-            return None;
-        }
-        Err(e) => panic!("{check}: cannot build the tiny guest: {e}"),
-    };
-    let finding = feature(probe());
-    if !finding.supported {
-        println!(
-            "{check}: SKIPPED: the probe says this host's KVM cannot: {}",
-            finding.detail
-        );
-        return None;
-    }
-    Some(g)
-}
 
 /// Runs the data-access routine with `rax` = `rax`, collecting every stop
 /// and the watchpoints each named, until its end.
@@ -77,7 +51,7 @@ fn run_data_access(g: &mut Guest, dbg: &VmDebug<vm_memory::GuestMemoryMmap>, rax
 #[test]
 fn an_unaligned_region_stops_on_every_overlapping_write_and_names_the_user_watch() {
     let check = "region watchpoint";
-    let Some(mut g) = guest_for(check, |p| &p.write_watch) else {
+    let Some(mut g) = guest_for(check, 1, |p| &p.write_watch) else {
         return;
     };
     let dbg = VmDebug::new(g.memory().clone());
@@ -104,7 +78,7 @@ fn an_unaligned_region_stops_on_every_overlapping_write_and_names_the_user_watch
 #[test]
 fn a_read_watch_ignores_the_write_and_stops_at_the_read() {
     let check = "read watchpoint";
-    let Some(mut g) = guest_for(check, |p| &p.rw_watch) else {
+    let Some(mut g) = guest_for(check, 1, |p| &p.rw_watch) else {
         return;
     };
     g.memory()

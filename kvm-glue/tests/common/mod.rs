@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use kvm_bindings::{kvm_fpu, kvm_guest_debug, kvm_regs, kvm_sregs, kvm_translation};
 use kvm_glue::guest::{self, Exit, Guest, GuestError};
-use kvm_glue::probe::{self, Probe};
+use kvm_glue::probe::{self, Finding, Probe};
 use kvm_glue::{Handled, StopEvent, VcpuDebug, VcpuOps};
 use kvm_ioctls::VcpuFd;
 use vm_memory::GuestMemoryMmap;
@@ -32,6 +32,23 @@ pub fn guest(test: &str, vcpus: usize) -> Option<Guest> {
 pub fn probe() -> &'static Probe {
     static PROBE: OnceLock<Probe> = OnceLock::new();
     PROBE.get_or_init(|| probe::probe().expect("the probe runs where the guest does"))
+}
+
+/// The tiny guest with `vcpus` vCPUs, if this host can run `check`: `None`
+/// after printing the one SKIPPED line when /dev/kvm is missing (a failure
+/// under `KVM_GLUE_REQUIRE_KVM`) or when the probe says `feature` does not
+/// work here.
+pub fn guest_for(check: &str, vcpus: usize, feature: fn(&Probe) -> &Finding) -> Option<Guest> {
+    let g = guest(check, vcpus)?;
+    let finding = feature(probe());
+    if !finding.supported {
+        println!(
+            "{check}: SKIPPED: the probe says this host's KVM cannot: {}",
+            finding.detail
+        );
+        return None;
+    }
+    Some(g)
 }
 
 /// A `VcpuFd` that counts the `KVM_SET_GUEST_DEBUG` calls made through it.
