@@ -322,7 +322,9 @@ fn run(args: &Args) -> Result<u8, Error> {
                 let pty = pty::open()?;
                 println!("attach with: gdb -q {elf} -ex 'target remote {}'", pty.path.display());
                 let name = pty.path.display().to_string();
-                serve_stream(&pty.master, &name, &dbg, &options, |event| println!("elf_vmm: {event}"))?
+                let code = serve_stream(&pty.master, &name, &dbg, &options, |event| println!("elf_vmm: {event}"))?;
+                pty.linger(Duration::from_secs(2));
+                code
             }
         };
         println!("elf_vmm: the guest ended (exit code {code})");

@@ -21,6 +21,36 @@ pub struct Pty {
     pub path: PathBuf,
 }
 
+impl Pty {
+    /// Waits, up to `timeout`, until the debugger has closed its side,
+    /// dropping whatever it still sends (its ack of the last packet). A
+    /// VMM that exits right after its last packet closes the master under
+    /// the debugger, and Linux drops what the slave had not read yet: GDB
+    /// would see a hang-up instead of the guest's exit.
+    pub fn linger(self, timeout: std::time::Duration) {
+        let Pty { master, _slave, .. } = self;
+        drop(_slave);
+        let deadline = std::time::Instant::now() + timeout;
+        let mut buf = [0u8; 64];
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            let mut pfd = libc::pollfd {
+                fd: master.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
+            // SAFETY: one valid, initialised pollfd, count 1.
+            let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if n <= 0 || pfd.revents & libc::POLLHUP != 0 {
+                return; // timed out, failed, or the slave is closed
+            }
+            if std::io::Read::read(&mut &master, &mut buf).is_err() {
+                return;
+            }
+        }
+    }
+}
+
 fn check(what: &str, rc: libc::c_int) -> io::Result<()> {
     if rc < 0 {
         let e = io::Error::last_os_error();
