@@ -16,6 +16,9 @@
 //! gdb -q /tmp/guest.elf -ex 'target remote /dev/pts/N'                               # as printed
 //! ```
 //!
+//! Built without feature `gdb` (as `cargo test` without features builds
+//! it, for the KVM lanes) it runs the guest and serves no debugger.
+//!
 //! Options: `--gdb-port N` (127.0.0.1; 0 picks a port) or `--gdb-pty` (one
 //! transport per run: each serves one debugger at a time, two would fight
 //! over the same vCPUs); `--hold` keeps every vCPU before its first
@@ -39,9 +42,11 @@
 //! * item 6 (interrupts in a step): nothing here; with the timer on, a
 //!   `stepi` on vCPU 0 may land in `timer_isr` (vCPU 1 keeps interrupts off).
 
+#[cfg(feature = "gdb")]
 mod pty;
 mod vm;
 
+#[cfg(feature = "gdb")]
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -49,6 +54,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "gdb")]
 use kvm_glue::gdb::{serve, serve_stream, GuestEnd, Options};
 use kvm_glue::run::{run_once, Exit};
 use kvm_glue::{Handled, RunState, SignalKick, VcpuDebug, VmDebug};
@@ -65,6 +71,7 @@ const VCPUS: usize = 2;
 
 enum Gdb {
     None,
+    #[cfg_attr(not(feature = "gdb"), allow(dead_code))] // refused by parse_args
     Port(u16),
     Pty,
 }
@@ -97,6 +104,9 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     let elf = elf.ok_or(USAGE)?;
+    if !cfg!(feature = "gdb") && !matches!(gdb, Gdb::None) {
+        return Err("this elf_vmm was built without feature gdb: it serves no debugger".into());
+    }
     if hold && matches!(gdb, Gdb::None) {
         return Err("--hold needs --gdb-port or --gdb-pty: nobody would release the vCPUs".into());
     }
@@ -106,6 +116,8 @@ fn parse_args() -> Result<Args, String> {
 /// What the vCPU threads share.
 struct Shared {
     kick: std::sync::Arc<SignalKick>,
+    /// The guest's end, as the GDB server hears of it.
+    #[cfg(feature = "gdb")]
     end: GuestEnd,
     /// vCPUs that have not said they are done.
     running: AtomicUsize,
@@ -115,6 +127,7 @@ struct Shared {
 
 impl Shared {
     fn end(&self, code: u8) -> Result<(), Error> {
+        #[cfg(feature = "gdb")]
         self.end.end(code)?;
         let _ = self.ended.send(code);
         Ok(())
@@ -266,6 +279,33 @@ fn hold_vcpus(dbg: &VmDebug<GuestMemoryMmap>) -> Result<std::thread::JoinHandle<
     Ok(stopper)
 }
 
+/// Serves GDB until the guest ends; its exit code.
+#[cfg(feature = "gdb")]
+fn serve_gdb(args: &Args, how: &Gdb, dbg: &VmDebug<GuestMemoryMmap>, end: &GuestEnd) -> Result<u8, Error> {
+    let options = Options {
+        end: Some(end.clone()),
+        ..Options::default()
+    };
+    let elf = args.elf.display();
+    Ok(match how {
+        Gdb::None => return Err("no GDB transport".into()),
+        Gdb::Port(port) => {
+            let listener = TcpListener::bind(("127.0.0.1", *port))?;
+            let port = listener.local_addr()?.port();
+            println!("attach with: gdb -q {elf} -ex 'target remote 127.0.0.1:{port}'");
+            serve(&listener, dbg, &options, |event| println!("elf_vmm: {event}"))?
+        }
+        Gdb::Pty => {
+            let pty = pty::open()?;
+            println!("attach with: gdb -q {elf} -ex 'target remote {}'", pty.path.display());
+            let name = pty.path.display().to_string();
+            let code = serve_stream(&pty.master, &name, dbg, &options, |event| println!("elf_vmm: {event}"))?;
+            pty.linger(Duration::from_secs(2));
+            code
+        }
+    })
+}
+
 fn run(args: &Args) -> Result<u8, Error> {
     let mut vm = vm::build(&args.elf, VCPUS, args.timer)?;
     println!(
@@ -284,15 +324,11 @@ fn run(args: &Args) -> Result<u8, Error> {
     let (ended, ended_rx) = mpsc::channel();
     let shared = Shared {
         kick,
+        #[cfg(feature = "gdb")]
         end: GuestEnd::new()?,
         running: AtomicUsize::new(VCPUS),
         ended,
     };
-    let options = Options {
-        end: Some(shared.end.clone()),
-        ..Options::default()
-    };
-
     std::thread::scope(|scope| -> Result<u8, Error> {
         for ((id, vcpu), h) in vm.vcpus.iter_mut().enumerate().zip(handles) {
             let shared = &shared;
@@ -309,23 +345,12 @@ fn run(args: &Args) -> Result<u8, Error> {
             stopper.join().map_err(|_| "the holding thread panicked")??;
             println!("elf_vmm: every vCPU held before its first instruction until a debugger attaches");
         }
-        let elf = args.elf.display();
         let code = match args.gdb {
             Gdb::None => ended_rx.recv()?,
-            Gdb::Port(port) => {
-                let listener = TcpListener::bind(("127.0.0.1", port))?;
-                let port = listener.local_addr()?.port();
-                println!("attach with: gdb -q {elf} -ex 'target remote 127.0.0.1:{port}'");
-                serve(&listener, &dbg, &options, |event| println!("elf_vmm: {event}"))?
-            }
-            Gdb::Pty => {
-                let pty = pty::open()?;
-                println!("attach with: gdb -q {elf} -ex 'target remote {}'", pty.path.display());
-                let name = pty.path.display().to_string();
-                let code = serve_stream(&pty.master, &name, &dbg, &options, |event| println!("elf_vmm: {event}"))?;
-                pty.linger(Duration::from_secs(2));
-                code
-            }
+            #[cfg(feature = "gdb")]
+            ref gdb => serve_gdb(args, gdb, &dbg, &shared.end)?,
+            #[cfg(not(feature = "gdb"))]
+            _ => return Err("built without feature gdb".into()), // parse_args refuses it first
         };
         println!("elf_vmm: the guest ended (exit code {code})");
         // The vCPU threads stay halted in KVM_RUN: end the process.
