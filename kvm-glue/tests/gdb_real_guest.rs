@@ -32,6 +32,12 @@ use elf_guest::{after, hex_at, setup, Needs, Setup, Vmm, TIMEOUT};
 /// Runs `gdb -batch` with the guest's symbols, `target remote` to the
 /// VMM, then `script`; returns what gdb printed (stdout and stderr).
 fn gdb(s: &Setup, vmm: &Vmm, script: &str) -> String {
+    gdb_interrupting(s, vmm, script, None)
+}
+
+/// As [`gdb`], and sends gdb SIGINT (what Ctrl-C at its prompt does) once,
+/// `after` it started: gdb then interrupts the running target.
+fn gdb_interrupting(s: &Setup, vmm: &Vmm, script: &str, after: Option<Duration>) -> String {
     let target = vmm.target.as_deref().expect("the VMM serves GDB");
     let file = std::env::temp_dir().join(format!(
         "kvm-glue-real-guest-{}-{:?}.gdb",
@@ -51,8 +57,18 @@ fn gdb(s: &Setup, vmm: &Vmm, script: &str) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start gdb");
-    let deadline = Instant::now() + TIMEOUT;
+    let started = Instant::now();
+    let mut interrupt = after;
+    let deadline = started + TIMEOUT;
     while child.try_wait().expect("try_wait").is_none() {
+        if interrupt.is_some_and(|a| started.elapsed() >= a) {
+            interrupt = None;
+            let sent = Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status()
+                .expect("run kill");
+            assert!(sent.success(), "kill -INT gdb failed");
+        }
         if Instant::now() > deadline {
             let _ = child.kill();
             break;
@@ -210,4 +226,39 @@ continue",
     println!(
         "{name}: checked gdb on {target}: hbreak, p, set var, detach; a second gdb: p, set var, continue to the end"
     );
+}
+
+#[test]
+fn ctrl_c_over_a_pty_stops_both_vcpus_where_they_run() {
+    let name = "Ctrl-C over a pty";
+    let Some(s) = setup(name, Needs::Gdb) else { return };
+    let mut vmm = Vmm::start(&s, &["--hold", "--gdb-pty", "--no-timer"]);
+    // The guest runs round after round until gdb, interrupted, ends it.
+    let out = gdb_interrupting(
+        &s,
+        &vmm,
+        "set var rounds = 1000000000
+continue
+info threads
+p rounds
+set var rounds = 0
+continue",
+        Some(Duration::from_secs(2)),
+    );
+    // gdb sends 0x03 down the pty; every vCPU is stopped where it was.
+    assert!(out.contains("received signal SIGINT, Interrupt."), "{out}");
+    let vcpu0 = after(&out, "Thread 1.1 (vCPU 0) ").expect("thread 1");
+    assert!(
+        ["fact", "vcpu0_main"].iter().any(|f| vcpu0.contains(f)),
+        "vCPU 0 stopped in its own loop: {out}"
+    );
+    let vcpu1 = after(&out, "Thread 1.2 (vCPU 1) ").expect("thread 2");
+    assert!(
+        ["vcpu1_work", "vcpu1_main"].iter().any(|f| vcpu1.contains(f)),
+        "vCPU 1 stopped in its own loop: {out}"
+    );
+    assert!(out.contains("$1 = 1000000000\n"), "{out}");
+    assert!(out.contains("[Inferior 1 (process 1) exited normally]"), "{out}");
+    assert_eq!(vmm.wait(), 0);
+    println!("{name}: checked gdb's interrupt on the pty stops both vCPUs in their loops, then continue to the end");
 }
