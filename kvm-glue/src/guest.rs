@@ -28,9 +28,11 @@
 pub mod asm;
 
 pub use asm::*;
+// One copy of the exit a VMM copies out of `kvm_run`: the public one.
+pub use crate::run::{run_once, Exit};
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// Size of guest memory.
@@ -103,87 +105,6 @@ pub enum GuestError {
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> GuestError {
     move |source| GuestError::Kvm { what, source }
-}
-
-/// What a run of a vCPU ended with, copied out of the `kvm_run` area so it can
-/// outlive the borrow of the vCPU.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Exit {
-    /// `KVM_EXIT_DEBUG`, with its architecture data.
-    Debug {
-        /// Exception vector (1 = #DB, 3 = #BP).
-        exception: u32,
-        /// Linear address of the instruction (CS base + RIP).
-        pc: u64,
-        /// DR6 as KVM reports it.
-        dr6: u64,
-        /// DR7 as KVM reports it (0 on some hosts; never relied on).
-        dr7: u64,
-    },
-    /// An `out` of one byte: `(port, value)`.
-    Out(u16, u8),
-    /// `hlt`.
-    Hlt,
-    /// `KVM_EXIT_INTERNAL_ERROR`.
-    InternalError,
-    /// `KVM_EXIT_SHUTDOWN` (a triple fault).
-    Shutdown,
-    /// `KVM_RUN` returned `EINTR`: a signal (a kick) arrived before or
-    /// during the run. Not an error: drain the kick and check for requests.
-    Interrupted,
-    /// Anything else, as text.
-    Other(String),
-}
-
-impl Exit {
-    /// Copies a [`VcpuExit`] into an [`Exit`].
-    pub fn from_vcpu_exit(exit: &VcpuExit<'_>) -> Exit {
-        match exit {
-            VcpuExit::Debug(d) => Exit::Debug {
-                exception: d.exception,
-                pc: d.pc,
-                dr6: d.dr6,
-                dr7: d.dr7,
-            },
-            VcpuExit::IoOut(port, data) if data.len() == 1 => Exit::Out(*port, data[0]),
-            VcpuExit::Hlt => Exit::Hlt,
-            VcpuExit::InternalError => Exit::InternalError,
-            VcpuExit::Shutdown => Exit::Shutdown,
-            other => Exit::Other(format!("{other:?}")),
-        }
-    }
-
-    /// The debug-exit data, if this is a debug exit.
-    pub fn debug(&self) -> Option<kvm_bindings::kvm_debug_exit_arch> {
-        match *self {
-            Exit::Debug {
-                exception,
-                pc,
-                dr6,
-                dr7,
-            } => Some(kvm_bindings::kvm_debug_exit_arch {
-                exception,
-                pad: 0,
-                pc,
-                dr6,
-                dr7,
-            }),
-            _ => None,
-        }
-    }
-}
-
-/// Runs `vcpu` once and copies the exit out. `EINTR` (a kick) is
-/// [`Exit::Interrupted`], not an error.
-///
-/// # Errors
-/// The `KVM_RUN` ioctl's error, other than `EINTR`.
-pub fn run_once(vcpu: &mut VcpuFd) -> Result<Exit, kvm_ioctls::Error> {
-    match vcpu.run() {
-        Ok(exit) => Ok(Exit::from_vcpu_exit(&exit)),
-        Err(e) if e.errno() == libc::EINTR => Ok(Exit::Interrupted),
-        Err(e) => Err(e),
-    }
 }
 
 /// The tiny guest: a VM, its memory, and 1 or 2 vCPUs in 64-bit mode.

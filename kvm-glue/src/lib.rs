@@ -38,7 +38,8 @@
 //! `examples/vmm_threads.rs` is the whole pattern, runnable:
 //!
 //! ```no_run
-//! # use kvm_glue::{Handled, SignalKick, VmDebug, guest::{self, Exit, Guest}};
+//! # use kvm_glue::{Handled, SignalKick, VmDebug, guest::Guest};
+//! use kvm_glue::{run_once, Exit};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! # let mut g = Guest::new(1)?; let dbg = VmDebug::new(g.memory().clone());
 //! let kick = SignalKick::new(0)?; // SIGRTMIN + 0, blocked outside KVM_RUN
@@ -48,10 +49,11 @@
 //! kick.prepare_vcpu_thread(0, vcpu)?; // on the vCPU's own thread
 //! loop {
 //!     h.before_run(&*vcpu)?; // parks while the debugger holds this vCPU, then syncs
-//!     match guest::run_once(vcpu)? {
+//!     let exit = run_once(vcpu)?; // an owned copy: vcpu is free again
+//!     match exit {
 //!         Exit::Interrupted => kick.drain()?, // EINTR: kicked
 //!         Exit::Debug { .. } => {
-//!             # let arch = kvm_bindings::kvm_debug_exit_arch::default();
+//!             let arch = exit.debug().ok_or("a debug exit has its data")?;
 //!             if let Handled::Stop(stop) = h.handle_exit(&*vcpu, &arch)? {
 //!                 h.report_stop(stop)?; // all-stop: everyone parks
 //!             }
@@ -70,6 +72,8 @@
 //! * [`sw_table`]: software breakpoints by guest-physical address, with the requests behind them.
 //! * [`VcpuOps`] ([`vcpu`]): the ioctls used, for `VcpuFd` and [`fake::FakeVcpu`].
 //! * [`memory`]: guest memory as the core's `ByteMemory`, physical or virtual.
+//! * [`run`]: one `KVM_RUN` with its exit copied out ([`run_once`], [`Exit`]), so the
+//!   vCPU can be lent to `handle_exit`.
 //! * [`probe`]: what this host's KVM really does.
 //! * [`guest`]: a tiny built-in 64-bit guest for tests, the probe, the demo and the bench.
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -83,6 +87,7 @@ pub mod guest;
 pub mod kick;
 pub mod memory;
 pub mod probe;
+pub mod run;
 pub mod sw_table;
 mod sync;
 pub mod vcpu;
@@ -93,6 +98,7 @@ pub use debugger::{int1_pc_from_cpuid, Insert, VmDebug};
 pub use error::{Error, Result};
 pub use kick::{Kick, KickError, SignalKick};
 pub use memory::{AddressSpace, MemoryError, PhysicalMemory, VirtualMemory};
+pub use run::{run_once, Exit};
 pub use sw_table::{Request, SpaceKind};
 pub use vcpu::VcpuOps;
 pub use vcpu_debug::{Handled, Resume, StepOver, StopEvent, SyncAllError, VcpuDebug};

@@ -27,6 +27,10 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Any other byte stream the VMM has — the host side of a serial port, a
+//! pty, vsock — goes to [`serve_stream`] (QEMU's `-gdb chardev`); sessions
+//! start when GDB's first byte arrives.
+//!
 //! What GDB gets:
 //! * **registers**: general, `rip`, `eflags`, segment selectors, x87
 //!   (`st0`–`st7`, `fctrl`…`fop`), `xmm0`–`xmm15` and `mxcsr`, read and
@@ -74,9 +78,9 @@ pub use regs::{from_gdb, to_gdb, RegisterWriteError, VcpuRegs};
 pub use target::VmTarget;
 
 use std::fmt;
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -107,6 +111,16 @@ pub enum GdbError {
     NoSocketPath {
         /// The listener's address, as `Debug` shows it.
         addr: String,
+    },
+    /// The byte stream given to [`serve_stream`] closed (end of file, or
+    /// `EIO` from a pty whose slave nobody holds open).
+    #[error("the GDB stream {name} closed: {source}")]
+    StreamClosed {
+        /// The stream's name, as given to [`serve_stream`].
+        name: String,
+        /// What reading it said.
+        #[source]
+        source: io::Error,
     },
     /// The listener, or waiting on it, failed.
     #[error("GDB listener: {op} failed: {source}")]
@@ -224,6 +238,8 @@ pub enum Peer {
     Tcp(SocketAddr),
     /// A Unix-socket peer, by the listener's path (peers have none).
     Unix(PathBuf),
+    /// A byte stream given to [`serve_stream`], by the name given with it.
+    Stream(String),
 }
 
 impl fmt::Display for Peer {
@@ -231,6 +247,7 @@ impl fmt::Display for Peer {
         match self {
             Peer::Tcp(addr) => write!(f, "{addr}"),
             Peer::Unix(path) => write!(f, "unix socket {}", path.display()),
+            Peer::Stream(name) => f.write_str(name),
         }
     }
 }
@@ -266,14 +283,36 @@ impl fmt::Display for ServeEvent {
 
 /// A listener [`serve_on`] accepts debuggers from, one at a time.
 trait Accept: AsRawFd {
-    type Stream: ConnectionExt<Error = io::Error> + AsRawFd;
-    fn accept_one(&self) -> io::Result<(Self::Stream, Peer)>;
+    type Stream<'a>: ConnectionExt<Error = io::Error> + AsRawFd
+    where
+        Self: 'a;
+    /// The next debugger's connection, or `None` when what woke the wait
+    /// starts no session.
+    fn accept_one(&mut self) -> io::Result<Option<(Self::Stream<'_>, Peer)>>;
+    /// The name of a stream whose end of file ends serving (see
+    /// [`closed`]); `None` for a listener, where the next debugger connects
+    /// anew.
+    fn stream_name(&self) -> Option<String> {
+        None
+    }
 }
 
-impl Accept for TcpListener {
-    type Stream = TcpStream;
-    fn accept_one(&self) -> io::Result<(TcpStream, Peer)> {
-        self.accept().map(|(s, addr)| (s, Peer::Tcp(addr)))
+/// A loopback TCP listener.
+struct Tcp<'a>(&'a TcpListener);
+
+impl AsRawFd for Tcp<'_> {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl Accept for Tcp<'_> {
+    type Stream<'a>
+        = TcpStream
+    where
+        Self: 'a;
+    fn accept_one(&mut self) -> io::Result<Option<(TcpStream, Peer)>> {
+        self.0.accept().map(|(s, addr)| Some((s, Peer::Tcp(addr))))
     }
 }
 
@@ -287,9 +326,128 @@ impl AsRawFd for UnixAt<'_> {
 }
 
 impl Accept for UnixAt<'_> {
-    type Stream = UnixStream;
-    fn accept_one(&self) -> io::Result<(UnixStream, Peer)> {
-        self.0.accept().map(|(s, _)| (s, Peer::Unix(self.1.clone())))
+    type Stream<'a>
+        = UnixStream
+    where
+        Self: 'a;
+    fn accept_one(&mut self) -> io::Result<Option<(UnixStream, Peer)>> {
+        self.0.accept().map(|(s, _)| Some((s, Peer::Unix(self.1.clone()))))
+    }
+}
+
+/// A byte stream that is its own, only, connection: a session starts when
+/// a byte arrives (see [`serve_stream`]).
+struct OneStream<S> {
+    stream: S,
+    name: String,
+}
+
+impl<S: AsFd> AsRawFd for OneStream<S> {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.stream.as_fd().as_raw_fd()
+    }
+}
+
+impl<S: Read + Write + AsFd> Accept for OneStream<S> {
+    type Stream<'a>
+        = StreamConn<'a, S>
+    where
+        Self: 'a;
+    fn accept_one(&mut self) -> io::Result<Option<(StreamConn<'_, S>, Peer)>> {
+        let mut conn = StreamConn {
+            inner: &mut self.stream,
+            peeked: None,
+        };
+        // Readable: a packet (`$`) or Ctrl-C starts a session. An ack (`+`,
+        // `-`) the last debugger sent after its session ended, or line
+        // noise, is dropped, so it does not stop the guest for nobody.
+        match conn.read()? {
+            first @ (b'$' | 0x03) => {
+                conn.peeked = Some(first);
+                Ok(Some((conn, Peer::Stream(self.name.clone()))))
+            }
+            _ => Ok(None),
+        }
+    }
+    fn stream_name(&self) -> Option<String> {
+        Some(self.name.clone())
+    }
+}
+
+/// Whether losing a connection with `lost` ends serving: on a stream
+/// (`stream` is its name), end of file or `EIO` (a pty master whose slave
+/// nobody holds open) leaves no next connection to wait for.
+fn closed(stream: Option<&str>, lost: &io::Error) -> Option<GdbError> {
+    let name = stream?;
+    let eof = lost.kind() == io::ErrorKind::UnexpectedEof || lost.raw_os_error() == Some(libc::EIO);
+    eof.then(|| GdbError::StreamClosed {
+        name: name.to_string(),
+        source: io::Error::new(lost.kind(), lost.to_string()),
+    })
+}
+
+/// gdbstub's connection over any `Read + Write` byte stream, a byte at a
+/// time.
+struct StreamConn<'a, S> {
+    inner: &'a mut S,
+    /// A byte [`peek`](ConnectionExt::peek) read ahead (gdbstub's blocking
+    /// loop never peeks; the session's epoll does not see this byte).
+    peeked: Option<u8>,
+}
+
+impl<S: AsFd> AsRawFd for StreamConn<'_, S> {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.inner.as_fd().as_raw_fd()
+    }
+}
+
+impl<S: Read + Write> gdbstub::conn::Connection for StreamConn<'_, S> {
+    type Error = io::Error;
+    fn write(&mut self, byte: u8) -> io::Result<()> {
+        self.inner.write_all(&[byte])
+    }
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.inner.write_all(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<S: Read + Write + AsFd> ConnectionExt for StreamConn<'_, S> {
+    fn read(&mut self) -> io::Result<u8> {
+        if let Some(b) = self.peeked.take() {
+            return Ok(b);
+        }
+        let mut b = [0u8];
+        loop {
+            match self.inner.read(&mut b) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the GDB stream closed")),
+                Ok(_) => return Ok(b[0]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    fn peek(&mut self) -> io::Result<Option<u8>> {
+        if self.peeked.is_none() {
+            let mut pfd = libc::pollfd {
+                fd: self.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: `pfd` is one valid, initialised pollfd and the count
+            // passed is 1; a timeout of 0 never blocks.
+            let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if n > 0 {
+                // Readable or hung up: a byte, or the error read reports.
+                self.peeked = Some(self.read()?);
+            }
+        }
+        Ok(self.peeked)
     }
 }
 
@@ -317,7 +475,7 @@ pub fn serve<M: GuestMemory + Send + Sync + 'static>(
     if !addr.ip().is_loopback() {
         return Err(GdbError::NotLoopback { addr });
     }
-    serve_on(listener, dbg, options, on_event)
+    serve_on(&mut Tcp(listener), dbg, options, on_event)
 }
 
 /// As [`serve`], on a Unix socket: the same sessions, one debugger at a
@@ -339,7 +497,50 @@ pub fn serve_unix<M: GuestMemory + Send + Sync + 'static>(
             addr: format!("{addr:?}"),
         });
     };
-    serve_on(&UnixAt(listener, path.to_path_buf()), dbg, options, on_event)
+    serve_on(&mut UnixAt(listener, path.to_path_buf()), dbg, options, on_event)
+}
+
+/// As [`serve`], on a byte stream the VMM already has: a serial port's
+/// host side, a pty master, a vsock or a pipe pair — anything `Read +
+/// Write` with a descriptor (`AsFd`: `&File` will do) that polls
+/// readable when a byte is there.
+/// `name` says which in [`ServeEvent::Connected`] ([`Peer::Stream`]).
+///
+/// There is nothing to accept: a session starts when the first byte
+/// arrives (every vCPU is stopped then), and when it ends (detach, kill, a
+/// fatal error) the next byte starts the next. On a pty the VMM keeps a
+/// descriptor of the slave open itself, so a debugger that closes it (or
+/// dies) leaves the master readable by the next one rather than hung up;
+/// the `elf_vmm` example does (`gdb -ex 'target remote /dev/pts/N'`).
+///
+/// ```no_run
+/// # fn f(dbg: kvm_glue::VmDebug<vm_memory::GuestMemoryMmap>, serial: std::fs::File)
+/// # -> Result<(), Box<dyn std::error::Error>> {
+/// use kvm_glue::gdb::{serve_stream, Options};
+/// // `serial`: the host side of the VM's serial line, a pty master, ...
+/// serve_stream(&serial, "serial0", &dbg, &Options::default(), |event| eprintln!("{event}"))?;
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+/// [`GdbError::StreamClosed`] when the stream reads end of file or `EIO`
+/// (it has no next debugger to wait for); otherwise as [`serve`].
+pub fn serve_stream<M, S>(
+    stream: S,
+    name: &str,
+    dbg: &VmDebug<M>,
+    options: &Options,
+    on_event: impl FnMut(&ServeEvent),
+) -> Result<u8, GdbError>
+where
+    M: GuestMemory + Send + Sync + 'static,
+    S: Read + Write + AsFd,
+{
+    let mut one = OneStream {
+        stream,
+        name: name.to_string(),
+    };
+    serve_on(&mut one, dbg, options, on_event)
 }
 
 fn listener_err(op: &'static str) -> impl Fn(io::Error) -> GdbError {
@@ -347,7 +548,7 @@ fn listener_err(op: &'static str) -> impl Fn(io::Error) -> GdbError {
 }
 
 fn serve_on<M: GuestMemory + Send + Sync + 'static, L: Accept>(
-    listener: &L,
+    listener: &mut L,
     dbg: &VmDebug<M>,
     options: &Options,
     mut on_event: impl FnMut(&ServeEvent),
@@ -371,7 +572,14 @@ fn serve_on<M: GuestMemory + Send + Sync + 'static, L: Accept>(
             }
             continue;
         }
-        let (stream, peer) = listener.accept_one().map_err(listener_err("accept"))?;
+        let stream_name = listener.stream_name();
+        let accepted = match listener.accept_one() {
+            Ok(a) => a,
+            Err(e) => return Err(closed(stream_name.as_deref(), &e).unwrap_or_else(|| listener_err("accept")(e))),
+        };
+        let Some((stream, peer)) = accepted else {
+            continue;
+        };
         dbg.stop_all(options.stop_timeout).map_err(|source| GdbError::Vm {
             what: "stopped for a debugger",
             source,
@@ -386,9 +594,16 @@ fn serve_on<M: GuestMemory + Send + Sync + 'static, L: Accept>(
             SessionEnd::GuestEnded(code) => Some(code),
             _ => None,
         };
+        let closed = match &ended {
+            SessionEnd::ConnectionLost(e) => closed(stream_name.as_deref(), e),
+            _ => None,
+        };
         on_event(&ServeEvent::Ended(ended));
         if let Some(code) = code {
             return Ok(code);
+        }
+        if let Some(closed) = closed {
+            return Err(closed);
         }
     }
 }
