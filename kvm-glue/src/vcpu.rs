@@ -3,7 +3,7 @@
 //! and fails on demand), so every ioctl kvm-glue issues can be counted and made
 //! to fail in tests.
 
-use kvm_bindings::{kvm_fpu, kvm_guest_debug, kvm_regs, kvm_sregs, kvm_translation};
+use kvm_bindings::{kvm_fpu, kvm_guest_debug, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_translation, kvm_xsave, Msrs};
 use kvm_ioctls::VcpuFd;
 
 /// The vCPU ioctls kvm-glue issues.
@@ -53,6 +53,29 @@ pub trait VcpuOps {
     /// # Errors
     /// The ioctl's error.
     fn translate_gva(&self, gva: u64) -> Result<kvm_translation, kvm_ioctls::Error>;
+    /// `KVM_GET_XSAVE`: the XSAVE image (legacy FXSAVE area first: MXCSR at
+    /// byte 24, MXCSR_MASK at 28), which `KVM_GET_FPU` lacks MXCSR from.
+    ///
+    /// # Errors
+    /// The ioctl's error (`EINVAL` when the vCPU's XSAVE state is larger
+    /// than `struct kvm_xsave`: dynamically enabled features such as AMX).
+    fn get_xsave(&self) -> Result<kvm_xsave, kvm_ioctls::Error>;
+    /// `KVM_SET_XSAVE`. The kernel refuses (`EINVAL`) an MXCSR with bits
+    /// outside MXCSR_MASK.
+    ///
+    /// # Errors
+    /// The ioctl's error.
+    fn set_xsave(&self, xsave: &kvm_xsave) -> Result<(), kvm_ioctls::Error>;
+    /// `KVM_GET_MSRS` of one MSR.
+    ///
+    /// # Errors
+    /// The ioctl's error; `EINVAL` when KVM read none (an MSR it does not have).
+    fn get_msr(&self, index: u32) -> Result<u64, kvm_ioctls::Error>;
+    /// `KVM_SET_MSRS` of one MSR.
+    ///
+    /// # Errors
+    /// The ioctl's error; `EINVAL` when KVM wrote none (it refused the value).
+    fn set_msr(&self, index: u32, value: u64) -> Result<(), kvm_ioctls::Error>;
 }
 
 impl VcpuOps for VcpuFd {
@@ -80,6 +103,47 @@ impl VcpuOps for VcpuFd {
     fn translate_gva(&self, gva: u64) -> Result<kvm_translation, kvm_ioctls::Error> {
         VcpuFd::translate_gva(self, gva)
     }
+    fn get_xsave(&self) -> Result<kvm_xsave, kvm_ioctls::Error> {
+        VcpuFd::get_xsave(self)
+    }
+    fn set_xsave(&self, xsave: &kvm_xsave) -> Result<(), kvm_ioctls::Error> {
+        // KVM_SET_XSAVE reads the vCPU's uABI XSAVE size, which is larger
+        // than `struct kvm_xsave` only once dynamically enabled features
+        // (AMX) are in use; KVM_GET_XSAVE refuses exactly then. Ask it first,
+        // so the set below never runs where the kernel would read past the
+        // end of `xsave`.
+        VcpuFd::get_xsave(self)?;
+        // SAFETY: `xsave` is a whole `kvm_xsave` (4096 bytes), and the
+        // KVM_GET_XSAVE just above succeeded on this vCPU, so its uABI size
+        // is not larger than that: the kernel reads no further. The size
+        // grows only in this vCPU's own ioctls (KVM_RUN, KVM_SET_MSRS of
+        // XFD, KVM_SET_CPUID2), and kvm-glue calls VcpuOps on the thread
+        // that runs the vCPU, which is here, not in them.
+        unsafe { VcpuFd::set_xsave(self, xsave) }
+    }
+    fn get_msr(&self, index: u32) -> Result<u64, kvm_ioctls::Error> {
+        let mut msrs = one_msr(index, 0)?;
+        if VcpuFd::get_msrs(self, &mut msrs)? != 1 {
+            return Err(kvm_ioctls::Error::new(libc::EINVAL));
+        }
+        Ok(msrs.as_slice().first().map_or(0, |e| e.data))
+    }
+    fn set_msr(&self, index: u32, value: u64) -> Result<(), kvm_ioctls::Error> {
+        if VcpuFd::set_msrs(self, &one_msr(index, value)?)? != 1 {
+            return Err(kvm_ioctls::Error::new(libc::EINVAL));
+        }
+        Ok(())
+    }
+}
+
+/// A `kvm_msrs` of one entry.
+fn one_msr(index: u32, data: u64) -> Result<Msrs, kvm_ioctls::Error> {
+    Msrs::from_entries(&[kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    }])
+    .map_err(|_| kvm_ioctls::Error::new(libc::ENOMEM))
 }
 
 impl<V: VcpuOps + ?Sized> VcpuOps for &V {
@@ -107,6 +171,18 @@ impl<V: VcpuOps + ?Sized> VcpuOps for &V {
     fn translate_gva(&self, gva: u64) -> Result<kvm_translation, kvm_ioctls::Error> {
         (**self).translate_gva(gva)
     }
+    fn get_xsave(&self) -> Result<kvm_xsave, kvm_ioctls::Error> {
+        (**self).get_xsave()
+    }
+    fn set_xsave(&self, xsave: &kvm_xsave) -> Result<(), kvm_ioctls::Error> {
+        (**self).set_xsave(xsave)
+    }
+    fn get_msr(&self, index: u32) -> Result<u64, kvm_ioctls::Error> {
+        (**self).get_msr(index)
+    }
+    fn set_msr(&self, index: u32, value: u64) -> Result<(), kvm_ioctls::Error> {
+        (**self).set_msr(index, value)
+    }
 }
 
 impl<V: VcpuOps + ?Sized> VcpuOps for &mut V {
@@ -133,5 +209,17 @@ impl<V: VcpuOps + ?Sized> VcpuOps for &mut V {
     }
     fn translate_gva(&self, gva: u64) -> Result<kvm_translation, kvm_ioctls::Error> {
         (**self).translate_gva(gva)
+    }
+    fn get_xsave(&self) -> Result<kvm_xsave, kvm_ioctls::Error> {
+        (**self).get_xsave()
+    }
+    fn set_xsave(&self, xsave: &kvm_xsave) -> Result<(), kvm_ioctls::Error> {
+        (**self).set_xsave(xsave)
+    }
+    fn get_msr(&self, index: u32) -> Result<u64, kvm_ioctls::Error> {
+        (**self).get_msr(index)
+    }
+    fn set_msr(&self, index: u32, value: u64) -> Result<(), kvm_ioctls::Error> {
+        (**self).set_msr(index, value)
     }
 }
