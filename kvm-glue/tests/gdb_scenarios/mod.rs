@@ -395,7 +395,7 @@ set $ds = 0x18
 stepi
 printf "selectors: cs=%#x ss=%#x ds=%#x es=%#x\n", $cs, $ss, $ds, $es
 python
-for cmd in ("set $cs = 0xb", "set $ss = 0", "set $mxcsr = 0x1f00", "set $fop = 0x800"):
+for cmd in ("set $cs = 0xb", "set $ss = 0", "set $mxcsr = 0x11f80", "set $fop = 0x800"):
     try:
         gdb.execute(cmd)
         print("accepted: " + cmd)
@@ -418,12 +418,12 @@ detach
         "= {0x0, 0x1122334455667788}".to_string(),
         "= 1.5".to_string(),
         format!("selectors: cs={cs:#x} ss={ds:#x} ds=0x18 es={ds:#x}"),
-        "refused: set $cs = 0xb: Could not write registers; remote failure reply 'E16'".to_string(),
+        "refused: set $cs = 0xb: Could not write register \"cs\"; remote failure reply 'E16'".to_string(),
         // 64-bit code: a null ss is a state the CPU can be in.
         "accepted: set $ss = 0".to_string(),
-        // KVM_SET_FPU does not write MXCSR: ENOTSUP, nothing changed.
-        "refused: set $mxcsr = 0x1f00: Could not write registers; remote failure reply 'E5f'".to_string(),
-        "refused: set $fop = 0x800: Could not write registers; remote failure reply 'E16'".to_string(),
+        // Bit 16 is outside every CPU's MXCSR_MASK: EINVAL, nothing changed.
+        "refused: set $mxcsr = 0x11f80: Could not write register \"mxcsr\"; remote failure reply 'E16'".to_string(),
+        "refused: set $fop = 0x800: Could not write register \"fop\"; remote failure reply 'E16'".to_string(),
         format!(
             "after refusals: cs={cs:#x} ss=0 mxcsr={} fop=0 xmm0[0]=42",
             c_hex(at_start.mxcsr)
