@@ -27,6 +27,9 @@
 //! file is removed when the guest ends). GDB's `kill` detaches and the
 //! guest runs on (kvm-glue's default); with `--kill-ends` it ends the guest
 //! instead (exit code 137), the way a VMM chooses through `ServeEvent`.
+//! How `break` and watchpoints are served follows kvm-glue's probe of this
+//! host; `--host full` overrides it (int3 and debug-register watchpoints
+//! as on a VMX/SVM host), as a VMM that knows its host may.
 
 use std::net::TcpListener;
 use std::os::unix::fs::FileTypeExt;
@@ -37,7 +40,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use kvm_glue::gdb::{serve, serve_unix, GuestEnd, Options, ServeEvent, SessionEnd};
+use kvm_glue::gdb::{serve, serve_unix, GuestEnd, HostDebug, Options, ServeEvent, SessionEnd};
 use kvm_glue::guest::{self, Exit, Guest};
 use kvm_glue::kick::SignalKick;
 use kvm_glue::{Handled, RunState, VcpuDebug, VmDebug};
@@ -60,9 +63,11 @@ struct Args {
     listen: Listen,
     vcpu1: (&'static str, u64),
     kill_ends: bool,
+    /// `--host full`: serve as on a KVM that delivers everything.
+    host_full: bool,
 }
 
-const USAGE: &str = "usage: gdb_server (--port N | --socket PATH) [--vcpu1 sw|data|straight|loop|int3] [--kill-ends]";
+const USAGE: &str = "usage: gdb_server (--port N | --socket PATH) [--vcpu1 sw|data|straight|loop|int3] [--kill-ends] [--host full|probe]";
 
 /// The exit code when GDB's `kill` ends the guest (`--kill-ends`): 128 + SIGKILL.
 const KILLED: u8 = 137;
@@ -72,6 +77,7 @@ fn parse_args() -> Result<Args, String> {
     let mut listen = None;
     let mut vcpu1 = ("sw", guest::SW);
     let mut kill_ends = false;
+    let mut host_full = false;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--port" => {
@@ -99,6 +105,13 @@ fn parse_args() -> Result<Args, String> {
                 };
             }
             "--kill-ends" => kill_ends = true,
+            "--host" => {
+                host_full = match args.next().as_deref() {
+                    Some("full") => true,
+                    Some("probe") => false,
+                    _ => return Err("--host needs full or probe".into()),
+                };
+            }
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other}")),
         }
@@ -107,6 +120,7 @@ fn parse_args() -> Result<Args, String> {
         listen: listen.ok_or(USAGE)?,
         vcpu1,
         kill_ends,
+        host_full,
     })
 }
 
@@ -292,6 +306,9 @@ fn run(args: &Args) -> Result<u8, Error> {
         println!("attach with: gdb -q -ex 'target remote {target}'");
         let options = Options {
             end: Some(end.clone()),
+            host: args
+                .host_full
+                .then(|| HostDebug::full("--host full on the command line")),
             ..Options::default()
         };
         let on_event = |event: &ServeEvent| {

@@ -45,8 +45,9 @@
 //!   ([`HostDebug`], from kvm-glue's probe once per process or from
 //!   [`Options::host`]): where `int3` exits do not work (`kvm_pvm`), `break`
 //!   (Z0) takes a free hardware execute slot like `hbreak`; where data
-//!   breakpoints do not fire, Z2–Z4 are "not supported" and GDB watches in
-//!   software. `monitor served` says which. Otherwise:
+//!   breakpoints do not fire, Z2–Z4 are "not supported" (GDB says it cannot
+//!   insert them; `set can-use-hw-watchpoints 0` watches in software).
+//!   `monitor served` says which. Otherwise:
 //! * **breakpoints**: `break` (Z0, `int3`, hidden from memory reads: GDB
 //!   sees the original bytes, and a write over one updates the byte the
 //!   guest will run), `hbreak` (Z1), and `watch` (Z2), `rwatch` (Z3) and

@@ -26,8 +26,11 @@
 //! word). Where `int3` exits do not work, `Z0` is served from a free
 //! hardware execute slot, exactly like `Z1` (and answered `E22` when none
 //! is free, so GDB says it cannot insert it); where data watchpoints do not
-//! fire, `Z2`–`Z4` get the empty "not supported" reply. `monitor served`
-//! says which.
+//! fire, `Z2`–`Z4` get the empty "not supported" reply: GDB 13 then says
+//! it could not insert the watchpoint (it decides hardware or software
+//! when the watchpoint is set, from `can-use-hw-watchpoints`, and does not
+//! fall back by itself), and `set can-use-hw-watchpoints 0` makes it watch
+//! in software, which single-step makes work. `monitor served` says which.
 //!
 //! # Kill
 //! `vKill` and `k` are answered `OK` and end the session (gdbstub's extended
@@ -121,7 +124,8 @@ pub struct HostDebug {
     pub int3_exits: bool,
     /// Write and read/write data breakpoints fire: `Z2`–`Z4` are served
     /// from the debug registers. If not, they get the empty "not
-    /// supported" reply and GDB watches in software.
+    /// supported" reply (GDB says it cannot insert them, rather than
+    /// waiting for a stop that never comes; its software watchpoints work).
     pub data_watchpoints: bool,
     /// Where this came from, for `monitor served`.
     pub source: String,
@@ -365,7 +369,8 @@ impl<M: GuestMemory + Send + Sync + 'static> VmTarget<M> {
             if h.data_watchpoints {
                 "watch/rwatch/awatch (Z2-Z4): debug-register slots, through the planner".to_string()
             } else {
-                "watch/rwatch/awatch (Z2-Z4): not supported (this KVM's data breakpoints do not fire): GDB watches in software"
+                "watch/rwatch/awatch (Z2-Z4): not supported (this KVM's data breakpoints do not fire): \
+                 GDB cannot insert them; `set can-use-hw-watchpoints 0` watches in software"
                     .to_string()
             },
             format!("from: {}", h.source),
