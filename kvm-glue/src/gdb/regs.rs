@@ -17,7 +17,7 @@
 //! | 56 | `mxcsr` | `KVM_GET_XSAVE` (FXSAVE legacy area, byte 24) | yes (`KVM_SET_XSAVE`), within MXCSR_MASK (byte 28) |
 //! | 57, 58 | `fs_base`, `gs_base` | `KVM_GET_SREGS` (segment bases) | yes (`KVM_SET_SREGS`) |
 //! | 59 | `k_gs_base` | `KVM_GET_MSRS` (IA32_KERNEL_GS_BASE, `0xc0000102`) | yes (`KVM_SET_MSRS`; KVM refuses a non-canonical address) |
-//! | 60–64 | `cr0` `cr2` `cr3` `cr4` `cr8` | `KVM_GET_SREGS` | yes (`KVM_SET_SREGS`), as far as KVM takes the value: it refuses a CR0/CR4/EFER combination no CPU can be in (`EINVAL`, an error reply) |
+//! | 60–64 | `cr0` `cr2` `cr3` `cr4` `cr8` | `KVM_GET_SREGS` | yes (`KVM_SET_SREGS`), as far as KVM takes the value: it refuses a CR0/CR4/EFER combination no CPU can be in (`EINVAL`, an error reply); `cr8` only lasts with an in-kernel LAPIC: without one, every `KVM_RUN` reloads CR8 from `kvm_run.cr8`, which is the VMM's |
 //! | 65 | `efer` | `KVM_GET_SREGS` | as `cr0` |
 //!
 //! The `g` packet is these 66 registers in regnum order, 608 bytes; `p`/`P`

@@ -823,3 +823,55 @@ impl<M: GuestMemory + Send + Sync + 'static> MonitorCmd for VmTarget<M> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The log after GDB sent `packets` (bodies), each framed as on the wire.
+    fn after(packets: &[&str]) -> Arc<ResumeLog> {
+        let log = Arc::new(ResumeLog::default());
+        let mut w = Watched::new((), Arc::clone(&log));
+        for p in packets {
+            for b in format!("${p}#00").bytes() {
+                w.see(b);
+            }
+        }
+        log
+    }
+
+    #[test]
+    fn a_plain_c_or_s_resumes_every_vcpu() {
+        for p in ["c", "s", "C05", "S05", "c10006"] {
+            assert!(after(&["?", p]).legacy_resumes_all(), "{p}");
+        }
+        // Hc naming "all" or "any" changes nothing.
+        for hc in ["Hc-1", "Hc0", "Hcp1.-1", "Hcp1.0"] {
+            assert!(after(&[hc, "c"]).legacy_resumes_all(), "{hc}");
+        }
+    }
+
+    #[test]
+    fn an_hc_naming_one_thread_or_a_vcont_keeps_scheduler_locking() {
+        assert!(!after(&["Hc2", "c"]).legacy_resumes_all());
+        assert!(!after(&["Hcp1.2", "s"]).legacy_resumes_all());
+        assert!(!after(&["vCont;c:1"]).legacy_resumes_all());
+        assert!(!after(&["c", "vCont;s:2"]).legacy_resumes_all());
+        // A later Hc-1 lifts the one-thread choice.
+        assert!(after(&["Hc2", "Hc-1", "c"]).legacy_resumes_all());
+    }
+
+    #[test]
+    fn bytes_outside_packets_and_long_packets_are_harmless() {
+        // Ctrl-C and acks between packets, then a plain c.
+        let log = Arc::new(ResumeLog::default());
+        let mut w = Watched::new((), Arc::clone(&log));
+        for b in b"+\x03+$c#63+" {
+            w.see(*b);
+        }
+        assert!(log.legacy_resumes_all());
+        // A write packet longer than what is kept is classified by its start.
+        let long = format!("X10000,40:{}", "c".repeat(100));
+        assert!(!after(&["c", &long]).legacy_resumes_all());
+    }
+}
