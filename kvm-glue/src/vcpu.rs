@@ -64,7 +64,12 @@ pub trait VcpuOps {
     /// outside MXCSR_MASK.
     ///
     /// # Errors
-    /// The ioctl's error.
+    /// The ioctl's error. The `VcpuFd` implementation first issues
+    /// `KVM_GET_XSAVE` and fails with its `EINVAL` where the vCPU's XSAVE
+    /// state is larger than `struct kvm_xsave` (dynamically enabled
+    /// features such as AMX), rather than let the kernel read past it; a
+    /// VMM that enables such features must not change them on this vCPU
+    /// from another thread meanwhile.
     fn set_xsave(&self, xsave: &kvm_xsave) -> Result<(), kvm_ioctls::Error>;
     /// `KVM_GET_MSRS` of one MSR.
     ///
@@ -107,18 +112,22 @@ impl VcpuOps for VcpuFd {
         VcpuFd::get_xsave(self)
     }
     fn set_xsave(&self, xsave: &kvm_xsave) -> Result<(), kvm_ioctls::Error> {
-        // KVM_SET_XSAVE reads the vCPU's uABI XSAVE size, which is larger
-        // than `struct kvm_xsave` only once dynamically enabled features
-        // (AMX) are in use; KVM_GET_XSAVE refuses exactly then. Ask it first,
-        // so the set below never runs where the kernel would read past the
-        // end of `xsave`.
+        // KVM_SET_XSAVE reads the vCPU's uABI XSAVE size (Linux 5.17 on;
+        // before, exactly `struct kvm_xsave`), which is larger than
+        // `struct kvm_xsave` only once dynamically enabled features (AMX)
+        // are in use; KVM_GET_XSAVE refuses (EINVAL) exactly then. Ask it
+        // first, so the set below never runs where the kernel would read
+        // past the end of `xsave`.
         VcpuFd::get_xsave(self)?;
         // SAFETY: `xsave` is a whole `kvm_xsave` (4096 bytes), and the
         // KVM_GET_XSAVE just above succeeded on this vCPU, so its uABI size
-        // is not larger than that: the kernel reads no further. The size
-        // grows only in this vCPU's own ioctls (KVM_RUN, KVM_SET_MSRS of
-        // XFD, KVM_SET_CPUID2), and kvm-glue calls VcpuOps on the thread
-        // that runs the vCPU, which is here, not in them.
+        // was not larger. It grows only when the guest is granted a dynamic
+        // XSTATE feature, which takes the process asking for it
+        // (arch_prctl ARCH_REQ_XCOMP_GUEST_PERM) and then this vCPU's
+        // KVM_RUN, KVM_SET_MSRS of XFD or KVM_SET_CPUID2: not between these
+        // two calls while kvm-glue holds the vCPU parked on its own thread.
+        // A VMM that enables such features and calls this concurrently
+        // from another thread is outside that; the `# Errors` docs say so.
         unsafe { VcpuFd::set_xsave(self, xsave) }
     }
     fn get_msr(&self, index: u32) -> Result<u64, kvm_ioctls::Error> {
