@@ -24,7 +24,12 @@
 //! free port. The server listens on 127.0.0.1 only, or on the Unix socket
 //! `--socket PATH` (created with this user's umask; a stale socket file
 //! left there by a dead server is replaced, anything else is refused; the
-//! file is removed when the guest ends).
+//! file is removed when the guest ends). GDB's `kill` detaches and the
+//! guest runs on (kvm-glue's default); with `--kill-ends` it ends the guest
+//! instead (exit code 137), the way a VMM chooses through `ServeEvent`.
+//! How `break` and watchpoints are served follows kvm-glue's probe of this
+//! host; `--host full` overrides it (int3 and debug-register watchpoints
+//! as on a VMX/SVM host), as a VMM that knows its host may.
 
 use std::net::TcpListener;
 use std::os::unix::fs::FileTypeExt;
@@ -35,7 +40,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use kvm_glue::gdb::{serve, serve_unix, GuestEnd, Options};
+use kvm_glue::gdb::{serve, serve_unix, GuestEnd, HostDebug, Options, ServeEvent, SessionEnd};
 use kvm_glue::guest::{self, Exit, Guest};
 use kvm_glue::kick::SignalKick;
 use kvm_glue::{Handled, RunState, VcpuDebug, VmDebug};
@@ -57,14 +62,22 @@ enum Listen {
 struct Args {
     listen: Listen,
     vcpu1: (&'static str, u64),
+    kill_ends: bool,
+    /// `--host full`: serve as on a KVM that delivers everything.
+    host_full: bool,
 }
 
-const USAGE: &str = "usage: gdb_server (--port N | --socket PATH) [--vcpu1 sw|data|straight|loop|int3]";
+const USAGE: &str = "usage: gdb_server (--port N | --socket PATH) [--vcpu1 sw|data|straight|loop|int3] [--kill-ends] [--host full|probe]";
+
+/// The exit code when GDB's `kill` ends the guest (`--kill-ends`): 128 + SIGKILL.
+const KILLED: u8 = 137;
 
 fn parse_args() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
     let mut listen = None;
     let mut vcpu1 = ("sw", guest::SW);
+    let mut kill_ends = false;
+    let mut host_full = false;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--port" => {
@@ -91,6 +104,14 @@ fn parse_args() -> Result<Args, String> {
                     _ => return Err(format!("--vcpu1 {v}: expected sw, data, straight, loop or int3")),
                 };
             }
+            "--kill-ends" => kill_ends = true,
+            "--host" => {
+                host_full = match args.next().as_deref() {
+                    Some("full") => true,
+                    Some("probe") => false,
+                    _ => return Err("--host needs full or probe".into()),
+                };
+            }
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other}")),
         }
@@ -98,6 +119,8 @@ fn parse_args() -> Result<Args, String> {
     Ok(Args {
         listen: listen.ok_or(USAGE)?,
         vcpu1,
+        kill_ends,
+        host_full,
     })
 }
 
@@ -283,11 +306,23 @@ fn run(args: &Args) -> Result<u8, Error> {
         println!("attach with: gdb -q -ex 'target remote {target}'");
         let options = Options {
             end: Some(end.clone()),
+            host: args
+                .host_full
+                .then(|| HostDebug::full("--host full on the command line")),
             ..Options::default()
         };
+        let on_event = |event: &ServeEvent| {
+            println!("{event}");
+            // The VMM's choice: kill ends the guest, or (default) it runs on.
+            if args.kill_ends && matches!(event, ServeEvent::Ended(SessionEnd::Killed)) {
+                if let Err(e) = end.end(KILLED) {
+                    eprintln!("gdb_server: ending the guest: {e}");
+                }
+            }
+        };
         let served = match &listener {
-            Listener::Tcp(l) => serve(l, &dbg, &options, |event| println!("{event}")),
-            Listener::Unix(l, _) => serve_unix(l, &dbg, &options, |event| println!("{event}")),
+            Listener::Tcp(l) => serve(l, &dbg, &options, on_event),
+            Listener::Unix(l, _) => serve_unix(l, &dbg, &options, on_event),
         };
         if let Listener::Unix(_, path) = &listener {
             // The guest ended (or serving failed): nobody can attach any more.

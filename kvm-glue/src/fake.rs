@@ -1,10 +1,15 @@
 //! A fake vCPU for tests: records every call, counts them, answers
 //! `KVM_TRANSLATE` from a small map, and fails the k-th call on demand.
-//! `KVM_SET_FPU` leaves MXCSR alone, as the kernel's does.
+//! As the kernel's, `KVM_GET_FPU` reports MXCSR as 0 and `KVM_SET_FPU` leaves
+//! it alone; `KVM_GET_XSAVE`/`KVM_SET_XSAVE` carry it (the FXSAVE legacy
+//! area of the image), and a set with MXCSR bits outside MXCSR_MASK fails
+//! with `EINVAL` and changes nothing.
 
 use std::sync::{Mutex, MutexGuard};
 
-use kvm_bindings::{kvm_fpu, kvm_guest_debug, kvm_regs, kvm_sregs, kvm_translation};
+use std::collections::BTreeMap;
+
+use kvm_bindings::{kvm_fpu, kvm_guest_debug, kvm_regs, kvm_sregs, kvm_translation, kvm_xsave};
 
 use crate::vcpu::VcpuOps;
 
@@ -30,7 +35,26 @@ pub enum Op {
     GetFpu,
     /// `KVM_SET_FPU`.
     SetFpu,
+    /// `KVM_GET_XSAVE`.
+    GetXsave,
+    /// `KVM_SET_XSAVE`.
+    SetXsave,
+    /// `KVM_GET_MSRS` (one MSR).
+    GetMsr,
+    /// `KVM_SET_MSRS` (one MSR).
+    SetMsr,
 }
+
+/// The MXCSR_MASK a fake reports unless told otherwise: bits 0–15, as
+/// current CPUs (DAZ included).
+pub const FAKE_MXCSR_MASK: u32 = 0xffff;
+
+/// IA32_KERNEL_GS_BASE: every fake has it (0 until written), as every
+/// x86-64 vCPU does.
+const KERNEL_GS_BASE: u32 = 0xc000_0102;
+
+/// `EINVAL`, what the kernel answers a refused value with.
+const EINVAL: i32 = 22;
 
 #[derive(Debug, Default)]
 struct State {
@@ -41,7 +65,13 @@ struct State {
     debug_history: Vec<kvm_guest_debug>,
     regs: kvm_regs,
     sregs: kvm_sregs,
+    /// The x87/SSE state, MXCSR included (the CPU's, not KVM_GET_FPU's).
     fpu: kvm_fpu,
+    /// MXCSR_MASK in the XSAVE image; `None`: [`FAKE_MXCSR_MASK`].
+    mxcsr_mask: Option<u32>,
+    /// MSRs by index; one not here (but IA32_KERNEL_GS_BASE, 0 until set)
+    /// reads as "KVM has none" (`EINVAL`).
+    msrs: BTreeMap<u32, u64>,
     /// `(gva_base, gpa_base, size)` ranges; anything else is identity when
     /// `identity` is set, else unmapped.
     maps: Vec<(u64, u64, u64)>,
@@ -138,14 +168,31 @@ impl FakeVcpu {
         self.lock().sregs = sregs;
     }
 
-    /// The fake's x87/SSE state.
+    /// The fake's x87/SSE state, with the CPU's MXCSR in `mxcsr` (which
+    /// `KVM_GET_FPU` reports as 0).
     pub fn fpu(&self) -> kvm_fpu {
         self.lock().fpu
     }
 
-    /// Sets the fake's x87/SSE state without counting a call.
+    /// Sets the fake's x87/SSE state, MXCSR included, without counting a call.
     pub fn put_fpu(&self, fpu: kvm_fpu) {
         self.lock().fpu = fpu;
+    }
+
+    /// Sets the MXCSR_MASK the XSAVE image reports (0 means "the SDM's
+    /// default, 0xffbf").
+    pub fn put_mxcsr_mask(&self, mask: u32) {
+        self.lock().mxcsr_mask = Some(mask);
+    }
+
+    /// The fake's MSR `index`, if it has one.
+    pub fn msr(&self, index: u32) -> Option<u64> {
+        self.lock().msrs.get(&index).copied()
+    }
+
+    /// Gives the fake MSR `index` with `value`, without counting a call.
+    pub fn put_msr(&self, index: u32, value: u64) {
+        self.lock().msrs.insert(index, value);
     }
 
     /// Records a call of `op`; `Err` if it is the one to fail.
@@ -203,7 +250,9 @@ impl VcpuOps for FakeVcpu {
     fn get_fpu(&self) -> Result<kvm_fpu, kvm_ioctls::Error> {
         let mut s = self.lock();
         self.enter(&mut s, Op::GetFpu)?;
-        Ok(s.fpu)
+        // kvm_arch_vcpu_ioctl_get_fpu copies every FXSAVE field but MXCSR
+        // into a zeroed struct.
+        Ok(kvm_fpu { mxcsr: 0, ..s.fpu })
     }
 
     fn set_fpu(&self, fpu: &kvm_fpu) -> Result<(), kvm_ioctls::Error> {
@@ -213,6 +262,48 @@ impl VcpuOps for FakeVcpu {
         // (kvm_arch_vcpu_ioctl_set_fpu does not copy it).
         let mxcsr = s.fpu.mxcsr;
         s.fpu = kvm_fpu { mxcsr, ..*fpu };
+        Ok(())
+    }
+
+    fn get_xsave(&self) -> Result<kvm_xsave, kvm_ioctls::Error> {
+        let mut s = self.lock();
+        self.enter(&mut s, Op::GetXsave)?;
+        Ok(xsave_of(&s.fpu, s.mxcsr_mask.unwrap_or(FAKE_MXCSR_MASK)))
+    }
+
+    fn set_xsave(&self, xsave: &kvm_xsave) -> Result<(), kvm_ioctls::Error> {
+        let mut s = self.lock();
+        self.enter(&mut s, Op::SetXsave)?;
+        let fpu = fpu_of(xsave);
+        let mask = match s.mxcsr_mask.unwrap_or(FAKE_MXCSR_MASK) {
+            0 => 0xffbf,
+            m => m,
+        };
+        // As copy_uabi_to_xstate: reserved MXCSR bits are refused.
+        if fpu.mxcsr & !mask != 0 {
+            return Err(kvm_ioctls::Error::new(EINVAL));
+        }
+        s.fpu = fpu;
+        Ok(())
+    }
+
+    fn get_msr(&self, index: u32) -> Result<u64, kvm_ioctls::Error> {
+        let mut s = self.lock();
+        self.enter(&mut s, Op::GetMsr)?;
+        match s.msrs.get(&index) {
+            Some(v) => Ok(*v),
+            None if index == KERNEL_GS_BASE => Ok(0),
+            None => Err(kvm_ioctls::Error::new(EINVAL)),
+        }
+    }
+
+    fn set_msr(&self, index: u32, value: u64) -> Result<(), kvm_ioctls::Error> {
+        let mut s = self.lock();
+        self.enter(&mut s, Op::SetMsr)?;
+        if index != KERNEL_GS_BASE && !s.msrs.contains_key(&index) {
+            return Err(kvm_ioctls::Error::new(EINVAL));
+        }
+        s.msrs.insert(index, value);
         Ok(())
     }
 
@@ -238,6 +329,57 @@ impl VcpuOps for FakeVcpu {
             pad: [0; 5],
         })
     }
+}
+
+/// The XSAVE image of `fpu` (FXSAVE legacy area, 64-bit layout, SDM vol. 1
+/// §10.5.1 table 10-2; XSTATE_BV = x87 | SSE).
+fn xsave_of(fpu: &kvm_fpu, mask: u32) -> kvm_xsave {
+    let mut b = [0u8; 4096];
+    b[0..2].copy_from_slice(&fpu.fcw.to_le_bytes());
+    b[2..4].copy_from_slice(&fpu.fsw.to_le_bytes());
+    b[4] = fpu.ftwx;
+    b[6..8].copy_from_slice(&fpu.last_opcode.to_le_bytes());
+    b[8..16].copy_from_slice(&fpu.last_ip.to_le_bytes());
+    b[16..24].copy_from_slice(&fpu.last_dp.to_le_bytes());
+    b[24..28].copy_from_slice(&fpu.mxcsr.to_le_bytes());
+    b[28..32].copy_from_slice(&mask.to_le_bytes());
+    for (i, st) in fpu.fpr.iter().enumerate() {
+        b[32 + 16 * i..48 + 16 * i].copy_from_slice(st);
+    }
+    for (i, x) in fpu.xmm.iter().enumerate() {
+        b[160 + 16 * i..176 + 16 * i].copy_from_slice(x);
+    }
+    b[512] = 0b11;
+    let mut x = kvm_xsave::default();
+    for (w, c) in x.region.iter_mut().zip(b.chunks_exact(4)) {
+        *w = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    }
+    x
+}
+
+/// The x87/SSE state in an XSAVE image (the inverse of [`xsave_of`]).
+fn fpu_of(x: &kvm_xsave) -> kvm_fpu {
+    let b: Vec<u8> = x.region.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+    let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let u64_at = |i: usize| u64::from(u32_at(i)) | u64::from(u32_at(i + 4)) << 32;
+    let mut f = kvm_fpu {
+        fcw: u16_at(0),
+        fsw: u16_at(2),
+        ftwx: b[4],
+        last_opcode: u16_at(6),
+        last_ip: u64_at(8),
+        last_dp: u64_at(16),
+        mxcsr: u32_at(24),
+        ..Default::default()
+    };
+    for (i, st) in f.fpr.iter_mut().enumerate() {
+        st.copy_from_slice(&b[32 + 16 * i..48 + 16 * i]);
+    }
+    for (i, xmm) in f.xmm.iter_mut().enumerate() {
+        xmm.copy_from_slice(&b[160 + 16 * i..176 + 16 * i]);
+    }
+    f
 }
 
 #[cfg(test)]

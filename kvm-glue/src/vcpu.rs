@@ -3,7 +3,7 @@
 //! and fails on demand), so every ioctl kvm-glue issues can be counted and made
 //! to fail in tests.
 
-use kvm_bindings::{kvm_fpu, kvm_guest_debug, kvm_regs, kvm_sregs, kvm_translation};
+use kvm_bindings::{kvm_fpu, kvm_guest_debug, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_translation, kvm_xsave, Msrs};
 use kvm_ioctls::VcpuFd;
 
 /// The vCPU ioctls kvm-glue issues.
@@ -53,6 +53,34 @@ pub trait VcpuOps {
     /// # Errors
     /// The ioctl's error.
     fn translate_gva(&self, gva: u64) -> Result<kvm_translation, kvm_ioctls::Error>;
+    /// `KVM_GET_XSAVE`: the XSAVE image (legacy FXSAVE area first: MXCSR at
+    /// byte 24, MXCSR_MASK at 28), which `KVM_GET_FPU` lacks MXCSR from.
+    ///
+    /// # Errors
+    /// The ioctl's error (`EINVAL` when the vCPU's XSAVE state is larger
+    /// than `struct kvm_xsave`: dynamically enabled features such as AMX).
+    fn get_xsave(&self) -> Result<kvm_xsave, kvm_ioctls::Error>;
+    /// `KVM_SET_XSAVE`. The kernel refuses (`EINVAL`) an MXCSR with bits
+    /// outside MXCSR_MASK.
+    ///
+    /// # Errors
+    /// The ioctl's error. The `VcpuFd` implementation first issues
+    /// `KVM_GET_XSAVE` and fails with its `EINVAL` where the vCPU's XSAVE
+    /// state is larger than `struct kvm_xsave` (dynamically enabled
+    /// features such as AMX), rather than let the kernel read past it; a
+    /// VMM that enables such features must not change them on this vCPU
+    /// from another thread meanwhile.
+    fn set_xsave(&self, xsave: &kvm_xsave) -> Result<(), kvm_ioctls::Error>;
+    /// `KVM_GET_MSRS` of one MSR.
+    ///
+    /// # Errors
+    /// The ioctl's error; `EINVAL` when KVM read none (an MSR it does not have).
+    fn get_msr(&self, index: u32) -> Result<u64, kvm_ioctls::Error>;
+    /// `KVM_SET_MSRS` of one MSR.
+    ///
+    /// # Errors
+    /// The ioctl's error; `EINVAL` when KVM wrote none (it refused the value).
+    fn set_msr(&self, index: u32, value: u64) -> Result<(), kvm_ioctls::Error>;
 }
 
 impl VcpuOps for VcpuFd {
@@ -80,6 +108,51 @@ impl VcpuOps for VcpuFd {
     fn translate_gva(&self, gva: u64) -> Result<kvm_translation, kvm_ioctls::Error> {
         VcpuFd::translate_gva(self, gva)
     }
+    fn get_xsave(&self) -> Result<kvm_xsave, kvm_ioctls::Error> {
+        VcpuFd::get_xsave(self)
+    }
+    fn set_xsave(&self, xsave: &kvm_xsave) -> Result<(), kvm_ioctls::Error> {
+        // KVM_SET_XSAVE reads the vCPU's uABI XSAVE size (Linux 5.17 on;
+        // before, exactly `struct kvm_xsave`), which is larger than
+        // `struct kvm_xsave` only once dynamically enabled features (AMX)
+        // are in use; KVM_GET_XSAVE refuses (EINVAL) exactly then. Ask it
+        // first, so the set below never runs where the kernel would read
+        // past the end of `xsave`.
+        VcpuFd::get_xsave(self)?;
+        // SAFETY: `xsave` is a whole `kvm_xsave` (4096 bytes), and the
+        // KVM_GET_XSAVE just above succeeded on this vCPU, so its uABI size
+        // was not larger. It grows only when the guest is granted a dynamic
+        // XSTATE feature, which takes the process asking for it
+        // (arch_prctl ARCH_REQ_XCOMP_GUEST_PERM) and then this vCPU's
+        // KVM_RUN, KVM_SET_MSRS of XFD or KVM_SET_CPUID2: not between these
+        // two calls while kvm-glue holds the vCPU parked on its own thread.
+        // A VMM that enables such features and calls this concurrently
+        // from another thread is outside that; the `# Errors` docs say so.
+        unsafe { VcpuFd::set_xsave(self, xsave) }
+    }
+    fn get_msr(&self, index: u32) -> Result<u64, kvm_ioctls::Error> {
+        let mut msrs = one_msr(index, 0)?;
+        if VcpuFd::get_msrs(self, &mut msrs)? != 1 {
+            return Err(kvm_ioctls::Error::new(libc::EINVAL));
+        }
+        Ok(msrs.as_slice().first().map_or(0, |e| e.data))
+    }
+    fn set_msr(&self, index: u32, value: u64) -> Result<(), kvm_ioctls::Error> {
+        if VcpuFd::set_msrs(self, &one_msr(index, value)?)? != 1 {
+            return Err(kvm_ioctls::Error::new(libc::EINVAL));
+        }
+        Ok(())
+    }
+}
+
+/// A `kvm_msrs` of one entry.
+fn one_msr(index: u32, data: u64) -> Result<Msrs, kvm_ioctls::Error> {
+    Msrs::from_entries(&[kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    }])
+    .map_err(|_| kvm_ioctls::Error::new(libc::ENOMEM))
 }
 
 impl<V: VcpuOps + ?Sized> VcpuOps for &V {
@@ -107,6 +180,18 @@ impl<V: VcpuOps + ?Sized> VcpuOps for &V {
     fn translate_gva(&self, gva: u64) -> Result<kvm_translation, kvm_ioctls::Error> {
         (**self).translate_gva(gva)
     }
+    fn get_xsave(&self) -> Result<kvm_xsave, kvm_ioctls::Error> {
+        (**self).get_xsave()
+    }
+    fn set_xsave(&self, xsave: &kvm_xsave) -> Result<(), kvm_ioctls::Error> {
+        (**self).set_xsave(xsave)
+    }
+    fn get_msr(&self, index: u32) -> Result<u64, kvm_ioctls::Error> {
+        (**self).get_msr(index)
+    }
+    fn set_msr(&self, index: u32, value: u64) -> Result<(), kvm_ioctls::Error> {
+        (**self).set_msr(index, value)
+    }
 }
 
 impl<V: VcpuOps + ?Sized> VcpuOps for &mut V {
@@ -133,5 +218,17 @@ impl<V: VcpuOps + ?Sized> VcpuOps for &mut V {
     }
     fn translate_gva(&self, gva: u64) -> Result<kvm_translation, kvm_ioctls::Error> {
         (**self).translate_gva(gva)
+    }
+    fn get_xsave(&self) -> Result<kvm_xsave, kvm_ioctls::Error> {
+        (**self).get_xsave()
+    }
+    fn set_xsave(&self, xsave: &kvm_xsave) -> Result<(), kvm_ioctls::Error> {
+        (**self).set_xsave(xsave)
+    }
+    fn get_msr(&self, index: u32) -> Result<u64, kvm_ioctls::Error> {
+        (**self).get_msr(index)
+    }
+    fn set_msr(&self, index: u32, value: u64) -> Result<(), kvm_ioctls::Error> {
+        (**self).set_msr(index, value)
     }
 }

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use kvm_glue::fake::FakeVcpu;
-use kvm_glue::gdb::{serve, serve_unix, GuestEnd, Options};
+use kvm_glue::gdb::{serve, serve_unix, GuestEnd, HostDebug, Options};
 use kvm_glue::guest;
 use kvm_glue::{Handled, RunState, VcpuDebug, VmDebug};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -371,12 +371,22 @@ enum Listen {
     Unix(PathBuf),
 }
 
+/// The simulated vCPUs deliver everything a VMX/SVM KVM does.
+fn sim_host() -> HostDebug {
+    HostDebug::full("simulated vCPUs (int3 exits and data breakpoints)")
+}
+
 impl SimVm {
     fn start(vcpu1_rip: u64) -> SimVm {
         SimVm::start_on(vcpu1_rip, Listen::Tcp)
     }
 
     fn start_on(vcpu1_rip: u64, listen: Listen) -> SimVm {
+        SimVm::start_with(vcpu1_rip, listen, sim_host())
+    }
+
+    /// As [`SimVm::start_on`], serving as on a host that delivers what `host` says.
+    fn start_with(vcpu1_rip: u64, listen: Listen, host: HostDebug) -> SimVm {
         let mem = image();
         let dbg = VmDebug::new(mem.clone());
         let sims: Vec<Arc<SimVcpu>> = [guest::STRAIGHT, vcpu1_rip]
@@ -450,6 +460,7 @@ impl SimVm {
         let (dbg2, log2) = (dbg.clone(), log.clone());
         let options = Options {
             end: Some(end),
+            host: Some(host),
             ..Options::default()
         };
         let on_event = move |e: &kvm_glue::gdb::ServeEvent| log2.lock().expect("log").push_str(&format!("{e}\n"));
@@ -832,5 +843,153 @@ fn sim_the_guests_own_int3_goes_to_the_guest_not_to_gdb() {
     assert!(!out.contains("SIGTRAP"), "{out}");
     assert_eq!(vm.wait_end(), 0);
     assert_eq!(*vm.vectors.lock().expect("vectors"), [(1, 3)]);
+    assert!(vm.byte_exact());
+}
+
+/// A raw remote-protocol client on the simulated VM, stopped at the start.
+fn rsp(vm: &SimVm) -> scenarios::Rsp {
+    let mut c = scenarios::Rsp::connect(vm.port, scenarios::TIMEOUT);
+    let stop = c.ask("?");
+    assert!(stop.starts_with('T'), "{stop}");
+    c
+}
+
+/// Issue #17 item 1 on simulated vCPUs (whose KVM_GET_FPU, like the
+/// kernel's, reports MXCSR as 0): `$mxcsr` is the vCPU's, a write reaches
+/// it through KVM_SET_XSAVE, a bit outside MXCSR_MASK is refused.
+#[test]
+fn sim_mxcsr_is_read_from_xsave_and_a_write_reaches_the_vcpu() {
+    let test = "sim_mxcsr_is_read_from_xsave_and_a_write_reaches_the_vcpu";
+    let vm = SimVm::start(guest::SW);
+    let script = r#"printf "mxcsr at start: %#x\n", $mxcsr
+set $mxcsr = 0x1f00
+maint flush register-cache
+printf "mxcsr now: %#x\n", $mxcsr
+python
+try:
+    gdb.execute("set $mxcsr = 0x11f80")
+except gdb.error as e:
+    print("refused: %s" % e)
+end
+detach
+"#;
+    let Some(out) = run(test, &vm, "sim-mxcsr", script) else {
+        return;
+    };
+    scenarios::expect(&out, &format!("mxcsr at start: {:#x}", SIM_FPU.mxcsr));
+    scenarios::expect(&out, "mxcsr now: 0x1f00");
+    scenarios::expect(
+        &out,
+        "refused: Could not write register \"mxcsr\"; remote failure reply 'E16'",
+    );
+    assert_eq!(vm.sims[0].fake.fpu().mxcsr, 0x1f00);
+    assert_eq!(vm.sims[1].fake.fpu().mxcsr, SIM_FPU.mxcsr);
+}
+
+/// Issue #17 item 2: `vKill` is answered `OK`, the session ends as
+/// "killed", the guest runs on and the next debugger is accepted.
+#[test]
+fn sim_kill_is_answered_and_the_next_debugger_is_accepted() {
+    let mut vm = SimVm::start(guest::SW);
+    let mut c = rsp(&vm);
+    assert_eq!(c.ask("vKill;1"), "OK");
+    let log = vm.wait_sessions(1);
+    scenarios::expect(&log, "GDB session ended (killed)");
+    drop(c);
+    // The guest ran on to its end (no debugger to stop it).
+    assert_eq!(vm.wait_end(), 0);
+    assert!(vm.byte_exact());
+}
+
+/// Issue #17 item 3: the description lists every register of the `g` packet.
+#[test]
+fn sim_the_target_description_lists_every_register_of_the_g_packet() {
+    let vm = SimVm::start(guest::SW);
+    let mut c = rsp(&vm);
+    let xml = c.target_xml();
+    let g = c.ask("g");
+    scenarios::check_target_xml(&xml, g.len());
+    assert_eq!(c.ask("D"), "OK");
+}
+
+/// Issue #17 item 4: a plain `c` resumes every vCPU (the guest ends); a
+/// `vCont` naming one thread with no default action runs only that one.
+#[test]
+fn sim_a_plain_continue_resumes_every_vcpu_and_vcont_of_one_thread_locks() {
+    let mut vm = SimVm::start(guest::SW);
+    let mut c = rsp(&vm);
+    // Scheduler locking: vCPU 0 steps, vCPU 1 stays at its first instruction.
+    let stop = c.ask("vCont;s:1");
+    assert!(stop.starts_with("T05") && stop.contains("thread:01;"), "{stop}");
+    assert_eq!(vm.sims[0].fake.regs().rip, guest::STRAIGHT_INSNS[1]);
+    assert_eq!(vm.sims[1].fake.regs().rip, guest::SW);
+    // A plain c: both run to their ends.
+    assert_eq!(c.ask("c"), "W00", "{}", vm.log());
+    assert_eq!(vm.wait_end(), 0);
+}
+
+/// Issue #17 item 5: the system registers come from the vCPU's sregs and
+/// IA32_KERNEL_GS_BASE, `p` reads one by regnum and `P` writes one.
+#[test]
+fn sim_kernel_registers_are_read_and_written_one_at_a_time() {
+    let vm = SimVm::start(guest::SW);
+    vm.sims[0].fake.put_msr(0xc000_0102, 0xffff_8880_0000_1000);
+    let mut c = rsp(&vm);
+    let le = |v: u64| v.to_le_bytes().iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let s = sim_sregs();
+    // Regnums: fs_base 57 (0x39), k_gs_base 59 (0x3b), cr0 60 (0x3c),
+    // cr2 61 (0x3d), cr4 63 (0x3f), efer 65 (0x41).
+    assert_eq!(c.ask("p39"), le(s.fs.base));
+    assert_eq!(c.ask("p3b"), le(0xffff_8880_0000_1000));
+    assert_eq!(c.ask("p3c"), le(s.cr0));
+    assert_eq!(c.ask("p3f"), le(s.cr4));
+    assert_eq!(c.ask("p41"), le(s.efer));
+    assert_eq!(c.ask(&format!("P3d={}", le(0x1234_5000))), "OK");
+    assert_eq!(c.ask(&format!("P3b={}", le(0xffff_8880_0000_2000))), "OK");
+    assert_eq!(c.ask(&format!("P39={}", le(0x7100_0000))), "OK");
+    let f = &vm.sims[0].fake;
+    assert_eq!(f.sregs().cr2, 0x1234_5000);
+    assert_eq!(f.msr(0xc000_0102), Some(0xffff_8880_0000_2000));
+    assert_eq!(f.sregs().fs.base, 0x7100_0000);
+    assert_eq!(f.sregs().fs.selector, s.fs.selector);
+    // mxcsr (56, 0x38) with a reserved bit: refused, nothing changed.
+    assert_eq!(c.ask("P38=801f0100"), "E16");
+    assert_eq!(c.ask("p38"), "801f0000");
+    assert_eq!(c.ask("D"), "OK");
+}
+
+/// Issue #17 item 6 on simulated vCPUs that say they cannot deliver int3
+/// exits or data breakpoints: `break` takes an execute slot (no int3 in
+/// memory), a fifth is refused, and Z2 gets "not supported".
+#[test]
+fn sim_break_takes_a_hardware_slot_and_watch_is_refused_where_the_host_cannot() {
+    let test = "sim_break_takes_a_hardware_slot_and_watch_is_refused_where_the_host_cannot";
+    let host = HostDebug {
+        int3_exits: false,
+        data_watchpoints: false,
+        source: "the test".into(),
+    };
+    let mut vm = SimVm::start_with(guest::SW, Listen::Tcp, host);
+    let i = guest::STRAIGHT_INSNS;
+    let script = format!(
+        "monitor served\nset breakpoint always-inserted on\nbreak *{:#x}\ncontinue\nmonitor breakpoints\nmaint packet Z2,20000,1\ndelete\nbreak *{:#x}\nbreak *{:#x}\nbreak *{:#x}\nbreak *{:#x}\npython\ntry:\n    gdb.execute(\"break *{:#x}\")\nexcept gdb.error as e:\n    print(\"refused: %s\" % e)\nend\ndelete\ncontinue\n",
+        i[2], i[3], i[4], i[5], i[6], guest::STRAIGHT_HLT
+    );
+    let Some(out) = run(test, &vm, "sim-hw-z0", &script) else {
+        return;
+    };
+    scenarios::expect(&out, "break (Z0): a hardware execute slot");
+    scenarios::expect(&out, "from: the test");
+    scenarios::expect(&out, &format!("Thread 1 hit Breakpoint 1, {:#018x}", i[2]));
+    scenarios::expect(&out, &format!("DR0: execute breakpoint at {:#x}", i[2]));
+    assert!(!out.contains("int3 at"), "{out}");
+    scenarios::expect(&out, "sending: Z2,20000,1\nreceived: \"\"");
+    scenarios::expect(&out, "Cannot insert breakpoint 6.");
+    scenarios::expect(&out, "[Inferior 1 (process 1) exited normally]");
+    assert_eq!(vm.wait_end(), 0);
+    // No KVM_SET_GUEST_DEBUG ever asked for int3 exits.
+    for sim in &vm.sims {
+        assert!(sim.fake.debug_history().iter().all(|d| d.control & USE_SW_BP == 0));
+    }
     assert!(vm.byte_exact());
 }

@@ -1,6 +1,7 @@
 //! A GDB server for a kvm-ioctls VM (feature `gdb`): a [`gdbstub`] target
 //! over [`VmDebug`], one GDB thread per vCPU, x86-64 registers
-//! ([`gdbstub_arch::x86::X86_64_SSE`]).
+//! ([`X86_64Vm`]: gdbstub_arch's x86-64 SSE file plus the system registers
+//! a kernel debugger reads), for GDB and LLDB.
 //!
 //! The VMM keeps its vCPU threads and its run loop (see
 //! [`VcpuDebug::before_run`](crate::VcpuDebug::before_run)); it hands
@@ -33,12 +34,24 @@
 //!
 //! What GDB gets:
 //! * **registers**: general, `rip`, `eflags`, segment selectors, x87
-//!   (`st0`–`st7`, `fctrl`…`fop`), `xmm0`–`xmm15` and `mxcsr`, read and
-//!   written on the vCPU's own thread, all together or not at all; see
-//!   [`regs`] for what a selector write does and what is refused.
+//!   (`st0`–`st7`, `fctrl`…`fop`), `xmm0`–`xmm15`, `mxcsr` (through
+//!   `KVM_GET_XSAVE`), and `fs_base`, `gs_base`, `k_gs_base`, `cr0`, `cr2`,
+//!   `cr3`, `cr4`, `cr8`, `efer`; read and written on the vCPU's own
+//!   thread, all together or not at all, by `g`/`G` or one at a time by
+//!   `p`/`P`. The target description lists every register with its regnum,
+//!   offset, type, group and LLDB's `generic` role, so LLDB (which knows
+//!   no register by feature name) gets them too. See [`regs`] for where
+//!   each is read from, what is writable and what is refused.
 //! * **threads**: GDB thread `n + 1` is vCPU `n`; `info threads` lists them
 //!   all; memory is read and written through the selected thread's page
 //!   tables (`KVM_TRANSLATE` on that vCPU's own thread).
+//! * **what the host delivers** decides how breakpoints are served
+//!   ([`HostDebug`], from kvm-glue's probe once per process or from
+//!   [`Options::host`]): where `int3` exits do not work (`kvm_pvm`), `break`
+//!   (Z0) takes a free hardware execute slot like `hbreak`; where data
+//!   breakpoints do not fire, Z2–Z4 are "not supported" (GDB says it cannot
+//!   insert them; `set can-use-hw-watchpoints 0` watches in software).
+//!   `monitor served` says which. Otherwise:
 //! * **breakpoints**: `break` (Z0, `int3`, hidden from memory reads: GDB
 //!   sees the original bytes, and a write over one updates the byte the
 //!   guest will run), `hbreak` (Z1), and `watch` (Z2), `rwatch` (Z3) and
@@ -53,12 +66,17 @@
 //!   write of the value already there is reported as a read).
 //! * **all-stop**: when a vCPU stops, every other one is brought out of
 //!   `KVM_RUN` before GDB hears of it; `vCont` actions apply per thread
-//!   (`set scheduler-locking step` steps one vCPU while the others stay).
+//!   (`set scheduler-locking step` steps one vCPU while the others stay); a
+//!   legacy `c` or `s` (LLDB's `continue`) resumes every vCPU.
 //! * **stop reasons** from kvm-glue's decoded stops ([`stop`]), always with
 //!   the thread: `swbreak`, `hwbreak`, `watch:ADDR`/`rwatch:ADDR`/
 //!   `awatch:ADDR` with the address GDB set (not the piece that fired),
 //!   `SIGTRAP` for a step, `SIGINT` for Ctrl-C. The guest's own `#DB`/`#BP`
 //!   never reach GDB.
+//! * **kill**: `vKill`/`k` is answered `OK` and the session ends cleanly
+//!   (no "Remote connection closed", no wait); by default the debugger is
+//!   detached and the guest runs on, and a VMM for which `kill` ends the
+//!   guest says so on [`SessionEnd::Killed`].
 //! * **one debugger at a time**: every vCPU is stopped before a session
 //!   starts; when it ends (detach, kill, a dropped connection, a fatal
 //!   error), [`VmDebug::detach`] removes every breakpoint, restores guest
@@ -74,8 +92,8 @@ pub mod stop;
 mod target;
 
 pub use event_loop::VmEventLoop;
-pub use regs::{from_gdb, to_gdb, RegisterWriteError, VcpuRegs};
-pub use target::VmTarget;
+pub use regs::{from_gdb, to_gdb, RegisterWriteError, VcpuRegs, VmRegisters, X86_64Vm};
+pub use target::{HostDebug, VmTarget};
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -93,6 +111,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::VmDebug;
 use event_loop::{Ready, Waiter};
+use target::Watched;
 
 /// Why [`serve`] stopped serving.
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +222,11 @@ pub struct Options {
     pub stop_timeout: Duration,
     /// The guest's end, if the VMM announces it.
     pub end: Option<GuestEnd>,
+    /// What this host's KVM delivers, which decides how `Z0` and `Z2`–`Z4`
+    /// are served ([`HostDebug`]). `None`: kvm-glue's probe, run once per
+    /// process ([`HostDebug::probed`]). A VMM that knows better (it probed
+    /// already, or runs somewhere the probe cannot) says so here.
+    pub host: Option<HostDebug>,
 }
 
 impl Default for Options {
@@ -210,6 +234,7 @@ impl Default for Options {
         Options {
             stop_timeout: Duration::from_secs(5),
             end: None,
+            host: None,
         }
     }
 }
@@ -219,7 +244,13 @@ impl Default for Options {
 pub enum SessionEnd {
     /// GDB detached (`detach`, `quit`).
     Detached,
-    /// GDB sent `kill`: the VM is not killed, the debugger is detached.
+    /// GDB sent `kill` (`vKill` or `k`), was answered `OK`, and the
+    /// session ended. By default the VM is not killed: like any other end,
+    /// the debugger is detached, the guest runs on and the next debugger
+    /// is accepted. A VMM for which `kill` ends the guest does so on the
+    /// `ServeEvent::Ended(SessionEnd::Killed)` it hears: it calls
+    /// [`GuestEnd::end`] (the one in [`Options::end`]) from `on_event`, and
+    /// `serve` returns that code at once instead of accepting again.
     Killed,
     /// GDB was told the guest ended with this code.
     GuestEnded(u8),
@@ -269,7 +300,7 @@ impl fmt::Display for ServeEvent {
                 f.write_str("GDB session ended (")?;
                 match end {
                     SessionEnd::Detached => f.write_str("detached")?,
-                    SessionEnd::Killed => f.write_str("kill: detached, the VM runs on")?,
+                    SessionEnd::Killed => f.write_str("killed")?,
                     SessionEnd::GuestEnded(code) => write!(f, "the guest ended with code {code}")?,
                     SessionEnd::ConnectionLost(e) => write!(f, "connection lost: {e}")?,
                     SessionEnd::Fatal(e) => write!(f, "error: {e}")?,
@@ -554,6 +585,8 @@ fn serve_on<M: GuestMemory + Send + Sync + 'static, L: Accept>(
     mut on_event: impl FnMut(&ServeEvent),
 ) -> Result<u8, GdbError> {
     let end_fd = options.end.as_ref().map(GuestEnd::raw_fd);
+    // What the host delivers: the VMM's word, or the probe once per process.
+    let host = options.host.clone().unwrap_or_else(HostDebug::probed);
     // Wait for a debugger or the guest's end, whichever comes first.
     let accept_waiter = Waiter::new(listener.as_raw_fd(), dbg.stop_fd(), end_fd).map_err(listener_err("epoll"))?;
     loop {
@@ -585,7 +618,7 @@ fn serve_on<M: GuestMemory + Send + Sync + 'static, L: Accept>(
             source,
         })?;
         on_event(&ServeEvent::Connected(peer));
-        let ended = session(stream, dbg, options);
+        let ended = session(stream, dbg, options, &host);
         dbg.detach().map_err(|source| GdbError::Vm {
             what: "detached",
             source,
@@ -609,12 +642,19 @@ fn serve_on<M: GuestMemory + Send + Sync + 'static, L: Accept>(
 }
 
 /// One GDB session on `stream`, every vCPU stopped at its start.
-fn session<M, C>(stream: C, dbg: &VmDebug<M>, options: &Options) -> SessionEnd
+fn session<M, C>(stream: C, dbg: &VmDebug<M>, options: &Options, host: &HostDebug) -> SessionEnd
 where
     M: GuestMemory + Send + Sync + 'static,
     C: ConnectionExt<Error = io::Error> + AsRawFd,
 {
-    let mut target = match VmTarget::new(dbg.clone(), options.stop_timeout, options.end.clone()) {
+    let resume_log = Arc::default();
+    let mut target = match VmTarget::new(
+        dbg.clone(),
+        options.stop_timeout,
+        options.end.clone(),
+        host.clone(),
+        Arc::clone(&resume_log),
+    ) {
         Ok(t) => t,
         Err(e) => return SessionEnd::Fatal(e),
     };
@@ -623,7 +663,8 @@ where
         Ok(w) => target.waiter = Some(w),
         Err(e) => return SessionEnd::ConnectionLost(e),
     }
-    match GdbStub::new(stream).run_blocking::<VmEventLoop<M, C>>(&mut target) {
+    let stream = Watched::new(stream, resume_log);
+    match GdbStub::new(stream).run_blocking::<VmEventLoop<M, Watched<C>>>(&mut target) {
         Ok(DisconnectReason::Disconnect) => SessionEnd::Detached,
         Ok(DisconnectReason::Kill) => SessionEnd::Killed,
         Ok(DisconnectReason::TargetExited(code)) => SessionEnd::GuestEnded(code),

@@ -8,7 +8,34 @@
 //! re-enters `KVM_RUN`.
 //!
 //! Registers are mapped in [`regs`](super::regs) and written all together
-//! or not at all.
+//! or not at all; `p`/`P` read and write one through the same path.
+//!
+//! # Resuming
+//! A `vCont` names what each thread does; a thread it does not name stays
+//! stopped unless the packet has a default action (`vCont;s:1;c`): no
+//! default action is GDB's scheduler locking. A legacy `c`, `C`, `s` or `S`
+//! resumes every vCPU, as QEMU and gdbserver do (the one GDB selected steps
+//! for `s`), unless an `Hc` named one thread: then only that one runs.
+//! gdbstub hands all of these to the target as "these threads, no default"
+//! (it turns a `c` into a resume of the last-stopped thread), so
+//! [`Watched`] reads which packet it was off the connection.
+//!
+//! # Breakpoints by what the host delivers
+//! [`HostDebug`] says whether this host's KVM delivers `int3` exits and
+//! data watchpoints (kvm-glue's probe, once per process, or the VMM's
+//! word). Where `int3` exits do not work, `Z0` is served from a free
+//! hardware execute slot, exactly like `Z1` (and answered `E22` when none
+//! is free, so GDB says it cannot insert it); where data watchpoints do not
+//! fire, `Z2`–`Z4` get the empty "not supported" reply: GDB 13 then says
+//! it could not insert the watchpoint (it decides hardware or software
+//! when the watchpoint is set, from `can-use-hw-watchpoints`, and does not
+//! fall back by itself), and `set can-use-hw-watchpoints 0` makes it watch
+//! in software, which single-step makes work. `monitor served` says which.
+//!
+//! # Kill
+//! `vKill` and `k` are answered `OK` and end the session (gdbstub's extended
+//! mode does that reply; `run` and `attach` are refused); what happens to
+//! the guest then is [`serve`](super::serve)'s `SessionEnd::Killed`.
 //!
 //! Errors GDB can cause (a bad address, removing what is not set, a register
 //! value no CPU can hold) are error replies (`Exx`) and change nothing;
@@ -16,30 +43,37 @@
 //! lock) end the session, and [`serve`](super::serve) detaches.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use gdbstub::common::{Signal, Tid};
+use gdbstub::arch::Registers;
+use gdbstub::common::{Pid, Signal, Tid};
+use gdbstub::conn::{Connection, ConnectionExt};
 use gdbstub::target::ext::base::multithread::{
     MultiThreadBase, MultiThreadResume, MultiThreadResumeOps, MultiThreadSchedulerLocking,
     MultiThreadSchedulerLockingOps, MultiThreadSingleStep, MultiThreadSingleStepOps,
 };
+use gdbstub::target::ext::base::single_register_access::{SingleRegisterAccess, SingleRegisterAccessOps};
 use gdbstub::target::ext::base::BaseOps;
 use gdbstub::target::ext::breakpoints::{
     Breakpoints, BreakpointsOps, HwBreakpoint, HwBreakpointOps, HwWatchpoint, HwWatchpointOps, SwBreakpoint,
     SwBreakpointOps, WatchKind,
 };
+use gdbstub::target::ext::extended_mode::{Args, AttachKind, ExtendedMode, ExtendedModeOps, ShouldTerminate};
 use gdbstub::target::ext::monitor_cmd::{outputln, ConsoleOutput, MonitorCmd, MonitorCmdOps};
+use gdbstub::target::ext::target_description_xml_override::{
+    TargetDescriptionXmlOverride, TargetDescriptionXmlOverrideOps,
+};
 use gdbstub::target::ext::thread_extra_info::{ThreadExtraInfo, ThreadExtraInfoOps};
 use gdbstub::target::{Target, TargetError, TargetResult};
-use gdbstub_arch::x86::reg::X86_64CoreRegs;
-use gdbstub_arch::x86::X86_64_SSE;
 use vm_memory::GuestMemory;
 use x86_debugreg::sw::SwError;
 use x86_debugreg::watch::{Watch, WatchError, WatchHit, WatchKind as CoreWatchKind};
 use x86_debugreg::{BreakpointError, BreakpointType};
 
 use super::event_loop::Waiter;
-use super::regs::{self, ApplyError, VcpuRegs};
+use super::regs::{self, ApplyError, VcpuRegs, VmRegId, VmRegisters, X86_64Vm};
 use super::stop;
 use super::GuestEnd;
 use crate::control::Action;
@@ -54,7 +88,7 @@ const EFAULT: u8 = 14;
 const EINVAL: u8 = 22;
 /// `EIO`: a vCPU ioctl failed.
 const EIO: u8 = 5;
-/// `ENOTSUP`: KVM does not apply the value (`mxcsr` through `KVM_SET_FPU`).
+/// `ENOTSUP`: KVM accepted a register value but did not apply it.
 const ENOTSUP: u8 = 95;
 
 /// Bytes per guest page: memory is read page by page, so a read that runs
@@ -74,6 +108,158 @@ pub struct VmTarget<M> {
     pub(super) end: Option<GuestEnd>,
     /// What the event loop sleeps on while the guest runs.
     pub(super) waiter: Option<Waiter>,
+    /// What this host delivers: how `Z0`–`Z4` are served.
+    host: HostDebug,
+    /// Which resume packet GDB sent (read off the connection).
+    resume_log: Arc<ResumeLog>,
+}
+
+/// What this host's KVM delivers, as far as the GDB server's choices go:
+/// how `Z0` is served and whether `Z2`–`Z4` are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostDebug {
+    /// `int3` with `USE_SW_BP` gives a `#BP` debug exit: `Z0` is an `int3`.
+    /// If not (`kvm_pvm` ends the VM with an internal error), `Z0` takes a
+    /// free hardware execute slot.
+    pub int3_exits: bool,
+    /// Write and read/write data breakpoints fire: `Z2`–`Z4` are served
+    /// from the debug registers. If not, they get the empty "not
+    /// supported" reply (GDB says it cannot insert them, rather than
+    /// waiting for a stop that never comes; its software watchpoints work).
+    pub data_watchpoints: bool,
+    /// Where this came from, for `monitor served`.
+    pub source: String,
+}
+
+impl HostDebug {
+    /// A KVM that delivers everything (VMX, SVM): `int3` and watchpoints
+    /// as GDB asks.
+    pub fn full(source: impl Into<String>) -> HostDebug {
+        HostDebug {
+            int3_exits: true,
+            data_watchpoints: true,
+            source: source.into(),
+        }
+    }
+
+    /// What `probe` found.
+    pub fn from_probe(probe: &crate::probe::Probe) -> HostDebug {
+        let data = probe.write_watch.supported && probe.rw_watch.supported;
+        HostDebug {
+            int3_exits: probe.sw_breakpoint.supported,
+            data_watchpoints: data,
+            source: format!(
+                "kvm-glue's probe of this host's KVM (int3 exits: {}; write watchpoints: {}; read/write watchpoints: {})",
+                probe.sw_breakpoint.detail, probe.write_watch.detail, probe.rw_watch.detail
+            ),
+        }
+    }
+
+    /// This host's, from kvm-glue's probe, run once per process (it boots
+    /// a few one-vCPU guests, a few milliseconds) and kept. Where the probe
+    /// cannot run, everything is assumed to work, and `source` says why.
+    pub fn probed() -> HostDebug {
+        static PROBED: OnceLock<HostDebug> = OnceLock::new();
+        PROBED
+            .get_or_init(|| match crate::probe::probe() {
+                Ok(p) => HostDebug::from_probe(&p),
+                Err(e) => HostDebug::full(format!("assumed: kvm-glue's probe could not run ({e})")),
+            })
+            .clone()
+    }
+}
+
+/// The resume packet GDB sent last, as [`Watched`] saw it.
+#[derive(Debug, Default)]
+pub(super) struct ResumeLog {
+    /// The last packet was a legacy `c`, `C`, `s` or `S`.
+    legacy: AtomicBool,
+    /// The last `Hc` named one thread (not `0` "any" or `-1` "all").
+    hc_one_thread: AtomicBool,
+}
+
+impl ResumeLog {
+    /// Whether the resume now asked for is a legacy one that resumes every
+    /// vCPU.
+    fn legacy_resumes_all(&self) -> bool {
+        self.legacy.load(Ordering::Acquire) && !self.hc_one_thread.load(Ordering::Acquire)
+    }
+
+    /// Notes GDB's packet `body` (between `$` and `#`, at most its first
+    /// [`Watched::KEEP`] bytes).
+    fn saw(&self, body: &[u8]) {
+        if let Some(rest) = body.strip_prefix(b"Hc") {
+            // `Hc-1`, `Hc0`, `Hcp1.-1`, `Hcp1.0`: not one thread.
+            let tid = rest.rsplit(|&b| b == b'.').next().unwrap_or(rest);
+            let one = !(tid.is_empty() || tid == b"-1" || tid.iter().all(|&b| b == b'0'));
+            self.hc_one_thread.store(one, Ordering::Release);
+        }
+        let legacy = matches!(body.first(), Some(b'c' | b'C' | b's' | b'S'));
+        self.legacy.store(legacy, Ordering::Release);
+    }
+}
+
+/// A connection that notes, as gdbstub reads them, which resume packets GDB
+/// sends ([`ResumeLog`]): everything else passes through unchanged.
+#[derive(Debug)]
+pub struct Watched<C> {
+    inner: C,
+    log: Arc<ResumeLog>,
+    /// The packet being read: `None` between packets.
+    body: Option<Vec<u8>>,
+}
+
+impl<C> Watched<C> {
+    /// Bytes of a packet kept to classify it.
+    const KEEP: usize = 32;
+
+    pub(super) fn new(inner: C, log: Arc<ResumeLog>) -> Watched<C> {
+        Watched { inner, log, body: None }
+    }
+
+    fn see(&mut self, byte: u8) {
+        match (&mut self.body, byte) {
+            (_, b'$') => self.body = Some(Vec::with_capacity(Self::KEEP)),
+            (Some(body), b'#') => {
+                self.log.saw(body);
+                self.body = None;
+            }
+            (Some(body), b) if body.len() < Self::KEEP => body.push(b),
+            _ => {}
+        }
+    }
+}
+
+impl<C: Connection> Connection for Watched<C> {
+    type Error = C::Error;
+
+    fn write(&mut self, byte: u8) -> Result<(), C::Error> {
+        self.inner.write(byte)
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> Result<(), C::Error> {
+        self.inner.write_all(buf)
+    }
+
+    fn flush(&mut self) -> Result<(), C::Error> {
+        self.inner.flush()
+    }
+
+    fn on_session_start(&mut self) -> Result<(), C::Error> {
+        self.inner.on_session_start()
+    }
+}
+
+impl<C: ConnectionExt> ConnectionExt for Watched<C> {
+    fn read(&mut self) -> Result<u8, C::Error> {
+        let byte = self.inner.read()?;
+        self.see(byte);
+        Ok(byte)
+    }
+
+    fn peek(&mut self) -> Result<Option<u8>, C::Error> {
+        self.inner.peek()
+    }
 }
 
 impl<M> std::fmt::Debug for VmTarget<M> {
@@ -103,7 +289,13 @@ fn reply(e: Error) -> TargetError<Error> {
 
 impl<M: GuestMemory + Send + Sync + 'static> VmTarget<M> {
     /// A target for a session that starts with every vCPU stopped.
-    pub(super) fn new(dbg: VmDebug<M>, stop_timeout: Duration, end: Option<GuestEnd>) -> Result<VmTarget<M>, Error> {
+    pub(super) fn new(
+        dbg: VmDebug<M>,
+        stop_timeout: Duration,
+        end: Option<GuestEnd>,
+        host: HostDebug,
+        resume_log: Arc<ResumeLog>,
+    ) -> Result<VmTarget<M>, Error> {
         let vcpus = dbg.vcpu_ids()?;
         let current = vcpus.first().copied().unwrap_or(0);
         Ok(VmTarget {
@@ -115,7 +307,74 @@ impl<M: GuestMemory + Send + Sync + 'static> VmTarget<M> {
             stop_timeout,
             end,
             waiter: None,
+            host,
+            resume_log,
         })
+    }
+
+    /// Reads every register of `id`'s vCPU, as GDB sees them.
+    fn read_all(&self, id: usize) -> Result<VmRegisters, TargetError<Error>> {
+        let got = self.on_vcpu(id, |_, ops| VcpuRegs::read(ops))?;
+        Ok(regs::to_gdb(&got.map_err(|_| TargetError::Errno(EIO))?))
+    }
+
+    /// Writes GDB's `new` values into `id`'s vCPU: read, check and write on
+    /// the vCPU's thread, all or nothing. A refused value is EINVAL, a
+    /// failed ioctl (KVM refusing a control-register value included) EIO, a
+    /// value KVM takes but does not apply ENOTSUP, each with every register
+    /// as it was.
+    fn write_all(&self, id: usize, new: VmRegisters) -> TargetResult<(), Self> {
+        self.on_vcpu(id, move |_, ops| {
+            let now = VcpuRegs::read(ops).map_err(|_| TargetError::Errno(EIO))?;
+            let set = regs::from_gdb(&new, &now).map_err(|_| TargetError::Errno(EINVAL))?;
+            regs::apply(ops, &now, &set).map_err(|e| match e {
+                ApplyError::Failed { .. } => TargetError::Errno(EIO),
+                ApplyError::NotApplied { .. } => TargetError::Errno(ENOTSUP),
+                ApplyError::Restore { op, source } => TargetError::Fatal(Error::Vcpu { vcpu: id, op, source }),
+            })
+        })?
+    }
+
+    /// An execute slot for GDB's breakpoint at `addr` (`Z1`, and `Z0`
+    /// where `int3` exits do not work): `false` when none is free.
+    fn insert_hw(&mut self, addr: u64) -> TargetResult<bool, Self> {
+        match self
+            .dbg
+            .insert(AddressSpace::Physical, BreakpointType::Hardware, addr, 1)
+        {
+            Ok(Insert::Inserted(_)) => Ok(true),
+            Ok(Insert::NoFreeSlot) => Ok(false),
+            Err(e) => Err(reply(e)),
+        }
+    }
+
+    fn remove_hw(&mut self, addr: u64) -> TargetResult<bool, Self> {
+        self.dbg
+            .remove(AddressSpace::Physical, BreakpointType::Hardware, addr, 1)
+            .map(|_| true)
+            .map_err(reply)
+    }
+
+    /// What `monitor served` prints: how each breakpoint kind is served here.
+    fn served(&self) -> [String; 4] {
+        let h = &self.host;
+        [
+            if h.int3_exits {
+                "break (Z0): int3 in guest memory (hidden from reads)".to_string()
+            } else {
+                "break (Z0): a hardware execute slot (this KVM does not deliver int3 exits); E22 when none is free"
+                    .to_string()
+            },
+            "hbreak (Z1): a hardware execute slot; E22 when none is free".to_string(),
+            if h.data_watchpoints {
+                "watch/rwatch/awatch (Z2-Z4): debug-register slots, through the planner".to_string()
+            } else {
+                "watch/rwatch/awatch (Z2-Z4): not supported (this KVM's data breakpoints do not fire): \
+                 GDB cannot insert them; `set can-use-hw-watchpoints 0` watches in software"
+                    .to_string()
+            },
+            format!("from: {}", h.source),
+        ]
     }
 
     /// The vCPU of `tid`, if the VM has it.
@@ -214,7 +473,7 @@ fn core_kind(kind: WatchKind) -> CoreWatchKind {
 }
 
 impl<M: GuestMemory + Send + Sync + 'static> Target for VmTarget<M> {
-    type Arch = X86_64_SSE;
+    type Arch = X86_64Vm;
     type Error = Error;
 
     fn base_ops(&mut self) -> BaseOps<'_, Self::Arch, Self::Error> {
@@ -228,31 +487,79 @@ impl<M: GuestMemory + Send + Sync + 'static> Target for VmTarget<M> {
     fn support_monitor_cmd(&mut self) -> Option<MonitorCmdOps<'_, Self>> {
         Some(self)
     }
+
+    fn support_target_description_xml_override(&mut self) -> Option<TargetDescriptionXmlOverrideOps<'_, Self>> {
+        Some(self)
+    }
+
+    fn support_extended_mode(&mut self) -> Option<ExtendedModeOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+impl<M: GuestMemory + Send + Sync + 'static> TargetDescriptionXmlOverride for VmTarget<M> {
+    fn target_description_xml(
+        &self,
+        annex: &[u8],
+        offset: u64,
+        length: usize,
+        buf: &mut [u8],
+    ) -> TargetResult<usize, Self> {
+        if annex != b"target.xml" {
+            return Err(TargetError::Errno(EINVAL));
+        }
+        let xml = regs::target_xml().as_bytes();
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(xml.len());
+        let n = length.min(buf.len()).min(xml.len() - start);
+        buf[..n].copy_from_slice(&xml[start..start + n]);
+        Ok(n)
+    }
+}
+
+/// Extended mode only for its answer to a kill: gdbstub answers `vKill`
+/// and `k` with `OK` (and flushes it) only here. Without the answer GDB
+/// waits for one: on a connection whose close it does not see at once (a
+/// VMM behind QEMU's serial socket) it waits 6 s and prints "Ignoring
+/// packet error". There is no program to run or process to attach to.
+impl<M: GuestMemory + Send + Sync + 'static> ExtendedMode for VmTarget<M> {
+    fn run(&mut self, _filename: Option<&[u8]>, _args: Args<'_, '_>) -> TargetResult<Pid, Self> {
+        Err(TargetError::Errno(EINVAL))
+    }
+
+    fn attach(&mut self, _pid: Pid) -> TargetResult<(), Self> {
+        Err(TargetError::Errno(EINVAL))
+    }
+
+    fn query_if_attached(&mut self, _pid: Pid) -> TargetResult<AttachKind, Self> {
+        // GDB's `quit` then detaches rather than kills.
+        Ok(AttachKind::Attach)
+    }
+
+    fn kill(&mut self, _pid: Option<Pid>) -> TargetResult<ShouldTerminate, Self> {
+        Ok(ShouldTerminate::Yes)
+    }
+
+    fn restart(&mut self) -> Result<(), Self::Error> {
+        // `R` (extended-remote `run` again): nothing to restart; the VM is
+        // the VMM's.
+        Ok(())
+    }
 }
 
 impl<M: GuestMemory + Send + Sync + 'static> MultiThreadBase for VmTarget<M> {
-    fn read_registers(&mut self, out: &mut X86_64CoreRegs, tid: Tid) -> TargetResult<(), Self> {
+    fn read_registers(&mut self, out: &mut VmRegisters, tid: Tid) -> TargetResult<(), Self> {
         let id = self.vcpu_of(tid)?;
-        let got = self.on_vcpu(id, |_, ops| VcpuRegs::read(ops))?;
-        *out = regs::to_gdb(&got.map_err(|_| TargetError::Errno(EIO))?);
+        *out = self.read_all(id)?;
         Ok(())
     }
 
-    fn write_registers(&mut self, new: &X86_64CoreRegs, tid: Tid) -> TargetResult<(), Self> {
+    fn write_registers(&mut self, new: &VmRegisters, tid: Tid) -> TargetResult<(), Self> {
         let id = self.vcpu_of(tid)?;
-        let new = new.clone();
-        // Read, check and write on the vCPU's thread, all or nothing: a
-        // refused value is EINVAL, a failed ioctl EIO, a value KVM does not
-        // take (mxcsr) ENOTSUP, each with every register as it was.
-        self.on_vcpu(id, move |_, ops| {
-            let now = VcpuRegs::read(ops).map_err(|_| TargetError::Errno(EIO))?;
-            let set = regs::from_gdb(&new, &now).map_err(|_| TargetError::Errno(EINVAL))?;
-            regs::apply(ops, &now, &set).map_err(|e| match e {
-                ApplyError::Failed { .. } => TargetError::Errno(EIO),
-                ApplyError::NotApplied { .. } => TargetError::Errno(ENOTSUP),
-                ApplyError::Restore { op, source } => TargetError::Fatal(Error::Vcpu { vcpu: id, op, source }),
-            })
-        })?
+        self.write_all(id, new.clone())
+    }
+
+    fn support_single_register_access(&mut self) -> Option<SingleRegisterAccessOps<'_, Tid, Self>> {
+        Some(self)
     }
 
     fn read_addrs(&mut self, start: u64, data: &mut [u8], tid: Tid) -> TargetResult<usize, Self> {
@@ -310,16 +617,58 @@ impl<M: GuestMemory + Send + Sync + 'static> MultiThreadBase for VmTarget<M> {
     }
 }
 
+/// `p`/`P`: one register, by regnum, as a slice of the `g` packet (a `P` is
+/// a `G` with that register changed: the same checks and all-or-nothing
+/// write).
+impl<M: GuestMemory + Send + Sync + 'static> SingleRegisterAccess<Tid> for VmTarget<M> {
+    fn read_register(&mut self, tid: Tid, reg: VmRegId, buf: &mut [u8]) -> TargetResult<usize, Self> {
+        let id = self.vcpu_of(tid)?;
+        let (at, len) = reg_span(reg)?;
+        let mut bytes = Vec::with_capacity(regs::g_bytes());
+        self.read_all(id)?.gdb_serialize(|b| bytes.push(b.unwrap_or(0)));
+        let src = bytes.get(at..at + len).ok_or(TargetError::Errno(EINVAL))?;
+        let dst = buf.get_mut(..len).ok_or(TargetError::Errno(EINVAL))?;
+        dst.copy_from_slice(src);
+        Ok(len)
+    }
+
+    fn write_register(&mut self, tid: Tid, reg: VmRegId, val: &[u8]) -> TargetResult<(), Self> {
+        let id = self.vcpu_of(tid)?;
+        let (at, len) = reg_span(reg)?;
+        if val.len() != len {
+            return Err(TargetError::Errno(EINVAL));
+        }
+        let mut bytes = Vec::with_capacity(regs::g_bytes());
+        let mut new = self.read_all(id)?;
+        new.gdb_serialize(|b| bytes.push(b.unwrap_or(0)));
+        bytes
+            .get_mut(at..at + len)
+            .ok_or(TargetError::Errno(EINVAL))?
+            .copy_from_slice(val);
+        new.gdb_deserialize(&bytes).map_err(|()| TargetError::Errno(EINVAL))?;
+        self.write_all(id, new)
+    }
+}
+
+/// Where register `reg` is in the `g` packet: byte offset and length.
+fn reg_span<E>(reg: VmRegId) -> Result<(usize, usize), TargetError<E>> {
+    let info = regs::REGS.get(reg.0).ok_or(TargetError::Errno(EINVAL))?;
+    Ok((regs::offset(reg.0), info.bits / 8))
+}
+
 impl<M: GuestMemory + Send + Sync + 'static> MultiThreadResume for VmTarget<M> {
     fn resume(&mut self) -> Result<(), Self::Error> {
         // vCont without a default action (scheduler locking): only the
-        // threads named run. With one, every other thread continues.
+        // threads named run. With one, or for a legacy c/s without an Hc
+        // naming one thread (see the module docs), every other thread
+        // continues.
+        let locked = self.scheduler_locked && !self.resume_log.legacy_resumes_all();
         let plan: Vec<(usize, Action)> = self
             .vcpus
             .iter()
             .filter_map(|id| match self.actions.get(id) {
                 Some(action) => Some((*id, *action)),
-                None if self.scheduler_locked => None,
+                None if locked => None,
                 None => Some((*id, Action::Continue)),
             })
             .collect();
@@ -384,37 +733,42 @@ impl<M: GuestMemory + Send + Sync + 'static> Breakpoints for VmTarget<M> {
     }
 
     fn support_hw_watchpoint(&mut self) -> Option<HwWatchpointOps<'_, Self>> {
-        Some(self)
+        // Where data breakpoints do not fire, "not supported": GDB watches
+        // in software instead of waiting for a stop that never comes.
+        if self.host.data_watchpoints {
+            Some(self)
+        } else {
+            None
+        }
     }
 }
 
 impl<M: GuestMemory + Send + Sync + 'static> SwBreakpoint for VmTarget<M> {
     fn add_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        self.insert_sw(addr, true)
+        if self.host.int3_exits {
+            self.insert_sw(addr, true)
+        } else {
+            // An int3 would end the VM here: an execute slot instead.
+            self.insert_hw(addr)
+        }
     }
 
     fn remove_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        self.insert_sw(addr, false)
+        if self.host.int3_exits {
+            self.insert_sw(addr, false)
+        } else {
+            self.remove_hw(addr)
+        }
     }
 }
 
 impl<M: GuestMemory + Send + Sync + 'static> HwBreakpoint for VmTarget<M> {
     fn add_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        match self
-            .dbg
-            .insert(AddressSpace::Physical, BreakpointType::Hardware, addr, 1)
-        {
-            Ok(Insert::Inserted(_)) => Ok(true),
-            Ok(Insert::NoFreeSlot) => Ok(false),
-            Err(e) => Err(reply(e)),
-        }
+        self.insert_hw(addr)
     }
 
     fn remove_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        self.dbg
-            .remove(AddressSpace::Physical, BreakpointType::Hardware, addr, 1)
-            .map(|_| true)
-            .map_err(reply)
+        self.remove_hw(addr)
     }
 }
 
@@ -446,14 +800,78 @@ impl<M: GuestMemory + Send + Sync + 'static> MonitorCmd for VmTarget<M> {
                     outputln!(out, "no breakpoints");
                 }
             }
+            b"served" => {
+                for line in self.served() {
+                    outputln!(out, "{line}");
+                }
+            }
             _ => {
                 outputln!(out, "kvm-glue monitor commands:");
                 outputln!(
                     out,
                     "  breakpoints   every debug-register slot and int3 (by guest-physical address) kvm-glue holds"
                 );
+                outputln!(
+                    out,
+                    "  served        how break, hbreak and watchpoints are served on this host:"
+                );
+                for line in self.served() {
+                    outputln!(out, "    {line}");
+                }
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The log after GDB sent `packets` (bodies), each framed as on the wire.
+    fn after(packets: &[&str]) -> Arc<ResumeLog> {
+        let log = Arc::new(ResumeLog::default());
+        let mut w = Watched::new((), Arc::clone(&log));
+        for p in packets {
+            for b in format!("${p}#00").bytes() {
+                w.see(b);
+            }
+        }
+        log
+    }
+
+    #[test]
+    fn a_plain_c_or_s_resumes_every_vcpu() {
+        for p in ["c", "s", "C05", "S05", "c10006"] {
+            assert!(after(&["?", p]).legacy_resumes_all(), "{p}");
+        }
+        // Hc naming "all" or "any" changes nothing.
+        for hc in ["Hc-1", "Hc0", "Hcp1.-1", "Hcp1.0"] {
+            assert!(after(&[hc, "c"]).legacy_resumes_all(), "{hc}");
+        }
+    }
+
+    #[test]
+    fn an_hc_naming_one_thread_or_a_vcont_keeps_scheduler_locking() {
+        assert!(!after(&["Hc2", "c"]).legacy_resumes_all());
+        assert!(!after(&["Hcp1.2", "s"]).legacy_resumes_all());
+        assert!(!after(&["vCont;c:1"]).legacy_resumes_all());
+        assert!(!after(&["c", "vCont;s:2"]).legacy_resumes_all());
+        // A later Hc-1 lifts the one-thread choice.
+        assert!(after(&["Hc2", "Hc-1", "c"]).legacy_resumes_all());
+    }
+
+    #[test]
+    fn bytes_outside_packets_and_long_packets_are_harmless() {
+        // Ctrl-C and acks between packets, then a plain c.
+        let log = Arc::new(ResumeLog::default());
+        let mut w = Watched::new((), Arc::clone(&log));
+        for b in b"+\x03+$c#63+" {
+            w.see(*b);
+        }
+        assert!(log.legacy_resumes_all());
+        // A write packet longer than what is kept is classified by its start.
+        let long = format!("X10000,40:{}", "c".repeat(100));
+        assert!(!after(&["c", &long]).legacy_resumes_all());
     }
 }

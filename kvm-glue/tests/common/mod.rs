@@ -4,7 +4,7 @@
 use std::cell::Cell;
 use std::sync::OnceLock;
 
-use kvm_bindings::{kvm_fpu, kvm_guest_debug, kvm_regs, kvm_sregs, kvm_translation};
+use kvm_bindings::{kvm_fpu, kvm_guest_debug, kvm_regs, kvm_sregs, kvm_translation, kvm_xsave};
 use kvm_glue::guest::{self, Exit, Guest, GuestError};
 use kvm_glue::probe::{self, Finding, Probe};
 use kvm_glue::{Handled, StopEvent, VcpuDebug, VcpuOps};
@@ -91,6 +91,18 @@ impl VcpuOps for Counting<'_> {
     }
     fn translate_gva(&self, gva: u64) -> Result<kvm_translation, kvm_ioctls::Error> {
         self.fd.translate_gva(gva)
+    }
+    fn get_xsave(&self) -> Result<kvm_xsave, kvm_ioctls::Error> {
+        VcpuOps::get_xsave(self.fd)
+    }
+    fn set_xsave(&self, xsave: &kvm_xsave) -> Result<(), kvm_ioctls::Error> {
+        VcpuOps::set_xsave(self.fd, xsave)
+    }
+    fn get_msr(&self, index: u32) -> Result<u64, kvm_ioctls::Error> {
+        VcpuOps::get_msr(self.fd, index)
+    }
+    fn set_msr(&self, index: u32, value: u64) -> Result<(), kvm_ioctls::Error> {
+        VcpuOps::set_msr(self.fd, index, value)
     }
 }
 

@@ -395,7 +395,7 @@ set $ds = 0x18
 stepi
 printf "selectors: cs=%#x ss=%#x ds=%#x es=%#x\n", $cs, $ss, $ds, $es
 python
-for cmd in ("set $cs = 0xb", "set $ss = 0", "set $mxcsr = 0x1f00", "set $fop = 0x800"):
+for cmd in ("set $cs = 0xb", "set $ss = 0", "set $mxcsr = 0x11f80", "set $fop = 0x800"):
     try:
         gdb.execute(cmd)
         print("accepted: " + cmd)
@@ -418,12 +418,12 @@ detach
         "= {0x0, 0x1122334455667788}".to_string(),
         "= 1.5".to_string(),
         format!("selectors: cs={cs:#x} ss={ds:#x} ds=0x18 es={ds:#x}"),
-        "refused: set $cs = 0xb: Could not write registers; remote failure reply 'E16'".to_string(),
+        "refused: set $cs = 0xb: Could not write register \"cs\"; remote failure reply 'E16'".to_string(),
         // 64-bit code: a null ss is a state the CPU can be in.
         "accepted: set $ss = 0".to_string(),
-        // KVM_SET_FPU does not write MXCSR: ENOTSUP, nothing changed.
-        "refused: set $mxcsr = 0x1f00: Could not write registers; remote failure reply 'E5f'".to_string(),
-        "refused: set $fop = 0x800: Could not write registers; remote failure reply 'E16'".to_string(),
+        // Bit 16 is outside every CPU's MXCSR_MASK: EINVAL, nothing changed.
+        "refused: set $mxcsr = 0x11f80: Could not write register \"mxcsr\"; remote failure reply 'E16'".to_string(),
+        "refused: set $fop = 0x800: Could not write register \"fop\"; remote failure reply 'E16'".to_string(),
         format!(
             "after refusals: cs={cs:#x} ss=0 mxcsr={} fop=0 xmm0[0]=42",
             c_hex(at_start.mxcsr)
@@ -554,4 +554,217 @@ pub fn expect_all(text: &str, expected: &[String]) {
 #[track_caller]
 pub fn expect(text: &str, what: &str) {
     assert!(text.contains(what), "expected {what:?} in:\n{text}");
+}
+
+/// Every register the server serves, in regnum order, with its width in
+/// bits: gdb's amd64 core and SSE registers (gdb's `64bit-core.xml` and
+/// `64bit-sse.xml` order, which gdbstub_arch's `g` packet follows), then
+/// QEMU's x86-64 system registers. Written out by hand, not taken from the
+/// server's table.
+pub const SERVED_REGS: [(&str, usize); 66] = [
+    ("rax", 64),
+    ("rbx", 64),
+    ("rcx", 64),
+    ("rdx", 64),
+    ("rsi", 64),
+    ("rdi", 64),
+    ("rbp", 64),
+    ("rsp", 64),
+    ("r8", 64),
+    ("r9", 64),
+    ("r10", 64),
+    ("r11", 64),
+    ("r12", 64),
+    ("r13", 64),
+    ("r14", 64),
+    ("r15", 64),
+    ("rip", 64),
+    ("eflags", 32),
+    ("cs", 32),
+    ("ss", 32),
+    ("ds", 32),
+    ("es", 32),
+    ("fs", 32),
+    ("gs", 32),
+    ("st0", 80),
+    ("st1", 80),
+    ("st2", 80),
+    ("st3", 80),
+    ("st4", 80),
+    ("st5", 80),
+    ("st6", 80),
+    ("st7", 80),
+    ("fctrl", 32),
+    ("fstat", 32),
+    ("ftag", 32),
+    ("fiseg", 32),
+    ("fioff", 32),
+    ("foseg", 32),
+    ("fooff", 32),
+    ("fop", 32),
+    ("xmm0", 128),
+    ("xmm1", 128),
+    ("xmm2", 128),
+    ("xmm3", 128),
+    ("xmm4", 128),
+    ("xmm5", 128),
+    ("xmm6", 128),
+    ("xmm7", 128),
+    ("xmm8", 128),
+    ("xmm9", 128),
+    ("xmm10", 128),
+    ("xmm11", 128),
+    ("xmm12", 128),
+    ("xmm13", 128),
+    ("xmm14", 128),
+    ("xmm15", 128),
+    ("mxcsr", 32),
+    ("fs_base", 64),
+    ("gs_base", 64),
+    ("k_gs_base", 64),
+    ("cr0", 64),
+    ("cr2", 64),
+    ("cr3", 64),
+    ("cr4", 64),
+    ("cr8", 64),
+    ("efer", 64),
+];
+
+/// A raw GDB remote-protocol client: what a client that is neither GDB nor
+/// LLDB sends, packet by packet.
+pub struct Rsp {
+    s: std::net::TcpStream,
+}
+
+impl Rsp {
+    /// Connects to the server on `127.0.0.1:port`; every answer is awaited
+    /// for at most `wait`.
+    pub fn connect(port: u16, wait: Duration) -> Rsp {
+        let s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the server");
+        s.set_read_timeout(Some(wait)).expect("read timeout");
+        Rsp { s }
+    }
+
+    /// Sends one packet.
+    pub fn send(&mut self, body: &str) {
+        use std::io::Write;
+        let sum = body.bytes().fold(0u8, |a, b| a.wrapping_add(b));
+        self.s
+            .write_all(format!("${body}#{sum:02x}").as_bytes())
+            .expect("send a packet");
+    }
+
+    /// The next packet's body (run-length and binary escapes decoded), or
+    /// `None` if none came in time or the server closed the connection.
+    pub fn recv(&mut self) -> Option<Vec<u8>> {
+        use std::io::{Read, Write};
+        let mut byte = [0u8; 1];
+        let mut next = |s: &mut std::net::TcpStream| match s.read(&mut byte) {
+            Ok(1) => Some(byte[0]),
+            _ => None,
+        };
+        // Acks ('+') and anything else before the packet.
+        while next(&mut self.s)? != b'$' {}
+        let mut raw = Vec::new();
+        loop {
+            match next(&mut self.s)? {
+                b'#' => break,
+                b => raw.push(b),
+            }
+        }
+        next(&mut self.s)?;
+        next(&mut self.s)?;
+        self.s.write_all(b"+").ok()?;
+        let mut body: Vec<u8> = Vec::new();
+        let mut i = 0;
+        while i < raw.len() {
+            match raw[i] {
+                b'}' if i + 1 < raw.len() => {
+                    body.push(raw[i + 1] ^ 0x20);
+                    i += 2;
+                }
+                b'*' if i + 1 < raw.len() => {
+                    let last = *body.last()?;
+                    body.extend(std::iter::repeat_n(last, usize::from(raw[i + 1]).saturating_sub(29)));
+                    i += 2;
+                }
+                b => {
+                    body.push(b);
+                    i += 1;
+                }
+            }
+        }
+        Some(body)
+    }
+
+    /// Sends `body` and returns the answer as text (panics if none came).
+    pub fn ask(&mut self, body: &str) -> String {
+        self.send(body);
+        let got = self.recv().unwrap_or_else(|| panic!("no answer to {body:?}"));
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    /// The whole `target.xml`, read with `qXfer:features:read` in pieces.
+    pub fn target_xml(&mut self) -> String {
+        let mut xml = String::new();
+        loop {
+            let got = self.ask(&format!("qXfer:features:read:target.xml:{:x},200", xml.len()));
+            let (kind, rest) = got.split_at(1.min(got.len()));
+            xml.push_str(rest);
+            match kind {
+                "m" => continue,
+                "l" => return xml,
+                _ => panic!("qXfer:features:read answered {got:?}"),
+            }
+        }
+    }
+}
+
+/// The value of `attr="..."` in the XML element `elem`.
+pub fn xml_attr<'a>(elem: &'a str, attr: &str) -> Option<&'a str> {
+    let at = elem.find(&format!(" {attr}=\""))? + attr.len() + 3;
+    let len = elem[at..].find('"')?;
+    Some(&elem[at..at + len])
+}
+
+/// Every `<reg .../>` element of `xml`, in order.
+pub fn xml_regs(xml: &str) -> Vec<&str> {
+    xml.match_indices("<reg ")
+        .filter_map(|(at, _)| xml[at..].find("/>").map(|end| &xml[at..at + end]))
+        .collect()
+}
+
+/// Checks a target description against [`SERVED_REGS`] and a `g` packet
+/// of `g_hex_len` hex digits: every register once, regnums 0–65 in order,
+/// offsets adding up, the generic roles LLDB needs.
+pub fn check_target_xml(xml: &str, g_hex_len: usize) {
+    assert!(xml.contains("<architecture>i386:x86-64</architecture>"), "{xml}");
+    for feature in [
+        "org.gnu.gdb.i386.core",
+        "org.gnu.gdb.i386.sse",
+        "org.gnu.gdb.i386.segments",
+    ] {
+        assert!(
+            xml.contains(&format!("<feature name=\"{feature}\">")),
+            "{feature}: {xml}"
+        );
+    }
+    let regs = xml_regs(xml);
+    let names: Vec<&str> = regs.iter().filter_map(|r| xml_attr(r, "name")).collect();
+    let want: Vec<&str> = SERVED_REGS.iter().map(|(n, _)| *n).collect();
+    assert_eq!(names, want, "{xml}");
+    let mut offset = 0;
+    for (n, (r, (name, bits))) in regs.iter().zip(SERVED_REGS).enumerate() {
+        assert_eq!(xml_attr(r, "regnum"), Some(n.to_string().as_str()), "{name}: {r}");
+        assert_eq!(xml_attr(r, "bitsize"), Some(bits.to_string().as_str()), "{name}: {r}");
+        assert_eq!(xml_attr(r, "offset"), Some(offset.to_string().as_str()), "{name}: {r}");
+        assert!(xml_attr(r, "type").is_some() && xml_attr(r, "group").is_some(), "{r}");
+        offset += bits / 8;
+    }
+    assert_eq!(offset, 608);
+    assert_eq!(g_hex_len, 2 * offset, "the g packet is not what the description says");
+    for (name, role) in [("rip", "pc"), ("rsp", "sp"), ("rbp", "fp"), ("eflags", "flags")] {
+        let r = regs.iter().find(|r| xml_attr(r, "name") == Some(name)).copied();
+        assert_eq!(r.and_then(|r| xml_attr(r, "generic")), Some(role), "{name}");
+    }
 }
