@@ -483,6 +483,48 @@ fn oracle_sdm_breakpoint_examples_relocated_into_the_buffer() {
     });
 }
 
+/// Fresh children per run of [`oracle_a_page_crossing_store_to_untouched_pages_hits_its_watch`].
+const FRESH_CHILDREN: usize = 8;
+
+/// The access of issue #15's flake — an 8-byte store at page offset 4093,
+/// across the page boundary, under a watch on the 8 bytes before it — made
+/// as the first access of a fresh child (both pages never touched: the store
+/// takes the page faults first), and after a load has mapped the second page
+/// read-only (the store then takes the copy-on-write fault). By hand: bytes
+/// 4093–4095 are inside the watch 4088–4095, so B3 must be set, for a write
+/// watch and a read/write watch alike.
+#[test]
+fn oracle_a_page_crossing_store_to_untouched_pages_hits_its_watch() {
+    let store = Access::write(buffer_addr() + 4093, 8);
+    let peek = Access::read(buffer_addr() + 4096, 1);
+    repeated("oracle_a_page_crossing_store_to_untouched_pages_hits_its_watch", |c| {
+        let mut checked = 0;
+        for child in 0..FRESH_CHILDREN {
+            // One fresh child per case (the first is the run's own).
+            if child > 0 {
+                c.respawn().unwrap_or_else(|e| panic!("{e}"));
+            }
+            let kind = if child % 2 == 0 {
+                HwKind::Write
+            } else {
+                HwKind::ReadWrite
+            };
+            let bp = HwBreakpoint::new(kind, buffer_addr() + 4088, 8).unwrap_or_else(|e| panic!("{e}"));
+            let dr = [0, 0, 0, bp.addr()];
+            let dr7 = Dr7::EMPTY.with_slot(Slot::DR3, bp.kind().condition(), bp.len());
+            if child % 4 >= 2 {
+                // Map the second page (the zero page, read-only) first.
+                let (cpu, _) = check_data(c, dr, dr7, peek).unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(cpu, 0, "a load at 4096 is outside the watch");
+            }
+            let (cpu, _) = check_data(c, dr, dr7, store).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(cpu, 0b1000, "the store's bytes 4093-4095 are watched by DR3");
+            checked += 1;
+        }
+        println!("oracle: page-crossing stores to untouched pages: {checked} fresh children checked against the CPU");
+    });
+}
+
 /// Every single watchpoint (both kinds, every length, every aligned address
 /// of the 16 bytes before a cache-line boundary and before a page boundary,
 /// rotating through the four slots) against every access of every width and

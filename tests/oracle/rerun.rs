@@ -111,6 +111,16 @@ impl<'l> Checker<'l> {
         &mut self.oracle
     }
 
+    /// Go on with a fresh child (a new `fork`: fresh pages, fresh perf
+    /// events), keeping the count of transients.
+    ///
+    /// # Errors
+    /// If the child cannot be started.
+    pub fn respawn(&mut self) -> Result<(), String> {
+        self.oracle = Oracle::spawn().map_err(|e| format!("cannot start a fresh child: {e}"))?;
+        Ok(())
+    }
+
     /// Transients this checker saw (each re-run in a fresh child, which
     /// agreed).
     pub fn transients(&self) -> usize {
