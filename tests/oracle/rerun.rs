@@ -30,12 +30,11 @@ use super::{Oracle, OracleError};
 /// Transients one run of the suite may see before it fails.
 ///
 /// The one seen in CI was one outcome in about 32 runs of the suite (each
-/// about 34 000 accesses and 800 sled runs); the measurement in
-/// `tests/cpu_oracle.rs` found
-/// fewer. At one per 32 runs, four in one run has a chance of about
-/// (1/32)^4 / 4! ≈ 4·10⁻⁸ (Poisson), so the bound never fails a healthy run,
-/// while a model bug that shows in only some children cannot pass more than
-/// three times.
+/// about 32 800 accesses and 800 sled runs); here it was 0 in 360 runs under
+/// load (`tests/cpu_oracle.rs`, module docs). At one per 32 runs, four in one
+/// run has a chance of about (1/32)^4 / 4! ≈ 4·10⁻⁸ (Poisson), so the bound
+/// does not fail a healthy run, while a model bug that shows in only some
+/// children cannot pass more than three times.
 pub const MAX_TRANSIENTS_PER_RUN: usize = 3;
 
 /// The transients seen by every [`Checker`] that shares it, against a budget.
