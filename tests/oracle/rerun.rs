@@ -30,7 +30,7 @@ use super::{Oracle, OracleError};
 /// Transients one run of the suite may see before it fails.
 ///
 /// The one seen in CI was one outcome in about 32 runs of the suite (each
-/// about 32 800 accesses and 800 sled runs); here it was 0 in 360 runs under
+/// about 32 800 accesses and 800 sled runs); here it was 0 in 560 runs under
 /// load (`tests/cpu_oracle.rs`, module docs). At one per 32 runs, four in one
 /// run has a chance of about (1/32)^4 / 4! ≈ 4·10⁻⁸ (Poisson), so the bound
 /// does not fail a healthy run, while a model bug that shows in only some
