@@ -12,15 +12,17 @@
 //! address and length. Expected answers come from the offset alone (inside
 //! `0..len` or not), never from the planner.
 //!
-//! If the host forbids ptrace, one line says so and nothing is checked.
-//! Linux x86-64 only.
+//! An outcome that disagrees, or that the harness cannot classify, is re-run
+//! in a fresh child and fails only if it reproduces there (`oracle/rerun.rs`,
+//! issue #15); `ORACLE_REPEAT` repeats each test. If the host forbids ptrace,
+//! one line says so and nothing is checked. Linux x86-64 only.
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 
 // The harness serves tests/cpu_oracle.rs too; this file uses part of it.
 #[allow(dead_code, unused_imports)]
 mod oracle;
 
-use oracle::{buffer_addr, Access, AccessKind, Oracle, BUFFER_LEN};
+use oracle::{buffer_addr, repeated, Access, AccessKind, Checker, BUFFER_LEN};
 use x86_debugreg::predict::SlotMask;
 use x86_debugreg::region::Mode;
 use x86_debugreg::watch::{Watch, WatchKind, WatchSlots};
@@ -35,20 +37,52 @@ struct Tally {
     hits: u64,
 }
 
-/// The CPU's B-bits of the enabled slots for an access of `size` bytes.
-fn cpu_mask(oracle: &mut Oracle, slots: &WatchSlots, addr: u64, size: u8, kind: AccessKind) -> SlotMask {
-    let dr7 = slots.dr7();
-    let raw = oracle
-        .cpu_hits(slots.addresses(), dr7.into_bits(), Access { addr, size, kind })
+/// The CPU's B-bits of the enabled slots for an access of `size` bytes,
+/// which must name exactly the watchpoints `expected` (re-run in a fresh
+/// child if they do not).
+///
+/// # Panics
+/// If they do not in the fresh child either.
+fn cpu_mask(
+    c: &mut Checker,
+    slots: &WatchSlots,
+    access: Access,
+    expected: &[Watch],
+    offset_in_region: i64,
+) -> SlotMask {
+    let (dr, dr7) = (slots.addresses(), slots.dr7());
+    let enabled = SlotMask::enabled(dr7);
+    let raw = c
+        .ask(
+            || {
+                format!(
+                    "{:?} of {} bytes at {:#x} (region offset {offset_in_region}), DR0-3 {dr:x?}, DR7 {:#x}",
+                    access.kind,
+                    access.size,
+                    access.addr,
+                    dr7.into_bits()
+                )
+            },
+            |o| o.cpu_hits(dr, dr7.into_bits(), access),
+            |&raw| {
+                let mask = SlotMask::from_bits_truncate(raw).intersection(enabled);
+                let named: Vec<Watch> = slots.hits_in_mask(mask).iter().map(|h| h.watch).collect();
+                if named == expected && mask.is_empty() == expected.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("the CPU set {mask}, naming {named:?}; expected {expected:?}"))
+                }
+            },
+        )
         .unwrap_or_else(|e| panic!("oracle: {e}"));
-    SlotMask::from_bits_truncate(raw).intersection(SlotMask::enabled(dr7))
+    SlotMask::from_bits_truncate(raw).intersection(enabled)
 }
 
 /// Sweeps loads and stores of each width in `sizes` starting from `MARGIN`
 /// bytes before the regions in `watches` to `MARGIN` after them, with all of
 /// them set at once. An access must name exactly the watchpoints whose
 /// region it overlaps and whose kind it matches, in order of insertion.
-fn sweep(oracle: &mut Oracle, mode: Mode, watches: &[Watch], sizes: &[u8], tally: &mut Tally) {
+fn sweep(c: &mut Checker, mode: Mode, watches: &[Watch], sizes: &[u8], tally: &mut Tally) {
     let mut slots = WatchSlots::new(mode);
     for w in watches {
         slots.insert(*w).unwrap_or_else(|e| panic!("{w} does not fit: {e}"));
@@ -65,7 +99,6 @@ fn sweep(oracle: &mut Oracle, mode: Mode, watches: &[Watch], sizes: &[u8], tally
             .iter()
             .flat_map(|s| [(s, AccessKind::Read), (s, AccessKind::Write)])
         {
-            let mask = cpu_mask(oracle, &slots, at, size, kind);
             // By hand: a watchpoint fires when the access overlaps its region
             // and it watches this kind of access.
             let expected: Vec<Watch> = watches
@@ -74,17 +107,8 @@ fn sweep(oracle: &mut Oracle, mode: Mode, watches: &[Watch], sizes: &[u8], tally
                 .filter(|w| kind == AccessKind::Write || w.kind() != WatchKind::Write)
                 .copied()
                 .collect();
-            let named: Vec<Watch> = slots.hits_in_mask(mask).iter().map(|h| h.watch).collect();
-            assert_eq!(
-                named,
-                expected,
-                "{kind:?} of {size} bytes at {at:#x} (region offset {}): the CPU set {mask} with DR0-3 {:x?}, \
-                 DR7 {:#x}",
-                at as i64 - watches[0].addr() as i64,
-                slots.addresses(),
-                slots.dr7().into_bits()
-            );
-            assert_eq!(mask.is_empty(), expected.is_empty());
+            let access = Access { addr: at, size, kind };
+            let mask = cpu_mask(c, &slots, access, &expected, at as i64 - watches[0].addr() as i64);
             tally.accesses += 1;
             tally.hits += u64::from(!mask.is_empty());
         }
@@ -92,18 +116,17 @@ fn sweep(oracle: &mut Oracle, mode: Mode, watches: &[Watch], sizes: &[u8], tally
 }
 
 fn run(what: &str, sizes: &[u8], cases: &[(Mode, Vec<Watch>)]) {
-    let Some(mut oracle) = oracle::spawn_or_skip() else {
-        return;
-    };
-    let mut tally = Tally::default();
-    for (mode, watches) in cases {
-        sweep(&mut oracle, *mode, watches, sizes, &mut tally);
-    }
-    println!(
-        "oracle regions: {what}: {} accesses ({sizes:?} bytes) checked against the CPU, {} hit",
-        tally.accesses, tally.hits
-    );
-    assert!(tally.hits > 0 && tally.hits < tally.accesses);
+    repeated(what, |c| {
+        let mut tally = Tally::default();
+        for (mode, watches) in cases {
+            sweep(c, *mode, watches, sizes, &mut tally);
+        }
+        println!(
+            "oracle regions: {what}: {} accesses ({sizes:?} bytes) checked against the CPU, {} hit",
+            tally.accesses, tally.hits
+        );
+        assert!(tally.hits > 0 && tally.hits < tally.accesses);
+    });
 }
 
 fn watch(kind: WatchKind, offset: u64, len: u64) -> Watch {

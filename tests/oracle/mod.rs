@@ -16,6 +16,7 @@
 
 pub mod child;
 pub mod ptrace;
+pub mod rerun;
 
 use std::fmt;
 use std::sync::Once;
@@ -24,6 +25,7 @@ use nix::errno::Errno;
 
 pub use child::{buffer_addr, sled_addr, BUFFER_LEN, SLED_INSNS, SLED_LEN};
 pub use ptrace::Oracle;
+pub use rerun::{repeated, Checker, Ledger};
 
 /// What an access does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -75,6 +77,21 @@ pub enum OracleError {
     },
     /// The child exited with this status before its first stop.
     ChildExited(i32),
+    /// A SIGTRAP that is not a hardware-breakpoint one (`si_code` other than
+    /// `TRAP_HWBKPT`): the kernel saw a debug exception it could not pin on
+    /// an enabled slot (`TRAP_BRKPT` = 1: neither BS nor any Bn in DR6).
+    StrayTrap {
+        /// The signal's `si_code`.
+        si_code: i32,
+        /// The child's `rip` at the stop.
+        rip: u64,
+        /// DR6 as the tracer reads it (the kernel's virtual DR6).
+        dr6: u64,
+        /// DR7 as the tracer reads it.
+        dr7: u64,
+        /// The command the child was running.
+        command: String,
+    },
     /// The child did something the harness did not ask for.
     Unexpected(String),
     /// The access cannot be made by the child.
@@ -93,6 +110,16 @@ impl fmt::Display for OracleError {
             }
             OracleError::Ptrace { op, errno } => write!(f, "{op} failed: {errno}"),
             OracleError::ChildExited(code) => write!(f, "traced child exited with {code}"),
+            OracleError::StrayTrap {
+                si_code,
+                rip,
+                dr6,
+                dr7,
+                command,
+            } => write!(
+                f,
+                "unexpected: SIGTRAP with si_code {si_code} during {command} (rip {rip:#x}, DR6 {dr6:#x}, DR7 {dr7:#x})"
+            ),
             OracleError::Unexpected(what) => write!(f, "unexpected: {what}"),
             OracleError::BadAccess(what) => write!(f, "bad access: {what}"),
         }
@@ -134,13 +161,34 @@ pub fn spawn_or_skip() -> Option<Oracle> {
 /// If `ORACLE_CASES` is set but is not a positive integer (`0` would check
 /// nothing and pass).
 pub fn cases(default: u32) -> u32 {
-    match std::env::var("ORACLE_CASES") {
+    positive_env("ORACLE_CASES", default)
+}
+
+/// How many times each oracle test runs its whole check in this process, each
+/// time in a fresh child: `ORACLE_REPEAT` if set, else 1. It measures the
+/// transient rate (see `rerun`): `ORACLE_REPEAT=50 cargo test --test
+/// cpu_oracle -- --nocapture` runs the suite 50 times.
+///
+/// # Panics
+/// If `ORACLE_REPEAT` is set but is not a positive integer.
+pub fn repeat() -> u32 {
+    positive_env("ORACLE_REPEAT", 1)
+}
+
+/// The positive integer in environment variable `name`, or `default` if it
+/// is unset.
+///
+/// # Panics
+/// If it is set but is not a positive integer (`0` would check nothing and
+/// pass).
+fn positive_env(name: &str, default: u32) -> u32 {
+    match std::env::var(name) {
         Ok(v) => match v.trim().parse::<u32>() {
-            Ok(0) => panic!("ORACLE_CASES=0 would check nothing; set a positive number or unset it"),
+            Ok(0) => panic!("{name}=0 would check nothing; set a positive number or unset it"),
             Ok(n) => n,
-            Err(e) => panic!("ORACLE_CASES={v:?} is not a positive integer ({e})"),
+            Err(e) => panic!("{name}={v:?} is not a positive integer ({e})"),
         },
         Err(std::env::VarError::NotPresent) => default,
-        Err(std::env::VarError::NotUnicode(v)) => panic!("ORACLE_CASES={v:?} is not a positive integer"),
+        Err(std::env::VarError::NotUnicode(v)) => panic!("{name}={v:?} is not a positive integer"),
     }
 }

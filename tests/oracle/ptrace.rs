@@ -113,6 +113,11 @@ impl Oracle {
         Ok(oracle)
     }
 
+    /// The child's process id (each [`Oracle::spawn`] forks a new child).
+    pub fn pid(&self) -> i32 {
+        self.pid.as_raw()
+    }
+
     /// Write debug register `n` (0–3, 6 or 7) of the child.
     ///
     /// # Errors
@@ -189,14 +194,21 @@ impl Oracle {
                 WaitStatus::Stopped(_, Signal::SIGSTOP) => return Ok(traps),
                 WaitStatus::Stopped(_, Signal::SIGTRAP) => {
                     let info = ptrace::getsiginfo(pid).map_err(fail("PTRACE_GETSIGINFO"))?;
-                    if info.si_code != libc::TRAP_HWBKPT {
-                        return Err(OracleError::Unexpected(format!(
-                            "SIGTRAP with si_code {} during {command:?}",
-                            info.si_code
-                        )));
-                    }
                     let rip = ptrace::getregs(pid).map_err(fail("PTRACE_GETREGS"))?.rip;
                     let dr6 = self.peek_dr(6).map_err(fail("PTRACE_PEEKUSER DR6"))?;
+                    if info.si_code != libc::TRAP_HWBKPT {
+                        // Everything the tracer can still see, so that the
+                        // report says where the trap came from (cpu_oracle.rs
+                        // module docs: the page-crossing TRAP_BRKPT).
+                        let dr7 = self.peek_dr(7).map_err(fail("PTRACE_PEEKUSER DR7"))?;
+                        return Err(OracleError::StrayTrap {
+                            si_code: info.si_code,
+                            rip,
+                            dr6,
+                            dr7,
+                            command: format!("{command:?}"),
+                        });
+                    }
                     self.clear_dr6().map_err(fail("PTRACE_POKEUSER DR6"))?;
                     traps.push(Trap { rip, dr6 });
                     if traps.len() > MAX_TRAPS_PER_COMMAND {
