@@ -1,6 +1,8 @@
 #![no_std]
 #![forbid(unsafe_code)]
 #![deny(missing_docs, missing_debug_implementations)]
+// docs.rs (`--cfg docsrs`, Cargo.toml): mark each feature-gated item.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 //! A typed, verified model of the x86 debug registers — DR0–DR3, DR6, DR7 —
 //! and of the breakpoint bookkeeping a debugger or hypervisor does with them:
 //! four hardware slots, a software-breakpoint (`int3`) table with use counts,
