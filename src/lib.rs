@@ -56,10 +56,14 @@ extern crate alloc;
 #[cfg(feature = "arbitrary")]
 extern crate std;
 
-// The README's example is compiled and run as a doctest.
+// The README's and docs/'s core examples are compiled and run as doctests
+// (tests/readme.rs checks their commands and paths).
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
+#[cfg(doctest)]
+#[doc = include_str!("../docs/regions.md")]
+struct RegionsDoctests;
 
 pub mod control;
 #[cfg(feature = "reference")]
