@@ -9,8 +9,9 @@
 # plain script with the same variables, outside Docker.
 #
 # Every target: each directory holding a cargo-fuzz manifest (`cargo-fuzz =
-# true`: fuzz/ and any <crate>/fuzz/) and every target `cargo fuzz list`
-# names there, so a new [[bin]] is built without touching this script.
+# true`: fuzz/ and any <crate>/fuzz/) and every [[bin]] it declares (what
+# `cargo fuzz list` names), so a new target is built without touching this
+# script.
 
 project="$SRC/x86-debugreg"
 triple="${CARGO_BUILD_TARGET:-x86_64-unknown-linux-gnu}"
@@ -43,7 +44,16 @@ for dir in "${fuzz_dirs[@]}"; do
     # cargo fuzz builds into the fuzz workspace's target directory unless
     # CARGO_TARGET_DIR says otherwise (relative to here, as cargo reads it).
     release="${CARGO_TARGET_DIR:-$dir/target}/$triple/release"
-    targets="$(cargo fuzz list --fuzz-dir "$dir")"
+    # The targets are the manifest's [[bin]]s, as `cargo fuzz list` says;
+    # read through cargo metadata where jq exists (the image has it), since
+    # the image's cargo wrapper turns every `cargo fuzz` of a coverage build
+    # into a plain build that lists nothing.
+    if command -v jq > /dev/null 2>&1; then
+        targets="$(cargo metadata --no-deps --format-version 1 --manifest-path "$dir/Cargo.toml" |
+            jq -r '.packages[].targets[] | select(.kind | index("bin")) | .name')"
+    else
+        targets="$(cargo fuzz list --fuzz-dir "$dir")"
+    fi
     if [ -z "$targets" ]; then
         echo "build.sh: cargo fuzz list names no target in $dir" >&2
         exit 1
