@@ -1,6 +1,8 @@
 #![no_std]
 #![forbid(unsafe_code)]
 #![deny(missing_docs, missing_debug_implementations)]
+// docs.rs (`--cfg docsrs`, Cargo.toml): mark each feature-gated item.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 //! A typed, verified model of the x86 debug registers — DR0–DR3, DR6, DR7 —
 //! and of the breakpoint bookkeeping a debugger or hypervisor does with them:
 //! four hardware slots, a software-breakpoint (`int3`) table with use counts,
@@ -54,10 +56,14 @@ extern crate alloc;
 #[cfg(feature = "arbitrary")]
 extern crate std;
 
-// The README's example is compiled and run as a doctest.
+// The README's and docs/'s core examples are compiled and run as doctests
+// (tests/readme.rs checks their commands and paths).
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
+#[cfg(doctest)]
+#[doc = include_str!("../docs/regions.md")]
+struct RegionsDoctests;
 
 pub mod control;
 #[cfg(feature = "reference")]

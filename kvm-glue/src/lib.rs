@@ -76,6 +76,8 @@
 //!   vCPU can be lent to `handle_exit`.
 //! * [`probe`]: what this host's KVM really does.
 //! * [`guest`]: a tiny built-in 64-bit guest for tests, the probe, the demo and the bench.
+// docs.rs (`--cfg docsrs`, Cargo.toml): mark the `gdb`-only items.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![deny(missing_docs, missing_debug_implementations)]
 
