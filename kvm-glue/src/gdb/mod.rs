@@ -224,6 +224,8 @@ pub enum Peer {
     Tcp(SocketAddr),
     /// A Unix-socket peer, by the listener's path (peers have none).
     Unix(PathBuf),
+    /// A stream handed to [`serve_stream`], by the VMM's name for it.
+    Other(String),
 }
 
 impl fmt::Display for Peer {
@@ -231,6 +233,7 @@ impl fmt::Display for Peer {
         match self {
             Peer::Tcp(addr) => write!(f, "{addr}"),
             Peer::Unix(path) => write!(f, "unix socket {}", path.display()),
+            Peer::Other(name) => f.write_str(name),
         }
     }
 }
@@ -372,25 +375,48 @@ fn serve_on<M: GuestMemory + Send + Sync + 'static, L: Accept>(
             continue;
         }
         let (stream, peer) = listener.accept_one().map_err(listener_err("accept"))?;
-        dbg.stop_all(options.stop_timeout).map_err(|source| GdbError::Vm {
-            what: "stopped for a debugger",
-            source,
-        })?;
-        on_event(&ServeEvent::Connected(peer));
-        let ended = session(stream, dbg, options);
-        dbg.detach().map_err(|source| GdbError::Vm {
-            what: "detached",
-            source,
-        })?;
-        let code = match ended {
-            SessionEnd::GuestEnded(code) => Some(code),
-            _ => None,
-        };
-        on_event(&ServeEvent::Ended(ended));
-        if let Some(code) = code {
+        if let Some(code) = serve_stream(stream, peer, dbg, options, &mut on_event)? {
             return Ok(code);
         }
     }
+}
+
+/// Serves one debugger on a stream that is already connected (a socket
+/// the VMM accepted itself, one end of `UnixStream::pair`): the session
+/// [`serve`] runs for each connection. Every vCPU is stopped before the
+/// session starts and [`VmDebug::detach`]ed after it. Returns the guest's
+/// exit code if the session ended because the guest did.
+///
+/// # Errors
+/// [`GdbError::Vm`] if the vCPUs cannot be stopped for the session or
+/// detached after it.
+pub fn serve_stream<M, C>(
+    stream: C,
+    peer: Peer,
+    dbg: &VmDebug<M>,
+    options: &Options,
+    mut on_event: impl FnMut(&ServeEvent),
+) -> Result<Option<u8>, GdbError>
+where
+    M: GuestMemory + Send + Sync + 'static,
+    C: ConnectionExt<Error = io::Error> + AsRawFd,
+{
+    dbg.stop_all(options.stop_timeout).map_err(|source| GdbError::Vm {
+        what: "stopped for a debugger",
+        source,
+    })?;
+    on_event(&ServeEvent::Connected(peer));
+    let ended = session(stream, dbg, options);
+    dbg.detach().map_err(|source| GdbError::Vm {
+        what: "detached",
+        source,
+    })?;
+    let code = match ended {
+        SessionEnd::GuestEnded(code) => Some(code),
+        _ => None,
+    };
+    on_event(&ServeEvent::Ended(ended));
+    Ok(code)
 }
 
 /// One GDB session on `stream`, every vCPU stopped at its start.
