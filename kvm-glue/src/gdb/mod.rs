@@ -59,7 +59,16 @@
 //!   starts; when it ends (detach, kill, a dropped connection, a fatal
 //!   error), [`VmDebug::detach`] removes every breakpoint, restores guest
 //!   memory byte for byte, turns single-step off and lets the guest run on;
-//!   then the next connection is accepted.
+//!   then the next connection is accepted. A session starts with the
+//!   connection's first valid packet: one that never sends one (a port
+//!   probe) stops nothing and releases nothing.
+//! * **garbage on the socket** ([`wire`]): bytes outside packets are
+//!   ignored, a packet longer than the advertised `PacketSize`
+//!   ([`PACKET_SIZE`]) is refused, reads stop at the first byte that cannot
+//!   be read (never data and an error in one reply), writes must carry the
+//!   length they declare, non-canonical addresses are refused for memory and
+//!   breakpoints as a CPU refuses them (#GP), and a resume naming a thread
+//!   that does not exist is an error.
 //! * **the guest's end**: a VMM that gives [`Options::end`] a [`GuestEnd`]
 //!   and calls [`GuestEnd::end`] when its guest is done makes GDB print
 //!   `[Inferior 1 (process 1) exited normally]`, and [`serve`] return.
@@ -68,10 +77,12 @@ mod event_loop;
 pub mod regs;
 pub mod stop;
 mod target;
+pub mod wire;
 
 pub use event_loop::VmEventLoop;
 pub use regs::{from_gdb, to_gdb, RegisterWriteError, VcpuRegs};
 pub use target::VmTarget;
+pub use wire::{Wire, PACKET_SIZE};
 
 use std::fmt;
 use std::io;
@@ -243,6 +254,9 @@ impl fmt::Display for Peer {
 pub enum ServeEvent {
     /// A debugger connected; every vCPU is stopped.
     Connected(Peer),
+    /// A connection closed before it sent a valid packet: nothing was
+    /// stopped, nothing released.
+    NotGdb(Peer),
     /// The session ended and the debugger is detached.
     Ended(SessionEnd),
 }
@@ -251,6 +265,10 @@ impl fmt::Display for ServeEvent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ServeEvent::Connected(peer) => write!(f, "GDB connected from {peer}; every vCPU is stopped"),
+            ServeEvent::NotGdb(peer) => write!(
+                f,
+                "a connection from {peer} closed before sending a GDB packet; nothing stopped or released"
+            ),
             ServeEvent::Ended(end) => {
                 f.write_str("GDB session ended (")?;
                 match end {
@@ -383,13 +401,20 @@ fn serve_on<M: GuestMemory + Send + Sync + 'static, L: Accept>(
 
 /// Serves one debugger on a stream that is already connected (a socket
 /// the VMM accepted itself, one end of `UnixStream::pair`): the session
-/// [`serve`] runs for each connection. Every vCPU is stopped before the
-/// session starts and [`VmDebug::detach`]ed after it. Returns the guest's
-/// exit code if the session ended because the guest did.
+/// [`serve`] runs for each connection. Returns the guest's exit code if the
+/// session ended because the guest did (or the guest ended first).
+///
+/// The session starts with the stream's first valid packet (`$…#xx`, right
+/// checksum): then every vCPU is stopped, and after the session they are
+/// [`VmDebug::detach`]ed. Until then bytes are ignored, and a stream that
+/// closes first changes nothing: the vCPUs the VMM holds for GDB stay
+/// held, its breakpoints stay ([`ServeEvent::NotGdb`]). A stop a vCPU
+/// posts meanwhile is dropped as [`serve`] drops it with no debugger.
 ///
 /// # Errors
 /// [`GdbError::Vm`] if the vCPUs cannot be stopped for the session or
-/// detached after it.
+/// detached after it; [`GdbError::Listener`] if waiting on the stream
+/// cannot be set up.
 pub fn serve_stream<M, C>(
     stream: C,
     peer: Peer,
@@ -401,12 +426,51 @@ where
     M: GuestMemory + Send + Sync + 'static,
     C: ConnectionExt<Error = io::Error> + AsRawFd,
 {
+    let end_fd = options.end.as_ref().map(GuestEnd::raw_fd);
+    let waiter = Waiter::new(stream.as_raw_fd(), dbg.stop_fd(), end_fd).map_err(listener_err("epoll"))?;
+    let tids = dbg
+        .vcpu_ids()
+        .map_err(|source| GdbError::Vm {
+            what: "stopped for a debugger",
+            source,
+        })?
+        .into_iter()
+        .filter_map(|id| id.checked_add(1))
+        .collect();
+    let declared = wire::Shared::default();
+    let mut wire = Wire::new(stream, tids, declared.clone());
+    // Before the first valid packet: no session yet.
+    while !wire.started() {
+        let ended = options.end.as_ref().and_then(GuestEnd::code);
+        if ended.is_some() {
+            return Ok(ended);
+        }
+        let ready = match waiter.wait() {
+            Ok(r) => r,
+            Err(_) => break,
+        };
+        if ready.conn {
+            if wire.pump().is_err() {
+                break;
+            }
+        } else {
+            // A stop with no debugger attached: dropped, as serve does.
+            dbg.detach().map_err(|source| GdbError::Vm {
+                what: "detached",
+                source,
+            })?;
+        }
+    }
+    if !wire.started() {
+        on_event(&ServeEvent::NotGdb(peer));
+        return Ok(None);
+    }
     dbg.stop_all(options.stop_timeout).map_err(|source| GdbError::Vm {
         what: "stopped for a debugger",
         source,
     })?;
     on_event(&ServeEvent::Connected(peer));
-    let ended = session(stream, dbg, options);
+    let ended = session(wire, waiter, declared, dbg, options);
     dbg.detach().map_err(|source| GdbError::Vm {
         what: "detached",
         source,
@@ -419,8 +483,14 @@ where
     Ok(code)
 }
 
-/// One GDB session on `stream`, every vCPU stopped at its start.
-fn session<M, C>(stream: C, dbg: &VmDebug<M>, options: &Options) -> SessionEnd
+/// One GDB session on `wire`, every vCPU stopped at its start.
+fn session<M, C>(
+    wire: Wire<C>,
+    waiter: Waiter,
+    declared: wire::Shared,
+    dbg: &VmDebug<M>,
+    options: &Options,
+) -> SessionEnd
 where
     M: GuestMemory + Send + Sync + 'static,
     C: ConnectionExt<Error = io::Error> + AsRawFd,
@@ -429,12 +499,16 @@ where
         Ok(t) => t,
         Err(e) => return SessionEnd::Fatal(e),
     };
-    let end_fd = options.end.as_ref().map(GuestEnd::raw_fd);
-    match Waiter::new(stream.as_raw_fd(), dbg.stop_fd(), end_fd) {
-        Ok(w) => target.waiter = Some(w),
-        Err(e) => return SessionEnd::ConnectionLost(e),
-    }
-    match GdbStub::new(stream).run_blocking::<VmEventLoop<M, C>>(&mut target) {
+    target.waiter = Some(waiter);
+    target.declared = declared;
+    // A fixed buffer: gdbstub grows an owned one with any longer packet,
+    // and its `m` loop steps by the grown size (see `wire`).
+    let mut buffer = vec![0u8; PACKET_SIZE];
+    let stub = match GdbStub::builder(wire).with_packet_buffer(&mut buffer).build() {
+        Ok(stub) => stub,
+        Err(e) => return SessionEnd::Protocol(e.to_string()),
+    };
+    match stub.run_blocking::<VmEventLoop<M, C>>(&mut target) {
         Ok(DisconnectReason::Disconnect) => SessionEnd::Detached,
         Ok(DisconnectReason::Kill) => SessionEnd::Killed,
         Ok(DisconnectReason::TargetExited(code)) => SessionEnd::GuestEnded(code),
