@@ -300,6 +300,14 @@ fn bytes_outside_packets_are_ignored() {
 #[test]
 fn a_connection_that_never_sent_a_packet_releases_nothing() {
     let vm = SimVm::new();
+    // A debugger came and went (a stop reported, then detach): the guest
+    // runs; then the VMM holds its vCPUs for the next one.
+    let mut s = vm.connect();
+    handshake(&mut s.client);
+    assert!(is_stop(&s.client.ask("vCont;s:1")));
+    assert_eq!(s.client.ask("D"), Reply::Packet(b"OK".to_vec()));
+    s.wait();
+    vm.dbg.stop_all(Duration::from_secs(10)).expect("held again");
     // The VMM's own breakpoint, set while it holds the vCPUs for GDB.
     vm.dbg
         .insert(AddressSpace::Physical, BreakpointType::Hardware, 0x800, 1)

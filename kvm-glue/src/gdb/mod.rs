@@ -453,12 +453,20 @@ where
             if wire.pump().is_err() {
                 break;
             }
-        } else {
-            // A stop with no debugger attached: dropped, as serve does.
-            dbg.detach().map_err(|source| GdbError::Vm {
+        } else if ready.stop {
+            // A stop with no debugger attached: dropped, as serve does. (A
+            // new epoll set reports a stop descriptor left readable by a
+            // stop taken long ago: that one is no stop.)
+            let taken = dbg.try_take_stop().map_err(|source| GdbError::Vm {
                 what: "detached",
                 source,
             })?;
+            if taken.is_some() {
+                dbg.detach().map_err(|source| GdbError::Vm {
+                    what: "detached",
+                    source,
+                })?;
+            }
         }
     }
     if !wire.started() {
