@@ -336,8 +336,10 @@ fn thread_extra_info_for_a_thread_that_does_not_exist_is_an_error() {
     let vm = SimVm::new();
     let mut s = vm.connect();
     handshake(&mut s.client);
-    let r = s.client.ask("qThreadExtraInfo,3e7");
-    assert!(is_error(&r), "{}", r.text());
+    for id in ["3e7", "0", "-1"] {
+        let r = s.client.ask(&format!("qThreadExtraInfo,{id}"));
+        assert!(is_error(&r), "{id}: {}", r.text());
+    }
     let r = s.client.ask("qThreadExtraInfo,2");
     assert_eq!(hex_reply(&r), b"vCPU 1");
     s.end();

@@ -255,9 +255,13 @@ impl<C: ConnectionExt<Error = io::Error>> Wire<C> {
             Some(dot) if id.first() == Some(&b'p') => &id[dot + 1..],
             _ => id,
         };
-        let tid = usize::try_from(hex(tid)?).ok()?;
-        // 0 is "any thread": gdbstub's to answer.
-        (tid != 0 && !self.tids.contains(&tid)).then_some(b"E16")
+        // Not one existing thread (`0` "any", `-1` "all", a number no vCPU
+        // has, not a number): gdbstub would end the session on the first
+        // ones and answer "vCPU 998" to the others.
+        let exists = hex(tid)
+            .and_then(|t| usize::try_from(t).ok())
+            .is_some_and(|t| self.tids.contains(&t));
+        (!exists).then_some(b"E16")
     }
 
     /// An `m` asking for more than one chunk of the packet buffer, cut to
@@ -425,11 +429,13 @@ mod tests {
 
     #[test]
     fn extra_info_for_a_thread_that_does_not_exist_is_answered_here() {
-        let mut input = framed(b"qThreadExtraInfo,3e7");
-        input.extend(framed(b"qThreadExtraInfo,p1.2"));
+        let mut input = Vec::new();
+        for id in [&b"3e7"[..], b"0", b"-1", b"p1.2", b"x"] {
+            input.extend(framed(&[&b"qThreadExtraInfo,"[..], id].concat()));
+        }
         let mut w = wire(&input);
         assert_eq!(passed(&mut w), framed(b"qThreadExtraInfo,p1.2"));
-        // 'E' + '1' + '6' = 0x45 + 0x31 + 0x36 = 0xac (as E07).
-        assert_eq!(w.inner.output, b"+$E16#ac");
+        // 'E' + '1' + '6' = 0x45 + 0x31 + 0x36 = 0xac (as E07), four times.
+        assert_eq!(w.inner.output, b"+$E16#ac".repeat(4));
     }
 }

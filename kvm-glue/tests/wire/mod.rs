@@ -308,6 +308,43 @@ impl SimVm {
     pub fn failures(&self) -> Vec<String> {
         self.failures.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
+
+    /// Stops the vCPU threads; what went wrong on them, panics included.
+    pub fn shut_down(mut self) -> Vec<String> {
+        self.quit.store(true, Ordering::Release);
+        let _ = self.dbg.detach();
+        let _ = self.dbg.resume_all();
+        let mut failures = self.failures();
+        for (id, t) in self.threads.drain(..).enumerate() {
+            if t.join().is_err() {
+                failures.push(format!("vCPU {id}'s thread panicked"));
+            }
+        }
+        failures
+    }
+
+    /// A debugger that connects after whatever came before finds every
+    /// vCPU there and answering (a vCPU thread that died would not).
+    pub fn check_next_debugger(&self) {
+        let mut s = self.connect();
+        handshake(&mut s.client);
+        let threads = s.client.ask("qfThreadInfo");
+        assert!(
+            matches!(&threads, Reply::Packet(b) if b.first() == Some(&b'm') && b.split(|&c| c == b',').count() == 2),
+            "the next debugger's thread list: {}",
+            threads.text()
+        );
+        for t in ["Hg1", "Hg2"] {
+            assert_eq!(s.client.ask(t), Reply::Packet(b"OK".to_vec()));
+            let regs = s.client.ask("g");
+            assert!(
+                matches!(&regs, Reply::Packet(b) if b.len() > 16 && !is_error(&regs)),
+                "{t} then g: {}",
+                regs.text()
+            );
+        }
+        s.end();
+    }
 }
 
 impl Default for SimVm {
@@ -753,6 +790,27 @@ impl Op {
     }
 }
 
+/// Packets gdbstub 0.7.10 answers by ending the session (its
+/// `PacketUnexpected`), which kvm-glue leaves as they are: `Hg-1` ("all
+/// threads" for memory and registers).
+fn gdbstub_ends_on(op: &Op) -> bool {
+    matches!(op, Op::Thread { op: 0, tid: -1 })
+}
+
+/// A `vCont` that resumes nothing, or names a thread other than 1 and 2.
+fn names_no_thread(resume: &str) -> bool {
+    let Some(actions) = resume.strip_prefix("vCont") else {
+        return false;
+    };
+    let actions: Vec<&str> = actions.split(';').skip(1).collect();
+    actions.is_empty()
+        || actions.iter().any(|a| {
+            a.split(':')
+                .nth(1)
+                .is_some_and(|t| !matches!(t.rsplit('.').next(), Some("1" | "2")))
+        })
+}
+
 /// What the oracle knows of guest memory: the image plus every write the
 /// server said `OK` to.
 struct Model {
@@ -827,7 +885,8 @@ const RUN_A_WHILE: Duration = Duration::from_millis(20);
 ///   server detached) guest memory equals the model byte for byte: no
 ///   `int3` left behind.
 ///
-/// In both, nothing may panic and no vCPU thread may fail.
+/// In both, nothing may panic, no vCPU thread may fail, and a debugger
+/// that connects afterwards finds both vCPUs and reads their registers.
 pub fn fuzz_one(data: &[u8]) -> bool {
     let Some((&mode, rest)) = data.split_first() else {
         return false;
@@ -838,7 +897,8 @@ pub fn fuzz_one(data: &[u8]) -> bool {
     } else {
         structured_session(&vm, rest);
     }
-    let failures = vm.failures();
+    vm.check_next_debugger();
+    let failures = vm.shut_down();
     assert!(failures.is_empty(), "vCPU threads failed: {failures:?}");
     true
 }
@@ -937,8 +997,17 @@ fn structured_session(vm: &SimVm, bytes: &[u8]) {
         }
         match &reply {
             Reply::Timeout => panic!("{op:?}: no reply, and the session goes on"),
-            Reply::Closed => ended = true,
+            // Bytes outside packets are ignored, and every packet here is
+            // well formed: only a detach ends the session, and the packets
+            // gdbstub 0.7.10 ends it on by design.
+            Reply::Closed if gdbstub_ends_on(&op) => ended = true,
+            Reply::Closed => panic!("{op:?}: the server ended the session"),
             Reply::Packet(_) => {}
+        }
+        if let Op::Resume(r) = &op {
+            if names_no_thread(r) {
+                assert!(is_error(&reply), "{op:?} names no existing thread: {}", reply.text());
+            }
         }
         if matches!(op, Op::Resume(_)) && is_stop(&reply) {
             assert!(vm.all_held(), "{op:?}: {} while a vCPU runs", reply.text());
