@@ -792,9 +792,10 @@ impl Op {
 
 /// Packets gdbstub 0.7.10 answers by ending the session (its
 /// `PacketUnexpected`), which kvm-glue leaves as they are: `Hg-1` ("all
-/// threads" for memory and registers).
-fn gdbstub_ends_on(op: &Op) -> bool {
-    matches!(op, Op::Thread { op: 0, tid: -1 })
+/// threads" for memory and registers), and `s` after `Hc-1` (a step as
+/// every thread's default action). GDB sends neither.
+fn gdbstub_ends_on(op: &Op, resume_all: bool) -> bool {
+    matches!(op, Op::Thread { op: 0, tid: -1 }) || (resume_all && matches!(op, Op::Resume(r) if r == "s"))
 }
 
 /// A `vCont` that resumes nothing, or names a thread other than 1 and 2.
@@ -887,6 +888,7 @@ const RUN_A_WHILE: Duration = Duration::from_millis(20);
 ///
 /// In both, nothing may panic, no vCPU thread may fail, and a debugger
 /// that connects afterwards finds both vCPUs and reads their registers.
+/// `GDB_SESSION_TRACE=1` prints each structured step (a reproducer's ops).
 pub fn fuzz_one(data: &[u8]) -> bool {
     let Some((&mode, rest)) = data.split_first() else {
         return false;
@@ -957,6 +959,10 @@ fn structured_session(vm: &SimVm, bytes: &[u8]) {
     let mut s = vm.connect();
     let mut ended = false;
     let mut steps = 0;
+    let trace = std::env::var_os("GDB_SESSION_TRACE").is_some();
+    // gdbstub's resume thread is "all" (after Hc-1, until a stop or
+    // another Hc names one).
+    let mut resume_all = false;
     if b.u8() & 1 == 1 {
         // Sometimes as GDB starts; sometimes straight in, acks and all.
         handshake(&mut s.client);
@@ -964,6 +970,9 @@ fn structured_session(vm: &SimVm, bytes: &[u8]) {
     while !b.is_empty() && steps < 64 && !ended {
         steps += 1;
         let op = Op::decode(&mut b);
+        if trace {
+            eprintln!("gdb_session: {op:?}");
+        }
         match &op {
             Op::Interrupt => {
                 // Stopped already: nothing to report. A reply, if any, is
@@ -1000,8 +1009,8 @@ fn structured_session(vm: &SimVm, bytes: &[u8]) {
             // Bytes outside packets are ignored, and every packet here is
             // well formed: only a detach ends the session, and the packets
             // gdbstub 0.7.10 ends it on by design.
-            Reply::Closed if gdbstub_ends_on(&op) => ended = true,
-            Reply::Closed => panic!("{op:?}: the server ended the session"),
+            Reply::Closed if gdbstub_ends_on(&op, resume_all) => ended = true,
+            Reply::Closed => panic!("{op:?}: the server ended the session:\n{}", s.log()),
             Reply::Packet(_) => {}
         }
         if let Op::Resume(r) = &op {
@@ -1014,6 +1023,14 @@ fn structured_session(vm: &SimVm, bytes: &[u8]) {
         }
         if matches!(op, Op::Detach) && reply == Reply::Packet(b"OK".to_vec()) {
             ended = true;
+        }
+        if let Op::Thread { op: 1, tid } = op {
+            if reply == Reply::Packet(b"OK".to_vec()) {
+                resume_all = tid == -1;
+            }
+        }
+        if is_stop(&reply) {
+            resume_all = false;
         }
         model.check_read(&op, &reply);
         model.apply_write(&op, &reply);
