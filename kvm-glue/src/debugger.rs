@@ -448,6 +448,15 @@ impl<M: GuestMemory> VmDebug<M> {
     /// nothing changes then.
     pub fn insert_watch(&self, space: AddressSpace<'_>, watch: Watch) -> Result<Option<SlotMask>> {
         let bytes = if watch.kind() == WatchKind::Read {
+            // Plan first, on a copy: a region the free slots cannot hold is
+            // "no" before anything is read, so the saved value below is
+            // never sized by a length nobody checked (at most four slots of
+            // 8 bytes once the plan fits).
+            match self.watch_slots()?.insert(watch) {
+                Ok(_) => {}
+                Err(WatchError::Full { .. } | WatchError::TooLarge { .. }) => return Ok(None),
+                Err(e) => return Err(Error::Watch(e)),
+            }
             let len = usize::try_from(watch.len()).map_err(|_| MemoryError::Wraps {
                 addr: watch.addr(),
                 len: usize::MAX,

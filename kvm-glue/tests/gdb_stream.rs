@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvm_glue::fake::FakeVcpu;
-use kvm_glue::gdb::{serve_stream, GdbError, Options, Peer, ServeEvent, SessionEnd};
+use kvm_glue::gdb::{serve_stream, GdbError, HostDebug, Options, Peer, ServeEvent, SessionEnd};
 use kvm_glue::VmDebug;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -41,6 +41,7 @@ fn serve_with_one_vcpu(stream: UnixStream, drive: impl FnOnce()) -> (Result<u8, 
         std::thread::spawn(move || {
             let options = Options {
                 stop_timeout: Duration::from_secs(5),
+                host: Some(HostDebug::full("simulated vCPUs")),
                 ..Options::default()
             };
             serve_stream(&stream, "test-serial", &dbg, &options, |e: &ServeEvent| {
@@ -49,6 +50,7 @@ fn serve_with_one_vcpu(stream: UnixStream, drive: impl FnOnce()) -> (Result<u8, 
                     ServeEvent::Connected(other) => format!("connected from a non-stream {other}"),
                     ServeEvent::Ended(SessionEnd::ConnectionLost(_)) => "lost".to_string(),
                     ServeEvent::Ended(other) => format!("ended {other:?}"),
+                    ServeEvent::NotGdb(peer) => format!("not gdb {peer}"),
                 };
                 events.lock().expect("events").push(line);
             })

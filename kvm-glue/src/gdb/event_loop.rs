@@ -21,6 +21,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::stop;
 use super::target::VmTarget;
+use super::wire::Wire;
 use crate::error::Error;
 
 const CONN: u64 = 0;
@@ -94,8 +95,19 @@ pub struct Ready {
     pub end: bool,
 }
 
-/// The event loop of a [`VmTarget`] over a connection `C`: a
-/// [`TcpStream`] or a [`UnixStream`](std::os::unix::net::UnixStream).
+/// The event loop of a [`VmTarget`] over a connection `C` (a
+/// [`TcpStream`] or a [`UnixStream`](std::os::unix::net::UnixStream)) as
+/// the [`Wire`] reads it.
+///
+/// * A stop is taken only while the target runs: a stop still queued when
+///   a resume was refused is not reported as that resume's answer.
+/// * A resume [`VmTarget`] refused (a thread that does not exist, nothing
+///   to run) is answered with its error here: gdbstub 0.7 has no error
+///   reply for a resume. gdbstub then waits for a stop that never comes,
+///   while every packet is still answered, exactly as when stopped.
+/// * Ctrl-C while nothing runs reports nothing (GDB sent it as a stop was
+///   already on its way; gdbstub would otherwise keep a SIGINT and answer
+///   the next `c` with it at once, the vCPUs running).
 #[derive(Debug)]
 pub struct VmEventLoop<M, C = TcpStream>(PhantomData<(M, C)>);
 
@@ -107,14 +119,25 @@ where
     C: ConnectionExt<Error = io::Error>,
 {
     type Target = VmTarget<M>;
-    type Connection = C;
+    type Connection = Wire<C>;
     type StopReason = MultiThreadStopReason<u64>;
 
-    fn wait_for_stop_reason(target: &mut VmTarget<M>, conn: &mut C) -> WaitResult {
+    fn wait_for_stop_reason(target: &mut VmTarget<M>, conn: &mut Wire<C>) -> WaitResult {
+        if let Some(errno) = target.refused.take() {
+            let body = format!("E{errno:02x}");
+            conn.reply(body.as_bytes())
+                .map_err(WaitForStopReasonError::Connection)?;
+        }
         loop {
+            if let Some(byte) = conn.next_ready() {
+                return Ok(Event::IncomingData(byte));
+            }
             // A posted stop first: all-stop, then report it.
-            if let Some(reason) = take_stop(target).map_err(WaitForStopReasonError::Target)? {
-                return Ok(Event::TargetStopped(reason));
+            if target.running {
+                if let Some(reason) = take_stop(target).map_err(WaitForStopReasonError::Target)? {
+                    target.running = false;
+                    return Ok(Event::TargetStopped(reason));
+                }
             }
             if let Some(code) = target.end.as_ref().and_then(|e| e.code()) {
                 return Ok(Event::TargetStopped(MultiThreadStopReason::Exited(code)));
@@ -125,19 +148,23 @@ where
                 .ok_or_else(|| WaitForStopReasonError::Connection(io::Error::other("the session has no epoll set")))?;
             let ready = waiter.wait().map_err(WaitForStopReasonError::Connection)?;
             if ready.conn {
-                // A byte from GDB (a stop that came with it is taken at the
-                // next call, first thing).
-                let byte = conn.read().map_err(WaitForStopReasonError::Connection)?;
-                return Ok(Event::IncomingData(byte));
+                // A byte from GDB, for gdbstub if it is part of a packet (a
+                // stop that came with it is taken next, first thing).
+                conn.pump().map_err(WaitForStopReasonError::Connection)?;
             }
-            // A stop or the end: loop to take it.
+            // A byte, a stop or the end: loop to take it.
         }
     }
 
     fn on_interrupt(target: &mut VmTarget<M>) -> Result<Option<MultiThreadStopReason<u64>>, Error> {
+        if !target.running {
+            // Stopped already: the stop GDB is waiting for is on the wire.
+            return Ok(None);
+        }
         // Ctrl-C: bring every vCPU out of KVM_RUN (bounded), then report the
         // stop a vCPU posted meanwhile if there is one, else SIGINT.
         target.stop_all()?;
+        target.running = false;
         if let Some(reason) = take_stop(target)? {
             return Ok(Some(reason));
         }

@@ -81,7 +81,16 @@
 //!   starts; when it ends (detach, kill, a dropped connection, a fatal
 //!   error), [`VmDebug::detach`] removes every breakpoint, restores guest
 //!   memory byte for byte, turns single-step off and lets the guest run on;
-//!   then the next connection is accepted.
+//!   then the next connection is accepted. A session starts with the
+//!   connection's first valid packet: one that never sends one (a port
+//!   probe) stops nothing and releases nothing.
+//! * **garbage on the socket** ([`wire`]): bytes outside packets are
+//!   ignored, a packet longer than the advertised `PacketSize`
+//!   ([`PACKET_SIZE`]) is refused, reads stop at the first byte that cannot
+//!   be read (never data and an error in one reply), writes must carry the
+//!   length they declare, non-canonical addresses are refused for memory and
+//!   breakpoints as a CPU refuses them (#GP), and a resume naming a thread
+//!   that does not exist is an error.
 //! * **the guest's end**: a VMM that gives [`Options::end`] a [`GuestEnd`]
 //!   and calls [`GuestEnd::end`] when its guest is done makes GDB print
 //!   `[Inferior 1 (process 1) exited normally]`, and [`serve`] return.
@@ -90,10 +99,12 @@ mod event_loop;
 pub mod regs;
 pub mod stop;
 mod target;
+pub mod wire;
 
 pub use event_loop::VmEventLoop;
 pub use regs::{from_gdb, to_gdb, RegisterWriteError, VcpuRegs, VmRegisters, X86_64Vm};
 pub use target::{HostDebug, VmTarget};
+pub use wire::{Wire, PACKET_SIZE};
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -111,7 +122,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::VmDebug;
 use event_loop::{Ready, Waiter};
-use target::Watched;
+use target::{ResumeLog, Watched};
 
 /// Why [`serve`] stopped serving.
 #[derive(Debug, thiserror::Error)]
@@ -269,7 +280,8 @@ pub enum Peer {
     Tcp(SocketAddr),
     /// A Unix-socket peer, by the listener's path (peers have none).
     Unix(PathBuf),
-    /// A byte stream given to [`serve_stream`], by the name given with it.
+    /// A byte stream given to [`serve_stream`] or [`serve_connection`], by
+    /// the name given with it.
     Stream(String),
 }
 
@@ -288,6 +300,9 @@ impl fmt::Display for Peer {
 pub enum ServeEvent {
     /// A debugger connected; every vCPU is stopped.
     Connected(Peer),
+    /// A connection closed before it sent a valid packet: nothing was
+    /// stopped, nothing released.
+    NotGdb(Peer),
     /// The session ended and the debugger is detached.
     Ended(SessionEnd),
 }
@@ -296,6 +311,10 @@ impl fmt::Display for ServeEvent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ServeEvent::Connected(peer) => write!(f, "GDB connected from {peer}; every vCPU is stopped"),
+            ServeEvent::NotGdb(peer) => write!(
+                f,
+                "a connection from {peer} closed before sending a GDB packet; nothing stopped or released"
+            ),
             ServeEvent::Ended(end) => {
                 f.write_str("GDB session ended (")?;
                 match end {
@@ -613,41 +632,147 @@ fn serve_on<M: GuestMemory + Send + Sync + 'static, L: Accept>(
         let Some((stream, peer)) = accepted else {
             continue;
         };
-        dbg.stop_all(options.stop_timeout).map_err(|source| GdbError::Vm {
-            what: "stopped for a debugger",
-            source,
-        })?;
-        on_event(&ServeEvent::Connected(peer));
-        let ended = session(stream, dbg, options, &host);
-        dbg.detach().map_err(|source| GdbError::Vm {
-            what: "detached",
-            source,
-        })?;
-        let code = match ended {
-            SessionEnd::GuestEnded(code) => Some(code),
-            _ => None,
-        };
-        let closed = match &ended {
-            SessionEnd::ConnectionLost(e) => closed(stream_name.as_deref(), e),
-            _ => None,
-        };
-        on_event(&ServeEvent::Ended(ended));
-        if let Some(code) = code {
+        if let Some(code) = serve_one(stream, peer, dbg, options, &host, stream_name.as_deref(), &mut on_event)? {
             return Ok(code);
-        }
-        if let Some(closed) = closed {
-            return Err(closed);
         }
     }
 }
 
-/// One GDB session on `stream`, every vCPU stopped at its start.
-fn session<M, C>(stream: C, dbg: &VmDebug<M>, options: &Options, host: &HostDebug) -> SessionEnd
+/// Serves one debugger on a connection that is already made (a socket
+/// the VMM accepted itself, one end of `UnixStream::pair`): the session
+/// [`serve`] runs for each connection. Returns the guest's exit code if the
+/// session ended because the guest did (or the guest ended first).
+///
+/// The session starts with the stream's first valid packet (`$…#xx`, right
+/// checksum): then every vCPU is stopped, and after the session they are
+/// [`VmDebug::detach`]ed. Until then bytes are ignored, and a stream that
+/// closes first changes nothing: the vCPUs the VMM holds for GDB stay
+/// held, its breakpoints stay ([`ServeEvent::NotGdb`]). A stop a vCPU
+/// posts meanwhile is dropped as [`serve`] drops it with no debugger.
+///
+/// # Errors
+/// [`GdbError::Vm`] if the vCPUs cannot be stopped for the session or
+/// detached after it; [`GdbError::Listener`] if waiting on the stream
+/// cannot be set up.
+pub fn serve_connection<M, C>(
+    stream: C,
+    peer: Peer,
+    dbg: &VmDebug<M>,
+    options: &Options,
+    mut on_event: impl FnMut(&ServeEvent),
+) -> Result<Option<u8>, GdbError>
 where
     M: GuestMemory + Send + Sync + 'static,
     C: ConnectionExt<Error = io::Error> + AsRawFd,
 {
-    let resume_log = Arc::default();
+    let host = options.host.clone().unwrap_or_else(HostDebug::probed);
+    serve_one(stream, peer, dbg, options, &host, None, &mut on_event)
+}
+
+/// [`serve_connection`]'s body, for [`serve_on`] too: `host` is what the
+/// server serves `Z0`-`Z4` by, `stream_name` names a stream whose end of
+/// file ends serving ([`closed`]), `None` for a connection of a listener.
+fn serve_one<M, C>(
+    stream: C,
+    peer: Peer,
+    dbg: &VmDebug<M>,
+    options: &Options,
+    host: &HostDebug,
+    stream_name: Option<&str>,
+    on_event: &mut dyn FnMut(&ServeEvent),
+) -> Result<Option<u8>, GdbError>
+where
+    M: GuestMemory + Send + Sync + 'static,
+    C: ConnectionExt<Error = io::Error> + AsRawFd,
+{
+    let end_fd = options.end.as_ref().map(GuestEnd::raw_fd);
+    let waiter = Waiter::new(stream.as_raw_fd(), dbg.stop_fd(), end_fd).map_err(listener_err("epoll"))?;
+    let tids = dbg
+        .vcpu_ids()
+        .map_err(|source| GdbError::Vm {
+            what: "stopped for a debugger",
+            source,
+        })?
+        .into_iter()
+        .filter_map(|id| id.checked_add(1))
+        .collect();
+    let declared = wire::Shared::default();
+    let resume_log: Arc<ResumeLog> = Arc::default();
+    let mut wire = Wire::new(Watched::new(stream, Arc::clone(&resume_log)), tids, declared.clone());
+    // Before the first valid packet: no session yet.
+    while !wire.started() {
+        let ended = options.end.as_ref().and_then(GuestEnd::code);
+        if ended.is_some() {
+            return Ok(ended);
+        }
+        let ready = match waiter.wait() {
+            Ok(r) => r,
+            Err(_) => break,
+        };
+        if ready.conn {
+            if wire.pump().is_err() {
+                break;
+            }
+        } else if ready.stop {
+            // A stop with no debugger attached: dropped, as serve does. (A
+            // new epoll set reports a stop descriptor left readable by a
+            // stop taken long ago: that one is no stop.)
+            let taken = dbg.try_take_stop().map_err(|source| GdbError::Vm {
+                what: "detached",
+                source,
+            })?;
+            if taken.is_some() {
+                dbg.detach().map_err(|source| GdbError::Vm {
+                    what: "detached",
+                    source,
+                })?;
+            }
+        }
+    }
+    if !wire.started() {
+        on_event(&ServeEvent::NotGdb(peer));
+        return Ok(None);
+    }
+    dbg.stop_all(options.stop_timeout).map_err(|source| GdbError::Vm {
+        what: "stopped for a debugger",
+        source,
+    })?;
+    on_event(&ServeEvent::Connected(peer));
+    let ended = session(wire, waiter, declared, dbg, options, host, resume_log);
+    dbg.detach().map_err(|source| GdbError::Vm {
+        what: "detached",
+        source,
+    })?;
+    let code = match ended {
+        SessionEnd::GuestEnded(code) => Some(code),
+        _ => None,
+    };
+    let closed = match &ended {
+        SessionEnd::ConnectionLost(e) => closed(stream_name, e),
+        _ => None,
+    };
+    on_event(&ServeEvent::Ended(ended));
+    match (code, closed) {
+        (Some(code), _) => Ok(Some(code)),
+        (None, Some(closed)) => Err(closed),
+        (None, None) => Ok(None),
+    }
+}
+
+/// One GDB session on `wire`, every vCPU stopped at its start.
+fn session<M, C>(
+    wire: Wire<Watched<C>>,
+    waiter: Waiter,
+    declared: wire::Shared,
+    dbg: &VmDebug<M>,
+    options: &Options,
+    host: &HostDebug,
+    resume_log: Arc<ResumeLog>,
+) -> SessionEnd
+where
+    M: GuestMemory + Send + Sync + 'static,
+    C: ConnectionExt<Error = io::Error> + AsRawFd,
+{
     let mut target = match VmTarget::new(
         dbg.clone(),
         options.stop_timeout,
@@ -658,13 +783,16 @@ where
         Ok(t) => t,
         Err(e) => return SessionEnd::Fatal(e),
     };
-    let end_fd = options.end.as_ref().map(GuestEnd::raw_fd);
-    match Waiter::new(stream.as_raw_fd(), dbg.stop_fd(), end_fd) {
-        Ok(w) => target.waiter = Some(w),
-        Err(e) => return SessionEnd::ConnectionLost(e),
-    }
-    let stream = Watched::new(stream, resume_log);
-    match GdbStub::new(stream).run_blocking::<VmEventLoop<M, Watched<C>>>(&mut target) {
+    target.waiter = Some(waiter);
+    target.declared = declared;
+    // A fixed buffer: gdbstub grows an owned one with any longer packet,
+    // and its `m` loop steps by the grown size (see `wire`).
+    let mut buffer = vec![0u8; PACKET_SIZE];
+    let stub = match GdbStub::builder(wire).with_packet_buffer(&mut buffer).build() {
+        Ok(stub) => stub,
+        Err(e) => return SessionEnd::Protocol(e.to_string()),
+    };
+    match stub.run_blocking::<VmEventLoop<M, Watched<C>>>(&mut target) {
         Ok(DisconnectReason::Disconnect) => SessionEnd::Detached,
         Ok(DisconnectReason::Kill) => SessionEnd::Killed,
         Ok(DisconnectReason::TargetExited(code)) => SessionEnd::GuestEnded(code),

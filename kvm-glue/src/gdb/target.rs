@@ -41,6 +41,21 @@
 //! value no CPU can hold) are error replies (`Exx`) and change nothing;
 //! errors that leave the VM in doubt (a vCPU that does not stop, a poisoned
 //! lock) end the session, and [`serve`](super::serve) detaches.
+//!
+//! What the wire may ask is checked here, where gdbstub 0.7.10 does not:
+//!
+//! * **addresses are canonical** (bits 63:47 all equal, SDM Vol. 1
+//!   §3.3.7.1): `KVM_TRANSLATE` looks at bits 47:0 only, so a
+//!   non-canonical address would alias low memory; `m`, `M`/`X` and every
+//!   `Z`/`z` refuse one (`EFAULT`), as a CPU raises #GP. A read stops at the
+//!   end of its canonical half and never wraps past 2^64.
+//! * **a read is one answer**: the bytes up to the first that cannot be
+//!   read, or `EFAULT` if there are none (the [`wire`](super::wire) makes
+//!   every `m` a single `read_addrs` call).
+//! * **a write carries its declared length** (`EINVAL` otherwise) and ends
+//!   at the last byte of the address space at the latest.
+//! * **a resume names threads that exist** and runs at least one vCPU:
+//!   otherwise nothing resumes and the reply is `EINVAL`.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -75,11 +90,12 @@ use x86_debugreg::{BreakpointError, BreakpointType};
 use super::event_loop::Waiter;
 use super::regs::{self, ApplyError, VcpuRegs, VmRegId, VmRegisters, X86_64Vm};
 use super::stop;
+use super::wire;
 use super::GuestEnd;
 use crate::control::Action;
 use crate::debugger::Insert;
 use crate::error::Error;
-use crate::memory::AddressSpace;
+use crate::memory::{self, AddressSpace};
 use crate::{StopEvent, VmDebug};
 
 /// `EFAULT`: an address outside guest memory or not mapped.
@@ -94,6 +110,30 @@ const ENOTSUP: u8 = 95;
 /// Bytes per guest page: memory is read page by page, so a read that runs
 /// into an unmapped page returns what came before it.
 const PAGE: u64 = 0x1000;
+
+/// Whether `addr` is canonical with 48-bit linear addresses: bits 63:47
+/// all equal (SDM Vol. 1 §3.3.7.1). (5-level paging's 57 bits are not
+/// modelled: GDB's own x86-64 targets assume 48.)
+pub(super) fn canonical(addr: u64) -> bool {
+    let top = addr >> 47;
+    top == 0 || top == (1 << 17) - 1
+}
+
+/// Whether every byte of `[addr, addr + len)` is canonical and in one half
+/// (`len` ≥ 1; never past 2^64).
+fn canonical_range(addr: u64, len: u64) -> bool {
+    let Some(last) = len.checked_sub(1).and_then(|l| addr.checked_add(l)) else {
+        return false;
+    };
+    canonical(addr) && canonical(last) && addr >> 63 == last >> 63
+}
+
+/// How many bytes from canonical `addr` to the end of its half (the lower
+/// half ends at 2^47, the upper at 2^64), saturated to `usize`.
+fn room(addr: u64) -> usize {
+    let end_minus_one = if addr >> 63 == 0 { (1u64 << 47) - 1 } else { u64::MAX };
+    usize::try_from(end_minus_one - addr).map_or(usize::MAX, |n| n.saturating_add(1))
+}
 
 /// The `gdbstub` target: a [`VmDebug`] and what this GDB session set.
 pub struct VmTarget<M> {
@@ -112,6 +152,15 @@ pub struct VmTarget<M> {
     host: HostDebug,
     /// Which resume packet GDB sent (read off the connection).
     resume_log: Arc<ResumeLog>,
+    /// Resumed and not stopped since: a stop or Ctrl-C has something to
+    /// report.
+    pub(super) running: bool,
+    /// A resume refused with this errno: the event loop sends the reply.
+    pub(super) refused: Option<u8>,
+    /// A resume action named a thread that does not exist.
+    bad_action: bool,
+    /// What the packet being handled declared (the wire records it).
+    pub(super) declared: wire::Shared,
 }
 
 /// What this host's KVM delivers, as far as the GDB server's choices go:
@@ -250,6 +299,12 @@ impl<C: Connection> Connection for Watched<C> {
     }
 }
 
+impl<C: std::os::fd::AsRawFd> std::os::fd::AsRawFd for Watched<C> {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.inner.as_raw_fd()
+    }
+}
+
 impl<C: ConnectionExt> ConnectionExt for Watched<C> {
     fn read(&mut self) -> Result<u8, C::Error> {
         let byte = self.inner.read()?;
@@ -309,6 +364,10 @@ impl<M: GuestMemory + Send + Sync + 'static> VmTarget<M> {
             waiter: None,
             host,
             resume_log,
+            running: false,
+            refused: None,
+            bad_action: false,
+            declared: wire::Shared::default(),
         })
     }
 
@@ -338,6 +397,9 @@ impl<M: GuestMemory + Send + Sync + 'static> VmTarget<M> {
     /// An execute slot for GDB's breakpoint at `addr` (`Z1`, and `Z0`
     /// where `int3` exits do not work): `false` when none is free.
     fn insert_hw(&mut self, addr: u64) -> TargetResult<bool, Self> {
+        if !canonical(addr) {
+            return Err(TargetError::Errno(EFAULT));
+        }
         match self
             .dbg
             .insert(AddressSpace::Physical, BreakpointType::Hardware, addr, 1)
@@ -349,6 +411,9 @@ impl<M: GuestMemory + Send + Sync + 'static> VmTarget<M> {
     }
 
     fn remove_hw(&mut self, addr: u64) -> TargetResult<bool, Self> {
+        if !canonical(addr) {
+            return Err(TargetError::Errno(EFAULT));
+        }
         self.dbg
             .remove(AddressSpace::Physical, BreakpointType::Hardware, addr, 1)
             .map(|_| true)
@@ -375,6 +440,16 @@ impl<M: GuestMemory + Send + Sync + 'static> VmTarget<M> {
             },
             format!("from: {}", h.source),
         ]
+    }
+
+    /// Records a resume action for `tid`, or that it names no vCPU.
+    fn set_action(&mut self, tid: Tid, action: Action) {
+        let id = stop::vcpu(tid);
+        if self.vcpus.contains(&id) {
+            self.actions.insert(id, action);
+        } else {
+            self.bad_action = true;
+        }
     }
 
     /// The vCPU of `tid`, if the VM has it.
@@ -405,6 +480,9 @@ impl<M: GuestMemory + Send + Sync + 'static> VmTarget<M> {
     }
 
     fn insert_sw(&mut self, addr: u64, insert: bool) -> TargetResult<bool, Self> {
+        if !canonical(addr) {
+            return Err(TargetError::Errno(EFAULT));
+        }
         let done = self.on_vcpu(self.current, move |dbg, ops| {
             let space = AddressSpace::Virtual(ops);
             if insert {
@@ -425,6 +503,9 @@ impl<M: GuestMemory + Send + Sync + 'static> VmTarget<M> {
             // An empty range or one past 2^64: nothing four slots can watch.
             return Ok(false);
         };
+        if !canonical_range(addr, len) {
+            return Err(TargetError::Errno(EFAULT));
+        }
         let inserted = if watch.kind() == CoreWatchKind::Read {
             // The value check reads the watched bytes now and at every hit
             // through a vCPU's page tables (hardware addresses are linear).
@@ -446,6 +527,9 @@ impl<M: GuestMemory + Send + Sync + 'static> VmTarget<M> {
         let Ok(watch) = Watch::new(core_kind(kind), addr, len) else {
             return Ok(false);
         };
+        if !canonical_range(addr, len) {
+            return Err(TargetError::Errno(EFAULT));
+        }
         match self.dbg.remove_watch(watch) {
             Ok(_) => Ok(true),
             Err(Error::Watch(WatchError::NotFound { .. })) => Ok(false),
@@ -564,18 +648,27 @@ impl<M: GuestMemory + Send + Sync + 'static> MultiThreadBase for VmTarget<M> {
 
     fn read_addrs(&mut self, start: u64, data: &mut [u8], tid: Tid) -> TargetResult<usize, Self> {
         let id = self.vcpu_of(tid)?;
-        let len = data.len();
+        if !canonical(start) {
+            return Err(TargetError::Errno(EFAULT));
+        }
+        // Up to the end of the canonical half, never round past 2^64. The
+        // buffer is gdbstub's (at most its packet buffer), not the request.
+        let len = data.len().min(room(start));
         // Page by page: a read that runs into an unmapped page returns the
         // bytes before it (GDB asks again for the rest and gets the error).
+        // Each page is translated here and read by its guest-physical
+        // address, so a page ending at 2^64 reads like any other.
         let read = self.on_vcpu(id, move |dbg, ops| {
             let mut buf = vec![0u8; len];
             let mut done = 0usize;
             while done < len {
-                let at = start.wrapping_add(done as u64);
+                // No overflow: done < len <= room(start).
+                let at = start + done as u64;
                 let in_page = (PAGE - at % PAGE) as usize;
                 let n = in_page.min(len - done);
+                let Ok(gpa) = memory::translate(ops, at) else { break };
                 if dbg
-                    .read_memory(AddressSpace::Virtual(ops), at, &mut buf[done..done + n])
+                    .read_memory(AddressSpace::Physical, gpa, &mut buf[done..done + n])
                     .is_err()
                 {
                     break;
@@ -594,9 +687,34 @@ impl<M: GuestMemory + Send + Sync + 'static> MultiThreadBase for VmTarget<M> {
 
     fn write_addrs(&mut self, start: u64, data: &[u8], tid: Tid) -> TargetResult<(), Self> {
         let id = self.vcpu_of(tid)?;
+        let declared = self.declared.lock().unwrap_or_else(|p| p.into_inner()).write_len.take();
+        if declared.is_some_and(|n| n != data.len()) {
+            // gdbstub writes what the data holds, whatever the length said.
+            return Err(TargetError::Errno(EINVAL));
+        }
+        if data.is_empty() {
+            // GDB's probe for `X` support: nothing to write.
+            return Ok(());
+        }
+        if !canonical_range(start, data.len() as u64) {
+            return Err(TargetError::Errno(EFAULT));
+        }
         let data = data.to_vec();
         let done = self.on_vcpu(id, move |dbg, ops| {
-            dbg.write_memory(AddressSpace::Virtual(ops), start, &data)
+            // `write_memory`'s page walk cannot end exactly at 2^64: the
+            // address space's last byte goes by its guest-physical address,
+            // checked before anything is written.
+            let ends_at_top = start.checked_add(data.len() as u64).is_none();
+            if !ends_at_top {
+                return dbg.write_memory(AddressSpace::Virtual(ops), start, &data);
+            }
+            let (head, last) = data.split_at(data.len() - 1);
+            let gpa = memory::translate(ops, u64::MAX).map_err(Error::Memory)?;
+            dbg.read_memory(AddressSpace::Physical, gpa, &mut [0u8])?;
+            if !head.is_empty() {
+                dbg.write_memory(AddressSpace::Virtual(ops), start, head)?;
+            }
+            dbg.write_memory(AddressSpace::Physical, gpa, last)
         })?;
         done.map_err(reply)
     }
@@ -663,6 +781,12 @@ impl<M: GuestMemory + Send + Sync + 'static> MultiThreadResume for VmTarget<M> {
         // naming one thread (see the module docs), every other thread
         // continues.
         let locked = self.scheduler_locked && !self.resume_log.legacy_resumes_all();
+        if self.bad_action || (self.scheduler_locked && self.actions.is_empty()) {
+            // A thread that does not exist, or nothing to run: nothing runs,
+            // and GDB hears why instead of waiting for a stop.
+            self.refused = Some(EINVAL);
+            return Ok(());
+        }
         let plan: Vec<(usize, Action)> = self
             .vcpus
             .iter()
@@ -672,12 +796,15 @@ impl<M: GuestMemory + Send + Sync + 'static> MultiThreadResume for VmTarget<M> {
                 None => Some((*id, Action::Continue)),
             })
             .collect();
-        self.dbg.resume(&plan)
+        self.dbg.resume(&plan)?;
+        self.running = true;
+        Ok(())
     }
 
     fn clear_resume_actions(&mut self) -> Result<(), Self::Error> {
         self.actions.clear();
         self.scheduler_locked = false;
+        self.bad_action = false;
         Ok(())
     }
 
@@ -686,8 +813,7 @@ impl<M: GuestMemory + Send + Sync + 'static> MultiThreadResume for VmTarget<M> {
         // told to pass it) has nowhere to go: a vCPU has no Unix signals.
         // The guest's own #DB/#BP were re-injected by kvm-glue before they
         // could reach GDB, so nothing is lost by dropping it.
-        let id = stop::vcpu(tid);
-        self.actions.insert(id, Action::Continue);
+        self.set_action(tid, Action::Continue);
         Ok(())
     }
 
@@ -702,7 +828,7 @@ impl<M: GuestMemory + Send + Sync + 'static> MultiThreadResume for VmTarget<M> {
 
 impl<M: GuestMemory + Send + Sync + 'static> MultiThreadSingleStep for VmTarget<M> {
     fn set_resume_action_step(&mut self, tid: Tid, _signal: Option<Signal>) -> Result<(), Self::Error> {
-        self.actions.insert(stop::vcpu(tid), Action::Step);
+        self.set_action(tid, Action::Step);
         Ok(())
     }
 }
@@ -716,7 +842,13 @@ impl<M: GuestMemory + Send + Sync + 'static> MultiThreadSchedulerLocking for VmT
 
 impl<M: GuestMemory + Send + Sync + 'static> ThreadExtraInfo for VmTarget<M> {
     fn thread_extra_info(&self, tid: Tid, buf: &mut [u8]) -> Result<usize, Self::Error> {
-        let text = format!("vCPU {}", stop::vcpu(tid));
+        // A thread that does not exist is answered with an error by the
+        // wire before gdbstub gets here (this method cannot return one).
+        let id = stop::vcpu(tid);
+        if !self.vcpus.contains(&id) {
+            return Ok(0);
+        }
+        let text = format!("vCPU {id}");
         let n = text.len().min(buf.len());
         buf[..n].copy_from_slice(&text.as_bytes()[..n]);
         Ok(n)
