@@ -125,7 +125,7 @@ fn run() -> Result<(), AnyError> {
         for (id, vcpu) in g.vcpus_mut().iter_mut().enumerate() {
             // Make each vCPU's handle before its thread starts: stop_all
             // waits for every vCPU that has a handle.
-            let (h, kick) = (dbg.vcpu(id), Arc::clone(&kick));
+            let (h, kick) = (dbg.vcpu(id)?, Arc::clone(&kick));
             threads.push(s.spawn(move || vcpu_thread(h, vcpu, &kick)));
         }
         if let Err(e) = debugger(&dbg) {

@@ -8,7 +8,7 @@
 //! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)])?;
 //! let dbg = VmDebug::new(mem); // VM-wide: clone it into every vCPU thread
 //! let vcpu = FakeVcpu::new(); // a kvm_ioctls::VcpuFd in a VMM
-//! let mut vcpu_dbg = dbg.vcpu(0); // owned by vCPU 0's thread
+//! let mut vcpu_dbg = dbg.vcpu(0)?; // owned by vCPU 0's thread
 //!
 //! assert!(vcpu_dbg.sync(&vcpu)?); // a new handle always applies once
 //! dbg.insert(AddressSpace::Physical, BreakpointType::Hardware, 0x1000, 1)?;
@@ -44,7 +44,7 @@
 //! let kick = SignalKick::new(0)?; // SIGRTMIN + 0, blocked outside KVM_RUN
 //! dbg.set_kick(kick.clone())?;
 //! let vcpu = g.vcpu(0);
-//! let mut h = dbg.vcpu(0);
+//! let mut h = dbg.vcpu(0)?;
 //! kick.prepare_vcpu_thread(0, vcpu)?; // on the vCPU's own thread
 //! loop {
 //!     h.before_run(&*vcpu)?; // parks while the debugger holds this vCPU, then syncs
@@ -65,7 +65,9 @@
 //! # Map
 //! * [`VmDebug`] ([`debugger`]): the VM-wide intent, shared by all threads.
 //! * [`VcpuDebug`] ([`vcpu_debug`]): per vCPU — `before_run`, `sync`, `handle_exit`, `step_over`.
-//! * [`control`]: all-stop — parking, posted stops, jobs for parked vCPUs.
+//! * [`run_control`]: the pure run-control state machine — holds, parks,
+//!   posted stops, step-over debts, sessions — and its rules.
+//! * [`control`]: all-stop on threads — parking, posted stops, jobs for parked vCPUs.
 //! * [`kick`]: bringing a vCPU out of `KVM_RUN` ([`SignalKick`], or any closure).
 //! * [`sw_table`]: software breakpoints by guest-physical address, with the requests behind them.
 //! * [`VcpuOps`] ([`vcpu`]): the ioctls used, for `VcpuFd` and [`fake::FakeVcpu`].
@@ -83,19 +85,20 @@ pub mod guest;
 pub mod kick;
 pub mod memory;
 pub mod probe;
+pub mod run_control;
 pub mod sw_table;
 mod sync;
 pub mod vcpu;
 pub mod vcpu_debug;
 
-pub use control::{Action, RunState};
 pub use debugger::{int1_pc_from_cpuid, Insert, VmDebug};
 pub use error::{Error, Result};
 pub use kick::{Kick, KickError, SignalKick};
 pub use memory::{AddressSpace, MemoryError, PhysicalMemory, VirtualMemory};
+pub use run_control::{Action, RunError, RunState, StopEvent, MAX_VCPUS};
 pub use sw_table::{Request, SpaceKind};
 pub use vcpu::VcpuOps;
-pub use vcpu_debug::{Handled, Resume, StepOver, StopEvent, SyncAllError, VcpuDebug};
+pub use vcpu_debug::{Handled, Posted, Resume, StepOver, SyncAllError, VcpuDebug};
 
 // The core types a kvm-glue user needs, so one dependency suffices.
 pub use x86_debugreg::state::{Inserted, Removed};

@@ -93,7 +93,7 @@ fn with_two_spinning_vcpus(name: &str, debugger: impl FnOnce(&Dbg, &Entered)) ->
             .map(|(id, vcpu)| {
                 // The handle is made before the thread starts, so stop_all
                 // knows about this vCPU from the beginning.
-                let (h, kick, entered) = (dbg.vcpu(id), Arc::clone(&kick), &entered[id]);
+                let (h, kick, entered) = (dbg.vcpu(id).expect("vCPU handle"), Arc::clone(&kick), &entered[id]);
                 s.spawn(move || vcpu_loop(h, vcpu, &kick, entered))
             })
             .collect();
@@ -235,7 +235,7 @@ fn bug1_step_over_then_stepi_stops_at_the_next_instruction_on_kvm() {
     let name = "bug1_kvm";
     let Some(mut g) = guest(name, 1) else { return };
     let dbg = VmDebug::new(g.memory().clone());
-    let mut h = dbg.vcpu(0);
+    let mut h = dbg.vcpu(0).expect("vCPU handle");
     let a = guest::STRAIGHT_INSNS[2];
     dbg.insert(PHYS, BreakpointType::Hardware, a, 1).expect("insert");
     let Event::Stop(ev) = resume(&mut h, g.vcpu(0)) else {
@@ -264,13 +264,13 @@ fn bug4_a_new_session_disarms_what_an_old_one_left_on_kvm() {
     let Some(mut g) = guest(name, 1) else { return };
     {
         let old = VmDebug::new(g.memory().clone());
-        let mut h = old.vcpu(0);
+        let mut h = old.vcpu(0).expect("vCPU handle");
         old.insert(PHYS, BreakpointType::Hardware, guest::STRAIGHT_INSNS[2], 1)
             .expect("insert");
         h.sync(&*g.vcpu(0)).expect("sync");
     }
     let new = VmDebug::new(g.memory().clone());
-    let mut h = new.vcpu(0);
+    let mut h = new.vcpu(0).expect("vCPU handle");
     assert_eq!(
         resume(&mut h, g.vcpu(0)),
         Event::Exit(Exit::Out(guest::PORT_DONE, 3)),

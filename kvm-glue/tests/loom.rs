@@ -53,7 +53,7 @@ fn model(name: &str, bound: usize, f: impl Fn() + Sync + Send + 'static) {
 fn an_insert_while_a_vcpu_runs_is_never_lost() {
     model("insert_while_running", 3, || {
         let dbg = VmDebug::new(memory());
-        let mut h = dbg.vcpu(0);
+        let mut h = dbg.vcpu(0).expect("vCPU handle");
         let fake = std::sync::Arc::new(FakeVcpu::new());
         let f = std::sync::Arc::clone(&fake);
         let vcpu = loom::thread::spawn(move || {
@@ -84,7 +84,7 @@ fn stop_all_parks_every_vcpu_and_jobs_run_while_parked() {
         let entries = Arc::new(LoomUsize::new(0));
         let threads: Vec<_> = (0..2)
             .map(|id| {
-                let mut h = dbg.vcpu(id);
+                let mut h = dbg.vcpu(id).expect("vCPU handle");
                 let entries = Arc::clone(&entries);
                 loom::thread::spawn(move || {
                     let fake = FakeVcpu::new();
@@ -138,7 +138,7 @@ fn racing_stops_are_reported_one_at_a_time_and_none_is_lost() {
         dbg.insert(PHYS, BreakpointType::Hardware, 0x100, 1).expect("insert");
         let threads: Vec<_> = (0..2)
             .map(|id| {
-                let mut h = dbg.vcpu(id);
+                let mut h = dbg.vcpu(id).expect("vCPU handle");
                 loom::thread::spawn(move || {
                     let fake = FakeVcpu::new();
                     h.before_run(&fake).expect("before_run");
