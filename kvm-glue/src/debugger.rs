@@ -109,7 +109,14 @@ pub(crate) fn still_valid(state: &DebugState, watch: &WatchSlots, p: &Pending, s
         Stop::Software { .. } => p.gpa.is_some_and(|gpa| state.sw().contains(gpa)),
         Stop::Debug { single_step, hits } => {
             let stepping = single_step && stepping_now;
-            let still_armed = !watch.hits(&hits).is_empty();
+            // Still armed: some slot holds the very breakpoint that was hit
+            // (a slot freed and reused for another address does not keep
+            // the old hit alive; the same breakpoint re-inserted elsewhere
+            // does).
+            let now = watch.guest_debug(state.guest_debug_for(false));
+            let still_armed = hits
+                .iter()
+                .any(|h| Slot::ALL.iter().any(|&s| now.armed(s) == Some(h.breakpoint)));
             stepping || still_armed
         }
     }

@@ -98,7 +98,7 @@ pub use memory::{AddressSpace, MemoryError, PhysicalMemory, VirtualMemory};
 pub use run_control::{Action, RunError, RunState, StopEvent, MAX_VCPUS};
 pub use sw_table::{Request, SpaceKind};
 pub use vcpu::VcpuOps;
-pub use vcpu_debug::{Handled, Posted, Resume, StepOver, SyncAllError, VcpuDebug};
+pub use vcpu_debug::{Handled, Park, Posted, Resume, StepOver, SyncAllError, VcpuDebug};
 
 // The core types a kvm-glue user needs, so one dependency suffices.
 pub use x86_debugreg::state::{Inserted, Removed};

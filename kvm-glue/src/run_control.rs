@@ -99,7 +99,8 @@ pub enum RunState {
     Running,
     /// Asked to stop, not parked yet (may be inside `KVM_RUN`).
     StopRequested,
-    /// Parked in `before_run`: outside `KVM_RUN`, guest frozen.
+    /// Parked in `before_run`: outside `KVM_RUN`, guest frozen, and held
+    /// there (a released vCPU still leaving its park is `Running`).
     Parked,
 }
 
@@ -313,9 +314,10 @@ impl RunControl {
     /// [`RunError::UnknownVcpu`].
     pub fn state(&self, vcpu: usize) -> Result<RunState, RunError> {
         let v = self.get(vcpu)?;
+        // Parked and released: on its way out of its park, not held.
         Ok(if v.handles == 0 {
             RunState::Absent
-        } else if v.parked {
+        } else if v.parked && v.hold {
             RunState::Parked
         } else if v.hold {
             RunState::StopRequested

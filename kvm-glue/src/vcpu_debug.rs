@@ -148,6 +148,15 @@ pub(crate) struct Record {
     session: u64,
 }
 
+/// What [`VcpuDebug::poll_park`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Park {
+    /// Held by the debugger: parked, stay out of `KVM_RUN`.
+    Held,
+    /// Not held: [`enter`](VcpuDebug::enter) and run.
+    Free,
+}
+
 /// What became of a stop [`VcpuDebug::report_stop`] posted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Posted {
@@ -289,8 +298,55 @@ impl<M: GuestMemory> VcpuDebug<M> {
     /// As [`sync`](Self::sync); [`Error::Poisoned`].
     pub fn before_run<V: VcpuOps>(&mut self, vcpu: &V) -> Result<bool> {
         self.park(vcpu)?;
+        self.enter(vcpu)
+    }
+
+    /// The second half of [`before_run`](Self::before_run), for a vCPU that
+    /// is not held: asks for the step-over its last stop still owes (see
+    /// [`step_over`](Self::step_over)), then [`sync`](Self::sync)s. Returns
+    /// whether an ioctl was issued.
+    ///
+    /// # Errors
+    /// As [`sync`](Self::sync).
+    pub fn enter<V: VcpuOps>(&mut self, vcpu: &V) -> Result<bool> {
         self.step_over();
         self.sync(vcpu)
+    }
+
+    /// The first half of [`before_run`](Self::before_run) without blocking,
+    /// for a vCPU thread that waits in its own event loop: if the debugger
+    /// holds this vCPU, marks it parked, runs the jobs queued for it and
+    /// answers [`Park::Held`] (call again when woken, e.g. by polling
+    /// [`VmDebug::stop_fd`] or a timer); else leaves any park and answers
+    /// [`Park::Free`] — then [`enter`](Self::enter) and run.
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`].
+    pub fn poll_park<V: VcpuOps>(&mut self, vcpu: &V) -> Result<Park> {
+        let shared = Arc::clone(&self.shared);
+        let mut inner = shared.lock()?;
+        loop {
+            if !inner.run.held(self.id) {
+                inner.run.unpark(self.id);
+                drop(inner);
+                shared.cond.notify_all();
+                return Ok(Park::Free);
+            }
+            inner.run.park(self.id);
+            match inner.jobs.get_mut(&self.id).and_then(|q| q.pop_front()) {
+                Some(job) => {
+                    drop(inner);
+                    shared.cond.notify_all();
+                    job(vcpu);
+                    inner = shared.lock()?;
+                }
+                None => {
+                    drop(inner);
+                    shared.cond.notify_all();
+                    return Ok(Park::Held);
+                }
+            }
+        }
     }
 
     fn park<V: VcpuOps>(&mut self, vcpu: &V) -> Result<()> {

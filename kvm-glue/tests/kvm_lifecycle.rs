@@ -9,11 +9,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{guest, resume, Event};
+use common::{guest, guest_for, resume, Event};
 use kvm_glue::guest::{self, Exit};
 use kvm_glue::{
-    Action, AddressSpace, BreakpointType, Handled, Kick, RunState, SignalKick, Stop, StopEvent, VcpuDebug, VcpuOps,
-    VmDebug,
+    Action, AddressSpace, BreakpointType, Handled, Kick, Posted, Resume, RunState, SignalKick, Stop, StopEvent,
+    VcpuDebug, VcpuOps, VmDebug,
 };
 use kvm_ioctls::VcpuFd;
 use vm_memory::GuestMemoryMmap;
@@ -22,6 +22,9 @@ const PHYS: AddressSpace<'static> = AddressSpace::Physical;
 const T: Duration = Duration::from_secs(10);
 
 type Dbg = VmDebug<GuestMemoryMmap>;
+
+/// Stops the vCPU loops posted after a detach (discarded), in this binary.
+static DISCARDED: AtomicUsize = AtomicUsize::new(0);
 
 /// The VMM's loop, as a VMM writes it; returns at the routine's end.
 fn vcpu_loop(
@@ -44,7 +47,9 @@ fn vcpu_loop(
             exit @ Exit::Debug { .. } => {
                 let arch = exit.debug().ok_or("debug data")?;
                 if let Handled::Stop(stop) = h.handle_exit(&*vcpu, &arch).map_err(|e| e.to_string())? {
-                    h.report_stop(stop).map_err(|e| e.to_string())?;
+                    if h.report_stop(stop).map_err(|e| e.to_string())? == Posted::Discarded {
+                        DISCARDED.fetch_add(1, Ordering::SeqCst);
+                    }
                 }
             }
             Exit::Out(guest::PORT_DONE, _) => return Ok(kicks),
@@ -277,4 +282,225 @@ fn bug4_a_new_session_disarms_what_an_old_one_left_on_kvm() {
         "no stale stop, nothing re-injected"
     );
     println!("{name}: checked a fresh handle clears a stale armed breakpoint before the first run");
+}
+
+/// A `VcpuFd` that remembers the last `KVM_SET_GUEST_DEBUG` argument, so a
+/// test can check what KVM was given (KVM has no "get guest debug").
+struct Recording<'a> {
+    fd: &'a VcpuFd,
+    last: &'a std::cell::Cell<Option<kvm_bindings::kvm_guest_debug>>,
+}
+
+impl VcpuOps for Recording<'_> {
+    fn set_guest_debug(&self, dbg: &kvm_bindings::kvm_guest_debug) -> Result<(), kvm_ioctls::Error> {
+        self.fd.set_guest_debug(dbg)?;
+        self.last.set(Some(*dbg));
+        Ok(())
+    }
+    fn get_regs(&self) -> Result<kvm_bindings::kvm_regs, kvm_ioctls::Error> {
+        self.fd.get_regs()
+    }
+    fn set_regs(&self, regs: &kvm_bindings::kvm_regs) -> Result<(), kvm_ioctls::Error> {
+        self.fd.set_regs(regs)
+    }
+    fn get_sregs(&self) -> Result<kvm_bindings::kvm_sregs, kvm_ioctls::Error> {
+        self.fd.get_sregs()
+    }
+    fn set_sregs(&self, sregs: &kvm_bindings::kvm_sregs) -> Result<(), kvm_ioctls::Error> {
+        self.fd.set_sregs(sregs)
+    }
+    fn get_fpu(&self) -> Result<kvm_bindings::kvm_fpu, kvm_ioctls::Error> {
+        self.fd.get_fpu()
+    }
+    fn set_fpu(&self, fpu: &kvm_bindings::kvm_fpu) -> Result<(), kvm_ioctls::Error> {
+        self.fd.set_fpu(fpu)
+    }
+    fn translate_gva(&self, gva: u64) -> Result<kvm_bindings::kvm_translation, kvm_ioctls::Error> {
+        self.fd.translate_gva(gva)
+    }
+}
+
+/// What one `before_run` + `KVM_RUN` + `handle_exit` gave.
+#[derive(Debug)]
+enum Once {
+    Stop(StopEvent),
+    Resumed(Resume),
+    Exit(Exit),
+}
+
+/// One entry into the guest as a VMM's loop makes it (`before_run`, not a
+/// bare `sync`: the step-over decisions are `before_run`'s).
+fn enter_once(
+    h: &mut VcpuDebug<GuestMemoryMmap>,
+    vcpu: &mut VcpuFd,
+    last: &std::cell::Cell<Option<kvm_bindings::kvm_guest_debug>>,
+) -> Once {
+    h.before_run(&Recording { fd: &*vcpu, last }).expect("before_run");
+    let exit = guest::run_once(vcpu).expect("KVM_RUN");
+    let Some(arch) = exit.debug() else {
+        return Once::Exit(exit);
+    };
+    match h
+        .handle_exit(&Recording { fd: &*vcpu, last }, &arch)
+        .expect("handle_exit")
+    {
+        Handled::Stop(ev) => Once::Stop(ev),
+        Handled::Resume(r) => Once::Resumed(r),
+    }
+}
+
+/// Issue #16 item 2 on real KVM: single-stepping from the first instruction
+/// onto an execute breakpoint at the second stops there as a step; the next
+/// step must run that instruction (stop at the third), not report the
+/// breakpoint with the pc unchanged.
+#[test]
+fn a_step_that_lands_on_an_execute_breakpoint_runs_it_on_the_next_step_on_kvm() {
+    let name = "step_lands_on_breakpoint_kvm";
+    let Some(mut g) = guest_for(name, 1, |p| &p.single_step) else {
+        return;
+    };
+    if !common::probe().execute.supported {
+        println!(
+            "{name}: SKIPPED: the probe says this host's KVM cannot: {}",
+            common::probe().execute.detail
+        );
+        return;
+    }
+    let dbg = VmDebug::new(g.memory().clone());
+    let mut h = dbg.vcpu(0).expect("vCPU 0");
+    let last = std::cell::Cell::new(None);
+    let [i0, i1, i2, ..] = guest::STRAIGHT_INSNS;
+    let _ = i0;
+    dbg.insert(PHYS, BreakpointType::Hardware, i1, 1).expect("insert");
+    dbg.set_single_step(0, true).expect("stepi");
+    let Once::Stop(first) = enter_once(&mut h, g.vcpu(0), &last) else {
+        panic!("no first step stop")
+    };
+    assert_eq!(first.pc, i1, "{first}");
+    let Once::Stop(second) = enter_once(&mut h, g.vcpu(0), &last) else {
+        panic!("no second step stop")
+    };
+    assert_eq!(second.pc, i2, "one instruction ran: {second}");
+    assert!(
+        matches!(second.stop, Stop::Debug { single_step: true, hits } if hits.is_empty()),
+        "a step, not the breakpoint: {second}"
+    );
+    let Once::Stop(third) = enter_once(&mut h, g.vcpu(0), &last) else {
+        panic!("no third step stop")
+    };
+    assert_eq!(third.pc, guest::STRAIGHT_INSNS[3], "{third}");
+    println!(
+        "{name}: checked steps {i1:#x} -> {i2:#x} -> {:#x} over an execute breakpoint at {i1:#x}",
+        third.pc
+    );
+}
+
+/// Issue #16 item 4 on real KVM: stop at an execute breakpoint on the
+/// routine's `out`, continue (the step-over's step ends at the port exit),
+/// remove a second breakpoint on the next instruction (the `hlt`), enter
+/// again: KVM must get the intent without it (and the vCPU reaches the
+/// `hlt` with no stop for the removed breakpoint).
+#[test]
+fn a_breakpoint_removed_mid_step_over_does_not_fire_on_kvm() {
+    let name = "removed_mid_step_over_kvm";
+    let Some(mut g) = guest_for(name, 1, |p| &p.execute) else {
+        return;
+    };
+    let dbg = VmDebug::new(g.memory().clone());
+    let mut h = dbg.vcpu(0).expect("vCPU 0");
+    let last = std::cell::Cell::new(None);
+    let out = guest::STRAIGHT_INSNS[6];
+    dbg.insert(PHYS, BreakpointType::Hardware, out, 1)
+        .expect("DR0 on the out");
+    dbg.insert(PHYS, BreakpointType::Hardware, guest::STRAIGHT_HLT, 1)
+        .expect("DR1 on the hlt");
+    let Once::Stop(at_out) = enter_once(&mut h, g.vcpu(0), &last) else {
+        panic!("no stop at the out")
+    };
+    assert_eq!(at_out.pc, out);
+    let got = enter_once(&mut h, g.vcpu(0), &last);
+    assert!(matches!(got, Once::Exit(Exit::Out(guest::PORT_DONE, _))), "{got:?}");
+    assert!(h.stepping_over(), "the out is not finished: the step-over is in flight");
+    dbg.remove(PHYS, BreakpointType::Hardware, guest::STRAIGHT_HLT, 1)
+        .expect("remove DR1");
+    let mut ends = Vec::new();
+    for _ in 0..4 {
+        let got = enter_once(&mut h, g.vcpu(0), &last);
+        let held = last.get().expect("set at least once");
+        assert_eq!(held.arch.debugreg[7] & 0b1100, 0, "KVM runs without the removed DR1");
+        match got {
+            Once::Stop(ev) => panic!("a stop for a removed breakpoint: {ev}"),
+            Once::Resumed(Resume::SteppedOver) => ends.push("stepped over the out"),
+            Once::Resumed(other) => panic!("{other:?}"),
+            Once::Exit(Exit::Hlt) => {
+                ends.push("hlt");
+                break;
+            }
+            Once::Exit(other) => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(ends.last(), Some(&"hlt"), "{ends:?}");
+    println!("{name}: checked a breakpoint removed during a step-over's port exit is not applied ({ends:?})");
+}
+
+/// Issue #16 item 3 on real KVM, the targeted reproduction: step one of two
+/// spinning vCPUs, detach 0-30 us later. Once `detach` returns, no vCPU may
+/// stay held or park for the old session, whenever the late step stop
+/// arrives.
+#[test]
+fn after_detach_returns_no_vcpu_parks_for_the_old_session_on_kvm() {
+    let name = "detach_is_final_kvm";
+    if !common::probe().single_step.supported {
+        println!(
+            "{name}: SKIPPED: the probe says this host's KVM cannot: {}",
+            common::probe().single_step.detail
+        );
+        return;
+    }
+    const ROUNDS: u32 = 200;
+    let Some(_) = with_two_spinning_vcpus(name, |dbg, _| {
+        let mut late = 0;
+        let discarded_before = DISCARDED.load(Ordering::SeqCst);
+        for round in 0..ROUNDS {
+            dbg.stop_all(T).expect("stop");
+            dbg.resume(&[(1, Action::Step)]).expect("step vCPU 1");
+            let wait = Duration::from_micros(u64::from(round % 31));
+            let start = std::time::Instant::now();
+            while start.elapsed() < wait {
+                std::hint::spin_loop();
+            }
+            dbg.detach().expect("detach");
+            // Every vCPU runs (a released one may take a moment to be
+            // scheduled on a busy machine); a late stop, whenever it
+            // comes, must hold nobody. The old code froze here for good.
+            for pause in [Duration::ZERO, Duration::from_millis(2)] {
+                std::thread::sleep(pause);
+                let start = std::time::Instant::now();
+                for id in 0..2 {
+                    loop {
+                        let state = dbg.run_state(id).expect("state");
+                        if state == RunState::Running {
+                            break;
+                        }
+                        assert!(start.elapsed() < T, "round {round}: vCPU {id} {state:?} after detach");
+                        std::thread::sleep(Duration::from_micros(100));
+                    }
+                }
+            }
+            if dbg.try_take_stop().expect("take").is_some() {
+                late += 1;
+            }
+        }
+        assert_eq!(late, 0, "a stop of the old session was reported after detach");
+        println!(
+            "{name}: {} of {ROUNDS} rounds had the step's stop arrive after detach (discarded)",
+            DISCARDED.load(Ordering::SeqCst) - discarded_before
+        );
+        dbg.stop_all(T).expect("stop");
+        send_to_end(dbg, &[0, 1]);
+        dbg.resume_all().expect("resume");
+    }) else {
+        return;
+    };
+    println!("{name}: checked {ROUNDS} step-then-detach rounds: nobody held after detach");
 }
