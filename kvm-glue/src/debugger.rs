@@ -467,7 +467,7 @@ impl<M: GuestMemory> VmDebug<M> {
     /// check: its bytes are read now through `space` (hardware addresses are
     /// linear: `Virtual` translates them with that vCPU, `Physical` takes
     /// them as they are) and again at each hit, in
-    /// [`VcpuDebug::handle_exit`]; a hit where they changed was a write and
+    /// [`VcpuDebug::handle_exit`](crate::VcpuDebug::handle_exit); a hit where they changed was a write and
     /// is not a stop. A write of the same value is reported as a read.
     ///
     /// # Errors

@@ -35,6 +35,18 @@
 //! [`VmDebug::stop_all`], [`VmDebug::wait_stop`], [`VmDebug::resume`] and
 //! [`VmDebug::with_parked_vcpu`], and never touches a vCPU. A [`SignalKick`]
 //! brings a vCPU out of `KVM_RUN` without `unsafe` in the VMM.
+//!
+//! The run-control rules ([`run_control`]): a stop the debugger drops owes
+//! no step-over (its instruction runs again and hits again); resuming from
+//! a reported stop at X steps over a breakpoint at X first, so a step is
+//! one instruction; after [`VmDebug::detach`] a late stop is discarded
+//! ([`Posted::Discarded`]) and nobody parks; vCPU ids are registered by
+//! [`VmDebug::vcpu`] (or declared with [`VmDebug::with_vcpus`]) and any
+//! other id is [`Error::Run`]; [`VmDebug::wait_stop`] answers
+//! [`Error::NoVcpus`] once every handle is gone; [`VmDebug::moved`] says
+//! which vCPUs ran an instruction after a multi-vCPU step. A vCPU thread
+//! that waits in its own event loop uses [`VcpuDebug::poll_park`] and
+//! [`VcpuDebug::enter`] instead of the blocking `before_run`.
 //! `examples/vmm_threads.rs` is the whole pattern, runnable:
 //!
 //! ```no_run

@@ -29,7 +29,11 @@
 //!    execute breakpoint, an `int3`, a single step that landed on X, a
 //!    watchpoint trap at X), resuming from X steps over a breakpoint at X
 //!    first, as GDB's step-over does; so a resume never stops at X before an
-//!    instruction has run.
+//!    instruction has run. A vCPU parked by an all-stop (a kick, no debug
+//!    exit) at X stopped for no breakpoint: with a breakpoint at X, resuming
+//!    runs into it and reports it, since its instruction has not run (rule 1
+//!    wins; GDB expects that of threads it interrupted, and steps its
+//!    resumed thread over its own breakpoints itself).
 //! 3. **Detach is final.** [`detach`](RunControl::detach) starts a new
 //!    session: every hold and posted stop is dropped, and a stop posted later
 //!    from the old session's configuration is [`Post::Discarded`] — nobody
@@ -455,7 +459,7 @@ impl RunControl {
     /// [`take`](Self::take); from an older one it is discarded, with its
     /// step-over (rule 3).
     pub fn post(&mut self, vcpu: usize, pending: Pending, session: u64) -> Post {
-        if session != self.session || !self.vcpus.get(&vcpu).is_some_and(|v| v.handles > 0) {
+        if session != self.session || self.vcpus.get(&vcpu).is_none_or(|v| v.handles == 0) {
             if let Some(v) = self.vcpus.get_mut(&vcpu) {
                 v.owed = None;
             }
