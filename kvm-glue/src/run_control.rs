@@ -460,10 +460,7 @@ impl RunControl {
     /// step-over (rule 3).
     pub fn post(&mut self, vcpu: usize, pending: Pending, session: u64) -> Post {
         if session != self.session || self.vcpus.get(&vcpu).is_none_or(|v| v.handles == 0) {
-            if let Some(v) = self.vcpus.get_mut(&vcpu) {
-                v.owed = None;
-            }
-            return Post::Discarded;
+            return self.discard(vcpu);
         }
         for v in self.vcpus.values_mut() {
             v.hold = true;
@@ -480,6 +477,15 @@ impl RunControl {
             .map(|(&i, _)| i)
             .collect();
         Post::Posted { kick }
+    }
+
+    /// A stop `vcpu` decoded from no configuration of the debugger's (it
+    /// never synced): [`Post::Discarded`], with its step-over.
+    pub fn discard(&mut self, vcpu: usize) -> Post {
+        if let Some(v) = self.vcpus.get_mut(&vcpu) {
+            v.owed = None;
+        }
+        Post::Discarded
     }
 
     /// The oldest posted stop, for the debugger.

@@ -297,8 +297,10 @@ impl<M: GuestMemory> VcpuDebug<M> {
     /// # Errors
     /// As [`sync`](Self::sync); [`Error::Poisoned`].
     pub fn before_run<V: VcpuOps>(&mut self, vcpu: &V) -> Result<bool> {
-        self.park(vcpu)?;
-        self.enter(vcpu)
+        // One lock for the park check and the step-over debt.
+        let owed = self.park(vcpu)?;
+        self.request_step_over(owed);
+        self.sync(vcpu)
     }
 
     /// The second half of [`before_run`](Self::before_run), for a vCPU that
@@ -349,11 +351,14 @@ impl<M: GuestMemory> VcpuDebug<M> {
         }
     }
 
-    fn park<V: VcpuOps>(&mut self, vcpu: &V) -> Result<()> {
+    /// Parks while held; returns the step-over debt taken on the way out
+    /// (when no step-over is in flight).
+    fn park<V: VcpuOps>(&mut self, vcpu: &V) -> Result<Option<u64>> {
         let shared = Arc::clone(&self.shared);
         let mut inner = shared.lock()?;
+        let idle = self.step == StepPhase::Idle;
         if !inner.run.held(self.id) {
-            return Ok(());
+            return Ok(if idle { inner.run.take_owed(self.id) } else { None });
         }
         inner.run.park(self.id);
         shared.cond.notify_all();
@@ -370,9 +375,10 @@ impl<M: GuestMemory> VcpuDebug<M> {
             inner = shared.cond.wait(inner).map_err(|_| Error::Poisoned)?;
         }
         inner.run.unpark(self.id);
+        let owed = if idle { inner.run.take_owed(self.id) } else { None };
         drop(inner);
         shared.cond.notify_all();
-        Ok(())
+        Ok(owed)
     }
 
     /// Applies the VM-wide configuration if it changed since this vCPU last
@@ -707,10 +713,7 @@ impl<M: GuestMemory> VcpuDebug<M> {
             match self.applied {
                 Some(r) => inner.run.post(self.id, Pending { event, gpa }, r.session),
                 // Never synced: nothing of the debugger's could have stopped it.
-                None => {
-                    let stale = inner.run.session().wrapping_sub(1);
-                    inner.run.post(self.id, Pending { event, gpa }, stale)
-                }
+                None => inner.run.discard(self.id),
             }
         };
         match post {
@@ -739,6 +742,13 @@ impl<M: GuestMemory> VcpuDebug<M> {
             Ok(mut inner) => inner.run.take_owed(self.id),
             Err(_) => None,
         };
+        self.request_step_over(owed)
+    }
+
+    fn request_step_over(&mut self, owed: Option<u64>) -> StepOver {
+        if self.step != StepPhase::Idle {
+            return StepOver::NotNeeded;
+        }
         match owed {
             Some(pc) => {
                 self.step = StepPhase::Requested { pc };
