@@ -21,7 +21,7 @@
 //! stepping over it from a stop that still stands (rules 1, 2), and a step
 //! is one instruction. Posting after a detach must be discarded (rule 3).
 //!
-//! Cases: `RC_CASES` (or `PROPTEST_CASES`; default 512), each up to 80
+//! Cases: `RC_CASES` (or `PROPTEST_CASES`; default 2048), each up to 80
 //! transitions; failures persist in `proptest-regressions/run_control.txt`.
 //! With `--nocapture` it prints the cases run and the share reaching the
 //! rare states.
@@ -679,7 +679,7 @@ fn cases() -> u32 {
             }
         }
     }
-    512
+    2048
 }
 
 #[test]
@@ -687,7 +687,10 @@ fn run_control_keeps_its_rules_against_the_reference() {
     let config = Config {
         cases: cases(),
         source_file: Some(file!()),
-        failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel("proptest-regressions"))),
+        // Cargo runs tests in the package root: kvm-glue/proptest-regressions/.
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
+            "proptest-regressions/run_control.txt",
+        ))),
         ..Config::default()
     };
     let mut runner = TestRunner::new(config.clone());
