@@ -504,3 +504,63 @@ fn after_detach_returns_no_vcpu_parks_for_the_old_session_on_kvm() {
     };
     println!("{name}: checked {ROUNDS} step-then-detach rounds: nobody held after detach");
 }
+
+/// Issue #16 item 1 on real KVM, driven from one thread so the race is
+/// fixed: both vCPUs hit one execute breakpoint; the debugger takes vCPU
+/// 0's stop, removes the breakpoint and steps vCPU 0 alone, which drops
+/// vCPU 1's pending stop as stale; it puts the breakpoint back and
+/// continues both. vCPU 1 must hit it again (its dropped stop owes no
+/// step-over), not run on to the routine's end.
+#[test]
+fn a_dropped_stop_cancels_its_step_over_on_kvm() {
+    let name = "dropped_stop_kvm";
+    let Some(mut g) = guest_for(name, 2, |p| &p.execute) else {
+        return;
+    };
+    let dbg = VmDebug::new(g.memory().clone());
+    let mut h: Vec<VcpuDebug<GuestMemoryMmap>> = (0..2).map(|i| dbg.vcpu(i).expect("vCPU handle")).collect();
+    let bp = guest::STRAIGHT_INSNS[1];
+    dbg.insert(PHYS, BreakpointType::Hardware, bp, 1).expect("insert");
+    // Both enter the guest before either stops: both hit.
+    for (i, h) in h.iter_mut().enumerate() {
+        h.before_run(&*g.vcpu(i)).expect("enter");
+    }
+    let mut stop_of = |h: &mut VcpuDebug<GuestMemoryMmap>, vcpu: &mut VcpuFd| -> StopEvent {
+        let exit = guest::run_once(vcpu).expect("KVM_RUN");
+        let arch = exit.debug().unwrap_or_else(|| panic!("not a debug exit: {exit:?}"));
+        let Handled::Stop(ev) = h.handle_exit(&*vcpu, &arch).expect("handle_exit") else {
+            panic!("not a stop")
+        };
+        h.report_stop(ev).expect("post");
+        ev
+    };
+    for (i, h) in h.iter_mut().enumerate() {
+        let ev = stop_of(h, g.vcpu(i));
+        assert_eq!((ev.vcpu, ev.pc), (i, bp), "{ev}");
+    }
+    assert_eq!(dbg.try_take_stop().expect("take").map(|e| e.vcpu), Some(0));
+    dbg.remove(PHYS, BreakpointType::Hardware, bp, 1).expect("remove");
+    dbg.resume(&[(0, Action::Step)]).expect("step vCPU 0");
+    assert_eq!(dbg.try_take_stop().expect("take"), None, "vCPU 1's stop is stale");
+    h[0].before_run(&*g.vcpu(0)).expect("released");
+    let step = stop_of(&mut h[0], g.vcpu(0));
+    assert_eq!(step.pc, guest::STRAIGHT_INSNS[2], "{step}");
+    assert_eq!(dbg.try_take_stop().expect("take").map(|e| e.pc), Some(step.pc));
+    dbg.insert(PHYS, BreakpointType::Hardware, bp, 1).expect("insert again");
+    dbg.set_single_step(0, false).expect("step off");
+    dbg.resume_all().expect("continue");
+    h[1].before_run(&*g.vcpu(1)).expect("released");
+    let exit = guest::run_once(g.vcpu(1)).expect("KVM_RUN");
+    let arch = exit
+        .debug()
+        .unwrap_or_else(|| panic!("vCPU 1 ran past the breakpoint: a hit lost ({exit:?})"));
+    let Handled::Stop(again) = h[1].handle_exit(&*g.vcpu(1), &arch).expect("handle_exit") else {
+        panic!("vCPU 1 stepped over the breakpoint silently: a hit lost")
+    };
+    assert_eq!(again.pc, bp, "{again}");
+    assert!(
+        matches!(again.stop, Stop::Debug { single_step: false, hits } if hits.mask() == 1),
+        "{again}"
+    );
+    println!("{name}: checked vCPU 1's dropped stop at {bp:#x} is hit again after the breakpoint comes back");
+}
