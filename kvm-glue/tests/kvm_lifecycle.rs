@@ -525,7 +525,7 @@ fn a_dropped_stop_cancels_its_step_over_on_kvm() {
     for (i, h) in h.iter_mut().enumerate() {
         h.before_run(&*g.vcpu(i)).expect("enter");
     }
-    let mut stop_of = |h: &mut VcpuDebug<GuestMemoryMmap>, vcpu: &mut VcpuFd| -> StopEvent {
+    let stop_of = |h: &mut VcpuDebug<GuestMemoryMmap>, vcpu: &mut VcpuFd| -> StopEvent {
         let exit = guest::run_once(vcpu).expect("KVM_RUN");
         let arch = exit.debug().unwrap_or_else(|| panic!("not a debug exit: {exit:?}"));
         let Handled::Stop(ev) = h.handle_exit(&*vcpu, &arch).expect("handle_exit") else {
