@@ -49,7 +49,7 @@ fn step_rates(c: &mut Criterion) {
     };
     g.start(0, guest::LOOP).expect("start");
     let dbg = VmDebug::new(g.memory().clone());
-    let mut h = dbg.vcpu(0);
+    let mut h = dbg.vcpu(0).expect("vCPU handle");
     dbg.set_single_step(0, true).expect("single-step");
     // Both sides run the very same KVM configuration (debug registers
     // loaded on every entry cost microseconds on a nested host, so a fair
@@ -82,7 +82,7 @@ fn step_rates(c: &mut Criterion) {
                 let vcpu = g.vcpu(0);
                 // The raw side changed the vCPU behind the handle's back:
                 // make the handle re-apply (one ioctl, outside the timing).
-                h = dbg.vcpu(0);
+                h = dbg.vcpu(0).expect("vCPU handle");
                 h.sync(&*vcpu).expect("sync");
                 let t = Instant::now();
                 for _ in 0..iters {
@@ -107,7 +107,7 @@ fn step_rates(c: &mut Criterion) {
     // kvm-glue's own work per step, without KVM: sync + handle_exit of a
     // recorded single-step exit on a fake vCPU.
     let fake = FakeVcpu::new();
-    let mut fh = dbg.vcpu(0);
+    let mut fh = dbg.vcpu(0).expect("vCPU handle");
     fh.sync(&fake).expect("sync");
     let exit = kvm_bindings::kvm_debug_exit_arch {
         exception: 1,
@@ -160,7 +160,7 @@ fn ioctl_ratio() {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).expect("memory");
     let dbg = VmDebug::new(mem);
     let fakes = [FakeVcpu::new(), FakeVcpu::new()];
-    let mut handles = [dbg.vcpu(0), dbg.vcpu(1)];
+    let mut handles = [dbg.vcpu(0).expect("vCPU handle"), dbg.vcpu(1).expect("vCPU handle")];
     let phys = AddressSpace::Physical;
     let mut ops = 0u64;
     let mut ours = 0u64;

@@ -68,7 +68,7 @@ fn demo(mut g: Guest) -> Result<(), Error> {
 
     let dbg = VmDebug::new(g.memory().clone());
     dbg.set_int1_pc(probe.guest_int1_pc)?;
-    let mut h = dbg.vcpu(0);
+    let mut h = dbg.vcpu(0)?;
 
     println!(
         "\nExecute breakpoint at {:#x}, then 3 single steps:",

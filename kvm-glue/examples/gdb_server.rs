@@ -245,7 +245,8 @@ fn run(args: &Args) -> Result<u8, Error> {
     let dbg = VmDebug::new(g.memory().clone());
     let kick = SignalKick::new(0)?;
     dbg.set_kick(kick.clone())?;
-    let handles: Vec<VcpuDebug<GuestMemoryMmap>> = (0..g.vcpu_count()).map(|id| dbg.vcpu(id)).collect();
+    let handles: Vec<VcpuDebug<GuestMemoryMmap>> =
+        (0..g.vcpu_count()).map(|id| dbg.vcpu(id)).collect::<Result<_, _>>()?;
 
     // Hold every vCPU before its first instruction: stop_all (on a helper
     // thread: it waits for the vCPUs to park) marks them, then they start.

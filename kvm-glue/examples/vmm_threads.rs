@@ -1,7 +1,8 @@
 //! A small VMM with two vCPU threads and a debugger thread, using kvm-glue's
 //! lifecycle API: kick both vCPUs out of an endless guest loop, stop them,
 //! set an execute breakpoint, resume, report each stop, single-step one vCPU
-//! alone, then remove everything and let the guest run to its end.
+//! alone, step both and say which of them moved (`VmDebug::moved`), then
+//! remove everything and let the guest run to its end.
 //!
 //! ```sh
 //! cargo run -p kvm-glue --example vmm_threads
@@ -94,6 +95,28 @@ fn debugger(dbg: &Dbg) -> Result<(), AnyError> {
         return Err("the other vCPU moved while one was stepped".into());
     }
     println!("  vCPU {other} stayed at {other_rip:#x}");
+    if dbg.moved(other)? {
+        return Err("moved() says the held vCPU ran".into());
+    }
+
+    // All-stop ends a multi-vCPU step as soon as one vCPU stops: ask which
+    // of them ran their instruction (the others are where they were).
+    println!("stepi on both vCPUs");
+    let before = [rip(dbg, 0)?, rip(dbg, 1)?];
+    dbg.resume(&[(0, Action::Step), (1, Action::Step)])?;
+    let step = dbg.wait_stop(Some(STOP_TIMEOUT))?.ok_or("no step")?;
+    dbg.stop_all(STOP_TIMEOUT)?;
+    println!("  {}", describe(&step));
+    while let Some(also) = dbg.try_take_stop()? {
+        println!("  {} (pending from the same round)", describe(&also));
+    }
+    for v in [0, 1] {
+        let (moved, now) = (dbg.moved(v)?, rip(dbg, v)?);
+        if moved == (now == before[v]) {
+            return Err(format!("vCPU {v}: moved() = {moved} but rip {:#x} -> {now:#x}", before[v]).into());
+        }
+        println!("  vCPU {v} moved: {moved} (rip {:#x} -> {now:#x})", before[v]);
+    }
 
     println!("delete; send both vCPUs to the straight-line routine; continue");
     dbg.remove_all()?;
@@ -125,7 +148,7 @@ fn run() -> Result<(), AnyError> {
         for (id, vcpu) in g.vcpus_mut().iter_mut().enumerate() {
             // Make each vCPU's handle before its thread starts: stop_all
             // waits for every vCPU that has a handle.
-            let (h, kick) = (dbg.vcpu(id), Arc::clone(&kick));
+            let (h, kick) = (dbg.vcpu(id)?, Arc::clone(&kick));
             threads.push(s.spawn(move || vcpu_thread(h, vcpu, &kick)));
         }
         if let Err(e) = debugger(&dbg) {

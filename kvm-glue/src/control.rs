@@ -1,144 +1,301 @@
-//! All-stop: which vCPUs must stay out of `KVM_RUN`, the stops they posted,
-//! and the jobs the debugger sends to a parked vCPU's thread.
+//! All-stop on threads: [`VmDebug`]'s operations that hold, park, release
+//! and wait for vCPUs, and send jobs to a parked vCPU's thread. What they
+//! decide is the pure [`RunControl`](crate::run_control::RunControl); this
+//! module only locks, waits on the condition variable, kicks and signals
+//! the stop eventfd around it.
 //!
-//! One `Mutex<Control>` and one `Condvar` per VM. The rules:
+//! The rules:
 //!
 //! * A vCPU is **held** when the debugger asked for a stop
-//!   ([`VmDebug::stop_all`](crate::VmDebug::stop_all)) or any vCPU posted a
-//!   stop ([`VcpuDebug::report_stop`](crate::VcpuDebug::report_stop)). A held
+//!   ([`VmDebug::stop_all`]) or any vCPU posted a stop
+//!   ([`VcpuDebug::report_stop`](crate::VcpuDebug::report_stop)). A held
 //!   vCPU **parks** in [`VcpuDebug::before_run`](crate::VcpuDebug::before_run):
 //!   it is outside `KVM_RUN`, on its own thread, running the debugger's jobs,
 //!   until it is released.
 //! * Stops posted while others are being reported stay **pending**, one per
 //!   vCPU. A resume first drops those the debugger has made stale (the
-//!   breakpoint is gone, the vCPU is no longer single-stepped); if any are
-//!   left, nobody is released and the next
-//!   [`wait_stop`](crate::VmDebug::wait_stop) returns one at once: a vCPU
-//!   with a pending stop reports it without entering `KVM_RUN` again.
-//! * Lock order: the debug state's lock may be held while taking this one,
-//!   never the other way round.
+//!   breakpoint is gone, the vCPU is no longer single-stepped) — and with each
+//!   its step-over, so the instruction runs again and a breakpoint still
+//!   there stops it again; if any are left, nobody is released and the next
+//!   [`wait_stop`](VmDebug::wait_stop) returns one at once.
+//! * [`detach`](VmDebug::detach) is final: a stop posted after it returned,
+//!   from the old session's configuration, is discarded and its vCPU runs on.
+//! * One lock (the debug state's) covers the intent and the run control;
+//!   jobs run with it released.
 
-use std::collections::VecDeque;
-use std::fmt;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
 
+use vm_memory::GuestMemory;
+use x86_debugreg::sw::RemoveAll;
+
+use crate::debugger::{still_valid, Inner, VmDebug};
+use crate::error::{Error, Result};
+use crate::memory::MemoryError;
+use crate::sync::mpsc;
 use crate::vcpu::VcpuOps;
-use crate::vcpu_debug::StopEvent;
 
-/// A job for a parked vCPU's thread.
-pub(crate) type Job = Box<dyn FnOnce(&dyn VcpuOps) + Send>;
+pub use crate::run_control::{Action, RunState, StopEvent};
 
-/// Where a vCPU is in the all-stop protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunState {
-    /// No handle for this vCPU exists.
-    Absent,
-    /// Running or about to run the guest.
-    Running,
-    /// Asked to stop, not parked yet (may be inside `KVM_RUN`).
-    StopRequested,
-    /// Parked in `before_run`: outside `KVM_RUN`, guest frozen.
-    Parked,
-}
-
-/// What a released vCPU does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    /// Run with single-step off.
-    Continue,
-    /// Run one instruction, then stop (single-step on).
-    Step,
-}
-
-#[derive(Default)]
-pub(crate) struct VcpuCtl {
-    /// Live handles for this id (0: absent).
-    pub(crate) handles: usize,
-    pub(crate) hold: bool,
-    pub(crate) parked: bool,
-    pub(crate) pending: Option<Pending>,
-    pub(crate) jobs: VecDeque<Job>,
-    /// Generation of the intent this vCPU last applied (`None`: unknown).
-    pub(crate) applied_generation: Option<u64>,
-}
-
-/// A posted, not yet reported stop.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Pending {
-    pub(crate) event: StopEvent,
-    /// For a software-breakpoint stop: the guest-physical address of the `int3`.
-    pub(crate) gpa: Option<u64>,
-}
-
-#[derive(Default)]
-pub(crate) struct Control {
-    pub(crate) vcpus: Vec<VcpuCtl>,
-    /// vCPU ids in the order their pending stops were posted.
-    pub(crate) order: VecDeque<usize>,
-}
-
-impl fmt::Debug for Control {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Control")
-            .field(
-                "states",
-                &(0..self.vcpus.len()).map(|i| self.state(i)).collect::<Vec<_>>(),
-            )
-            .field("order", &self.order)
-            .finish()
-    }
-}
-
-impl Control {
-    pub(crate) fn vcpu_mut(&mut self, id: usize) -> &mut VcpuCtl {
-        if self.vcpus.len() <= id {
-            self.vcpus.resize_with(id + 1, VcpuCtl::default);
-        }
-        &mut self.vcpus[id]
+impl<M: GuestMemory> VmDebug<M> {
+    /// Whether vCPU `vcpu` must not just re-enter `KVM_RUN`: a stop is
+    /// requested for it, or the intent changed since it last applied it. A
+    /// VMM that does not call [`VcpuDebug::before_run`](crate::VcpuDebug::before_run)
+    /// checks this after `EINTR`.
+    ///
+    /// # Errors
+    /// [`Error::Run`] for an unknown vCPU; [`Error::Poisoned`].
+    pub fn needs_sync(&self, vcpu: usize) -> Result<bool> {
+        let generation = self.generation();
+        let inner = self.shared.lock()?;
+        inner.run.check(vcpu)?;
+        Ok(inner.run.needs_sync(vcpu, generation))
     }
 
-    pub(crate) fn state(&self, id: usize) -> RunState {
-        match self.vcpus.get(id) {
-            None => RunState::Absent,
-            Some(v) if v.handles == 0 => RunState::Absent,
-            Some(v) if v.parked => RunState::Parked,
-            Some(v) if v.hold => RunState::StopRequested,
-            Some(_) => RunState::Running,
-        }
+    /// Where vCPU `vcpu` is in the all-stop protocol.
+    ///
+    /// # Errors
+    /// [`Error::Run`] for an unknown vCPU; [`Error::Poisoned`].
+    pub fn run_state(&self, vcpu: usize) -> Result<RunState> {
+        Ok(self.shared.lock()?.run.state(vcpu)?)
     }
 
-    /// Ids with a live handle.
-    pub(crate) fn ids(&self) -> impl Iterator<Item = usize> + '_ {
-        self.vcpus
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| v.handles > 0)
-            .map(|(i, _)| i)
+    /// The ids of the vCPUs that have a live handle, in order.
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`].
+    pub fn vcpu_ids(&self) -> Result<Vec<usize>> {
+        Ok(self.shared.lock()?.run.ids().collect())
     }
 
-    pub(crate) fn hold_all(&mut self) {
-        for v in &mut self.vcpus {
-            v.hold = true;
-        }
+    /// Whether vCPU `vcpu` ran an instruction under single-step (a step the
+    /// debugger asked for, or a step over a breakpoint) since the last
+    /// [`resume`](Self::resume) that released it.
+    ///
+    /// All-stop lets a resume of several stepping vCPUs end as soon as one
+    /// of them stops: the others are parked wherever they were, some before
+    /// running their instruction. After `resume(&[(0, Step), (1, Step)])`,
+    /// [`wait_stop`](Self::wait_stop) and [`stop_all`](Self::stop_all), a
+    /// vCPU for which this says `false` did not move (its pc is where it
+    /// was); one that says `true` stepped, and its step stop is the next
+    /// [`try_take_stop`](Self::try_take_stop) answer unless it was the one
+    /// reported.
+    ///
+    /// # Errors
+    /// [`Error::Run`] for an unknown vCPU; [`Error::Poisoned`].
+    pub fn moved(&self, vcpu: usize) -> Result<bool> {
+        Ok(self.shared.lock()?.run.moved(vcpu)?)
     }
 
-    /// The first live vCPU that is not parked.
-    pub(crate) fn first_unparked(&self) -> Option<usize> {
-        self.ids().find(|&i| !self.vcpus[i].parked)
-    }
-
-    /// Takes the oldest pending stop.
-    pub(crate) fn take_pending(&mut self) -> Option<StopEvent> {
-        while let Some(id) = self.order.pop_front() {
-            if let Some(p) = self.vcpus.get_mut(id).and_then(|v| v.pending.take()) {
-                return Some(p.event);
+    /// Stops every vCPU: asks each to park, kicks those inside `KVM_RUN`,
+    /// then waits until every vCPU with a handle is parked (outside
+    /// `KVM_RUN`, on its own thread, in
+    /// [`VcpuDebug::before_run`](crate::VcpuDebug::before_run)). Idempotent.
+    ///
+    /// Only vCPUs that have a handle are waited for: make every vCPU's
+    /// handle ([`vcpu`](Self::vcpu)) before starting the vCPU threads, and
+    /// move it into its thread.
+    ///
+    /// # Errors
+    /// [`Error::StopTimeout`] naming a vCPU that did not park within
+    /// `timeout` (it stays asked to stop); [`Error::Kick`] if a kick failed.
+    pub fn stop_all(&self, timeout: Duration) -> Result<()> {
+        let running = self.shared.lock()?.run.stop_all();
+        // Kick everyone first, then wait: one round trip, not one per vCPU.
+        self.shared.kick(&running)?;
+        let deadline = Instant::now() + timeout;
+        let mut inner = self.shared.lock()?;
+        while let Some(&vcpu) = inner.run.unparked().first() {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::StopTimeout { vcpu, timeout });
             }
+            inner = self
+                .shared
+                .cond
+                .wait_timeout(inner, deadline - now)
+                .map_err(|_| Error::Poisoned)?
+                .0;
         }
-        None
+        Ok(())
     }
 
-    pub(crate) fn has_pending(&self) -> bool {
-        self.order
-            .iter()
-            .any(|&id| self.vcpus.get(id).is_some_and(|v| v.pending.is_some()))
+    /// Resumes the vCPUs in `actions`, each continuing or single-stepping
+    /// with its own configuration (applied by its own thread before it enters
+    /// the guest). vCPUs not listed stay parked (GDB's scheduler locking).
+    ///
+    /// Posted stops the debugger has not taken yet are checked first: those
+    /// made stale (breakpoint removed, single-step no longer asked for) are
+    /// dropped, and with each its step-over: that vCPU runs the instruction
+    /// again, and stops again if a breakpoint is there. If stops are left, no
+    /// vCPU is released and the next [`wait_stop`](Self::wait_stop) answers
+    /// at once — the vCPU reports its stop without entering `KVM_RUN` again.
+    ///
+    /// Stepping several vCPUs at once: see [`moved`](Self::moved) for
+    /// telling which of them ran their instruction.
+    ///
+    /// # Errors
+    /// [`Error::Run`] if an id is not one of the VM's vCPUs (nothing changes
+    /// then, for any vCPU); [`Error::Poisoned`].
+    pub fn resume(&self, actions: &[(usize, Action)]) -> Result<()> {
+        let resumed = {
+            let mut guard = self.shared.lock()?;
+            let Inner { state, watch, run, .. } = &mut *guard;
+            let resumed = run.resume(actions, |p, stepping| still_valid(state, watch, p, stepping))?;
+            if resumed.step_changed {
+                self.shared.bump();
+            }
+            resumed
+        };
+        if resumed.pending_left {
+            self.shared.signal_stop();
+        } else {
+            self.shared.cond.notify_all();
+        }
+        Ok(())
+    }
+
+    /// Resumes every vCPU with its single-step flag as it is (see
+    /// [`resume`](Self::resume)).
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`].
+    pub fn resume_all(&self) -> Result<()> {
+        let actions: Vec<(usize, Action)> = {
+            let inner = self.shared.lock()?;
+            inner
+                .run
+                .ids()
+                .map(|id| {
+                    let a = if inner.single_step(id) {
+                        Action::Step
+                    } else {
+                        Action::Continue
+                    };
+                    (id, a)
+                })
+                .collect()
+        };
+        self.resume(&actions)
+    }
+
+    /// Waits for the next stop a vCPU posted
+    /// ([`VcpuDebug::report_stop`](crate::VcpuDebug::report_stop)), up to
+    /// `timeout` (`None`: for ever). Posting a stop already asked every vCPU
+    /// to stop: call [`stop_all`](Self::stop_all) next to wait until all are
+    /// parked before telling the debugger.
+    ///
+    /// # Errors
+    /// [`Error::NoVcpus`] when no stop waits and no vCPU has a live handle
+    /// (every vCPU thread has ended): nothing could ever post one. Answered
+    /// at once, also while waiting when the last handle goes.
+    /// [`Error::Poisoned`].
+    pub fn wait_stop(&self, timeout: Option<Duration>) -> Result<Option<StopEvent>> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut inner = self.shared.lock()?;
+        loop {
+            if let Some(event) = inner.run.take() {
+                if !inner.run.has_pending() {
+                    let _ = self.shared.stop_fd.read();
+                }
+                return Ok(Some(event));
+            }
+            if !inner.run.live() {
+                return Err(Error::NoVcpus);
+            }
+            inner = match deadline {
+                None => self.shared.cond.wait(inner).map_err(|_| Error::Poisoned)?,
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return Ok(None);
+                    }
+                    self.shared
+                        .cond
+                        .wait_timeout(inner, d - now)
+                        .map_err(|_| Error::Poisoned)?
+                        .0
+                }
+            };
+        }
+    }
+
+    /// The next posted stop, if there is one; never blocks, and answers
+    /// `None` (not [`Error::NoVcpus`]) when there is none.
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`].
+    pub fn try_take_stop(&self) -> Result<Option<StopEvent>> {
+        let mut inner = self.shared.lock()?;
+        let event = inner.run.take();
+        if !inner.run.has_pending() {
+            let _ = self.shared.stop_fd.read();
+        }
+        Ok(event)
+    }
+
+    /// A file descriptor (an eventfd) that is readable while a posted stop may
+    /// be waiting: poll it beside a debugger connection, then
+    /// [`try_take_stop`](Self::try_take_stop). Owned by the handle.
+    pub fn stop_fd(&self) -> RawFd {
+        self.shared.stop_fd.as_raw_fd()
+    }
+
+    /// Runs `f` on the thread of parked vCPU `vcpu`, with its vCPU, and
+    /// returns what `f` returned: register and `KVM_TRANSLATE` access without
+    /// the debugger touching a vCPU.
+    ///
+    /// # Errors
+    /// [`Error::Run`] for an unknown vCPU; [`Error::NotParked`] if the vCPU
+    /// is not parked (or its handle went away before running `f`).
+    pub fn with_parked_vcpu<R, F>(&self, vcpu: usize, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&dyn VcpuOps) -> R + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel();
+        {
+            let mut inner = self.shared.lock()?;
+            if inner.run.state(vcpu)? != RunState::Parked {
+                return Err(Error::NotParked { vcpu });
+            }
+            inner
+                .jobs
+                .entry(vcpu)
+                .or_default()
+                .push_back(Box::new(move |ops: &dyn VcpuOps| {
+                    let _ = tx.send(f(ops));
+                }));
+        }
+        self.shared.cond.notify_all();
+        rx.recv().map_err(|_| Error::NotParked { vcpu })
+    }
+
+    /// Ends a debugging session (a GDB disconnect): removes every breakpoint
+    /// (memory byte-exact), turns single-step off on every vCPU, drops posted
+    /// stops, and resumes every vCPU. The guest runs on as if no debugger had
+    /// been there.
+    ///
+    /// Final: once it returns, no vCPU parks for this session. A vCPU that
+    /// was mid-step or had just hit a breakpoint and posts its stop late has
+    /// it discarded ([`Posted::Discarded`](crate::vcpu_debug::Posted)) and
+    /// runs on.
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`]; [`Error::Kick`] if kicking a running vCPU to
+    /// re-apply failed (the detach is done regardless). Entries whose memory
+    /// could not be restored are listed in the answer.
+    pub fn detach(&self) -> Result<RemoveAll<MemoryError>> {
+        let out = self.remove_all()?;
+        {
+            let mut inner = self.shared.lock()?;
+            inner.run.detach();
+            // Always: every vCPU re-applies, and so records the new session.
+            self.shared.bump();
+        }
+        let _ = self.shared.stop_fd.read();
+        self.shared.cond.notify_all();
+        self.shared.kick_running()?;
+        Ok(out)
     }
 }

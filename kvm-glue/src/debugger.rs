@@ -4,7 +4,13 @@
 //! It holds the *intent* (the core [`DebugState`]: which breakpoints,
 //! watchpoints and single-steps the debugger wants), guest memory, a
 //! generation number that moves whenever some vCPU's `KVM_SET_GUEST_DEBUG`
-//! argument changes, and the all-stop control ([`crate::control`]).
+//! argument changes, and the run-control state machine
+//! ([`crate::run_control`]), all under one lock. The all-stop operations on
+//! it are in [`crate::control`]; the per-vCPU handle in [`crate::vcpu_debug`].
+//!
+//! Module layering (no import circle): `run_control` (pure) ← `debugger`
+//! (intent, shared state) ← `control` (all-stop) and `vcpu_debug` (the vCPU's
+//! thread).
 //!
 //! **The debugger thread never touches a vCPU.** Operations here change the
 //! intent and kick ([`crate::kick`]); each vCPU's own thread applies the
@@ -23,10 +29,8 @@
 //! the breakpoint goes with the last (the seed refused a second identical
 //! hardware breakpoint but counted software ones).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
-use std::os::fd::{AsRawFd, RawFd};
-use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -38,15 +42,17 @@ use x86_debugreg::sw::{RemoveAll, SwError, SwRemoved, INT3};
 use x86_debugreg::watch::{Watch, WatchError, WatchHit, WatchKind, WatchSlots};
 use x86_debugreg::{BreakpointError, BreakpointType, DebugState, GuestDebug, HwBreakpoint, Slot, Stop};
 
-use crate::control::{Action, Control, Pending, RunState};
 use crate::error::{Error, Result};
 use crate::kick::Kick;
 use crate::memory::{translate, AddressSpace, MemoryError, PhysicalMemory};
 use crate::probe::{Int1Pc, Vendor};
+use crate::run_control::{effective, Pending, RunControl, StopEvent};
 use crate::sw_table::{Lookup, Request, Requests, SpaceKind};
-use crate::sync::{mpsc, Arc, AtomicU64, Condvar, Mutex, MutexGuard, Ordering, RwLock};
+use crate::sync::{Arc, AtomicU64, Condvar, Mutex, MutexGuard, Ordering, RwLock};
 use crate::vcpu::VcpuOps;
-use crate::vcpu_debug::{effective, StopEvent, VcpuDebug};
+
+/// A job for a parked vCPU's thread.
+pub(crate) type Job = Box<dyn FnOnce(&dyn VcpuOps) + Send>;
 
 /// The outcome of a successful [`VmDebug::insert`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,13 +78,16 @@ pub(crate) struct Inner<M> {
     /// when their value check said "read").
     pub(crate) stop_hits: Vec<Vec<WatchHit>>,
     pub(crate) mem: M,
-    single_step: Vec<bool>,
     pub(crate) int1_pc: Int1Pc,
+    /// Run control: holds, parks, posted stops, step-over debts, sessions.
+    pub(crate) run: RunControl,
+    /// Jobs for parked vCPUs' threads, by vCPU (registered ids only).
+    pub(crate) jobs: BTreeMap<usize, VecDeque<Job>>,
 }
 
 impl<M> Inner<M> {
     pub(crate) fn single_step(&self, vcpu: usize) -> bool {
-        self.single_step.get(vcpu).copied().unwrap_or(false)
+        self.run.single_step(vcpu)
     }
 
     /// The configuration vCPU `vcpu` should run with.
@@ -91,16 +100,24 @@ impl<M> Inner<M> {
     fn shape(&self) -> GuestDebug {
         effective(self.watch.guest_debug(self.state.guest_debug_for(false)))
     }
+}
 
-    /// Whether a posted stop still means something to the debugger.
-    fn still_valid(&self, p: &Pending) -> bool {
-        match p.event.stop {
-            Stop::Software { .. } => p.gpa.is_some_and(|gpa| self.state.sw().contains(gpa)),
-            Stop::Debug { single_step, hits } => {
-                let stepping = single_step && self.single_step(p.event.vcpu);
-                let still_armed = !self.watch.hits(&hits).is_empty();
-                stepping || still_armed
-            }
+/// Whether a posted stop still means something to the debugger
+/// (`stepping_now`: whether its vCPU is single-stepped now).
+pub(crate) fn still_valid(state: &DebugState, watch: &WatchSlots, p: &Pending, stepping_now: bool) -> bool {
+    match p.event.stop {
+        Stop::Software { .. } => p.gpa.is_some_and(|gpa| state.sw().contains(gpa)),
+        Stop::Debug { single_step, hits } => {
+            let stepping = single_step && stepping_now;
+            // Still armed: some slot holds the very breakpoint that was hit
+            // (a slot freed and reused for another address does not keep
+            // the old hit alive; the same breakpoint re-inserted elsewhere
+            // does).
+            let now = watch.guest_debug(state.guest_debug_for(false));
+            let still_armed = hits
+                .iter()
+                .any(|h| Slot::ALL.iter().any(|&s| now.armed(s) == Some(h.breakpoint)));
+            stepping || still_armed
         }
     }
 }
@@ -109,8 +126,10 @@ pub(crate) struct Shared<M> {
     /// Moves (under the `inner` lock) whenever a vCPU's configuration may
     /// have changed.
     pub(crate) generation: AtomicU64,
+    /// The intent and the run control: one lock, so a vCPU's configuration,
+    /// its session and its run state are always read together.
     pub(crate) inner: Mutex<Inner<M>>,
-    pub(crate) ctl: Mutex<Control>,
+    /// Wakes parked vCPUs and waiting debuggers; used with `inner`.
     pub(crate) cond: Condvar,
     kick: RwLock<Option<std::sync::Arc<dyn Kick>>>,
     /// Readable while a posted stop may be waiting.
@@ -120,10 +139,6 @@ pub(crate) struct Shared<M> {
 impl<M> Shared<M> {
     pub(crate) fn lock(&self) -> Result<MutexGuard<'_, Inner<M>>> {
         self.inner.lock().map_err(|_| Error::Poisoned)
-    }
-
-    pub(crate) fn ctl(&self) -> Result<MutexGuard<'_, Control>> {
-        self.ctl.lock().map_err(|_| Error::Poisoned)
     }
 
     pub(crate) fn bump(&self) {
@@ -146,11 +161,8 @@ impl<M> Shared<M> {
     }
 
     /// Kicks every live vCPU that is not parked, so it applies a changed intent.
-    fn kick_running(&self) -> Result<()> {
-        let ids: Vec<usize> = {
-            let ctl = self.ctl()?;
-            ctl.ids().filter(|&i| !ctl.vcpus[i].parked).collect()
-        };
+    pub(crate) fn kick_running(&self) -> Result<()> {
+        let ids = self.lock()?.run.unparked();
         self.kick(&ids)
     }
 
@@ -168,7 +180,7 @@ impl<M> Shared<M> {
 /// use x86_debugreg::BreakpointType;
 /// let mut guest = Guest::new(1)?;
 /// let dbg = VmDebug::new(guest.memory().clone());
-/// let mut vcpu_dbg = dbg.vcpu(0);
+/// let mut vcpu_dbg = dbg.vcpu(0)?;
 /// dbg.insert(AddressSpace::Physical, BreakpointType::Hardware, 0x1_0006, 1)?;
 /// vcpu_dbg.sync(guest.vcpu(0))?; // one KVM_SET_GUEST_DEBUG, then KVM_RUN
 /// # Ok::<(), Box<dyn std::error::Error>>(())
@@ -211,7 +223,27 @@ impl<M: GuestMemory> VmDebug<M> {
     /// A handle with nothing set, over guest memory `mem`. The `int1` pc rule
     /// comes from the CPU vendor ([`int1_pc_from_cpuid`]); override it with
     /// [`set_int1_pc`](Self::set_int1_pc).
+    ///
+    /// The VM's vCPUs are those registered by [`vcpu`](Self::vcpu) (ids below
+    /// [`MAX_VCPUS`](crate::run_control::MAX_VCPUS)); an id never registered
+    /// is [`RunError::UnknownVcpu`](crate::run_control::RunError) to every
+    /// call that takes one. [`with_vcpus`](Self::with_vcpus) declares them
+    /// up front instead.
     pub fn new(mem: M) -> VmDebug<M> {
+        Self::with_run(mem, RunControl::new())
+    }
+
+    /// A handle for a VM with vCPUs `0..count`, known from the start: ids
+    /// from `count` on are refused, also by [`vcpu`](Self::vcpu).
+    ///
+    /// # Errors
+    /// [`Error::Run`] if `count` exceeds
+    /// [`MAX_VCPUS`](crate::run_control::MAX_VCPUS).
+    pub fn with_vcpus(mem: M, count: usize) -> Result<VmDebug<M>> {
+        Ok(Self::with_run(mem, RunControl::with_vcpus(count)?))
+    }
+
+    fn with_run(mem: M, run: RunControl) -> VmDebug<M> {
         let stop_fd = match EventFd::new(EFD_NONBLOCK) {
             Ok(fd) => fd,
             // Only fails when the process is out of file descriptors.
@@ -227,22 +259,15 @@ impl<M: GuestMemory> VmDebug<M> {
                     read_saved: BTreeMap::new(),
                     stop_hits: Vec::new(),
                     mem,
-                    single_step: Vec::new(),
                     int1_pc: int1_pc_from_cpuid(),
+                    run,
+                    jobs: BTreeMap::new(),
                 }),
-                ctl: Mutex::new(Control::default()),
                 cond: Condvar::new(),
                 kick: RwLock::new(None),
                 stop_fd,
             }),
         }
-    }
-
-    /// The per-vCPU handle for vCPU `id`, for that vCPU's thread. Its first
-    /// [`sync`](VcpuDebug::sync) always applies the intent: a new handle
-    /// assumes nothing about what an earlier one left on the vCPU.
-    pub fn vcpu(&self, id: usize) -> VcpuDebug<M> {
-        VcpuDebug::new(id, Arc::clone(&self.shared))
     }
 
     /// The current generation (moves when some vCPU's configuration changes).
@@ -273,9 +298,11 @@ impl<M: GuestMemory> VmDebug<M> {
     /// The configuration vCPU `vcpu` should run with (the intent).
     ///
     /// # Errors
-    /// [`Error::Poisoned`].
+    /// [`Error::Run`] for an unknown vCPU; [`Error::Poisoned`].
     pub fn guest_debug_for(&self, vcpu: usize) -> Result<GuestDebug> {
-        Ok(self.shared.lock()?.config_for(vcpu))
+        let inner = self.shared.lock()?;
+        inner.run.check(vcpu)?;
+        Ok(inner.config_for(vcpu))
     }
 
     /// Overrides where this host's KVM puts the pc of the guest's own `int1`
@@ -440,7 +467,7 @@ impl<M: GuestMemory> VmDebug<M> {
     /// check: its bytes are read now through `space` (hardware addresses are
     /// linear: `Virtual` translates them with that vCPU, `Physical` takes
     /// them as they are) and again at each hit, in
-    /// [`VcpuDebug::handle_exit`]; a hit where they changed was a write and
+    /// [`VcpuDebug::handle_exit`](crate::VcpuDebug::handle_exit); a hit where they changed was a write and
     /// is not a stop. A write of the same value is reported as a read.
     ///
     /// # Errors
@@ -517,17 +544,14 @@ impl<M: GuestMemory> VmDebug<M> {
     /// Turns single-step on or off for vCPU `vcpu` only.
     ///
     /// # Errors
-    /// [`Error::Poisoned`], or [`Error::Kick`] if the vCPU could not be kicked
+    /// [`Error::Run`] for an unknown vCPU (nothing changes then);
+    /// [`Error::Poisoned`]; [`Error::Kick`] if the vCPU could not be kicked
     /// (the change is made regardless).
     pub fn set_single_step(&self, vcpu: usize, on: bool) -> Result<()> {
         let changed = {
             let mut inner = self.shared.lock()?;
-            let changed = inner.single_step(vcpu) != on;
+            let changed = inner.run.set_single_step(vcpu, on)?;
             if changed {
-                if inner.single_step.len() <= vcpu {
-                    inner.single_step.resize(vcpu + 1, false);
-                }
-                inner.single_step[vcpu] = on;
                 self.shared.bump();
             }
             changed
@@ -541,230 +565,11 @@ impl<M: GuestMemory> VmDebug<M> {
     /// Whether vCPU `vcpu` single-steps.
     ///
     /// # Errors
-    /// [`Error::Poisoned`].
+    /// [`Error::Run`] for an unknown vCPU; [`Error::Poisoned`].
     pub fn single_step(&self, vcpu: usize) -> Result<bool> {
-        Ok(self.shared.lock()?.single_step(vcpu))
-    }
-
-    /// Whether vCPU `vcpu` must not just re-enter `KVM_RUN`: a stop is
-    /// requested for it, or the intent changed since it last applied it. A
-    /// VMM that does not call [`VcpuDebug::before_run`] checks this after
-    /// `EINTR`.
-    ///
-    /// # Errors
-    /// [`Error::Poisoned`].
-    pub fn needs_sync(&self, vcpu: usize) -> Result<bool> {
-        let generation = self.generation();
-        let ctl = self.shared.ctl()?;
-        Ok(ctl
-            .vcpus
-            .get(vcpu)
-            .is_some_and(|v| v.handles > 0 && (v.hold || v.applied_generation != Some(generation))))
-    }
-
-    /// Where vCPU `vcpu` is in the all-stop protocol.
-    ///
-    /// # Errors
-    /// [`Error::Poisoned`].
-    pub fn run_state(&self, vcpu: usize) -> Result<RunState> {
-        Ok(self.shared.ctl()?.state(vcpu))
-    }
-
-    /// The ids of the vCPUs that have a live handle, in order.
-    ///
-    /// # Errors
-    /// [`Error::Poisoned`].
-    pub fn vcpu_ids(&self) -> Result<Vec<usize>> {
-        Ok(self.shared.ctl()?.ids().collect())
-    }
-
-    /// Stops every vCPU: asks each to park, kicks those inside `KVM_RUN`,
-    /// then waits until every vCPU with a handle is parked (outside
-    /// `KVM_RUN`, on its own thread, in [`VcpuDebug::before_run`]).
-    /// Idempotent.
-    ///
-    /// Only vCPUs that have a handle are waited for: make every vCPU's
-    /// handle ([`vcpu`](Self::vcpu)) before starting the vCPU threads, and
-    /// move it into its thread.
-    ///
-    /// # Errors
-    /// [`Error::StopTimeout`] naming a vCPU that did not park within
-    /// `timeout` (it stays asked to stop); [`Error::Kick`] if a kick failed.
-    pub fn stop_all(&self, timeout: Duration) -> Result<()> {
-        let running: Vec<usize> = {
-            let mut ctl = self.shared.ctl()?;
-            ctl.hold_all();
-            ctl.ids().filter(|&i| !ctl.vcpus[i].parked).collect()
-        };
-        // Kick everyone first, then wait: one round trip, not one per vCPU.
-        self.shared.kick(&running)?;
-        let deadline = Instant::now() + timeout;
-        let mut ctl = self.shared.ctl()?;
-        while let Some(vcpu) = ctl.first_unparked() {
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(Error::StopTimeout { vcpu, timeout });
-            }
-            ctl = self
-                .shared
-                .cond
-                .wait_timeout(ctl, deadline - now)
-                .map_err(|_| Error::Poisoned)?
-                .0;
-        }
-        Ok(())
-    }
-
-    /// Resumes the vCPUs in `actions`, each continuing or single-stepping
-    /// with its own configuration (applied by its own thread before it enters
-    /// the guest). vCPUs not listed stay parked (GDB's scheduler locking).
-    ///
-    /// Posted stops the debugger has not taken yet are checked first: those
-    /// made stale (breakpoint removed, single-step no longer asked for) are
-    /// dropped; if any are left, no vCPU is released and the next
-    /// [`wait_stop`](Self::wait_stop) answers at once — the vCPU reports its
-    /// stop without entering `KVM_RUN` again.
-    ///
-    /// # Errors
-    /// [`Error::Poisoned`].
-    pub fn resume(&self, actions: &[(usize, Action)]) -> Result<()> {
-        let inner = {
-            let mut inner = self.shared.lock()?;
-            let mut changed = false;
-            for &(id, action) in actions {
-                let on = action == Action::Step;
-                if inner.single_step(id) != on {
-                    if inner.single_step.len() <= id {
-                        inner.single_step.resize(id + 1, false);
-                    }
-                    inner.single_step[id] = on;
-                    changed = true;
-                }
-            }
-            if changed {
-                self.shared.bump();
-            }
-            inner
-        };
-        let mut ctl = self.shared.ctl()?;
-        for v in &mut ctl.vcpus {
-            if v.pending.as_ref().is_some_and(|p| !inner.still_valid(p)) {
-                v.pending = None;
-            }
-        }
-        drop(inner);
-        if ctl.has_pending() {
-            drop(ctl);
-            self.shared.signal_stop();
-            return Ok(());
-        }
-        for &(id, _) in actions {
-            if let Some(v) = ctl.vcpus.get_mut(id) {
-                v.hold = false;
-            }
-        }
-        drop(ctl);
-        self.shared.cond.notify_all();
-        Ok(())
-    }
-
-    /// Resumes every vCPU with its single-step flag as it is (see
-    /// [`resume`](Self::resume)).
-    ///
-    /// # Errors
-    /// [`Error::Poisoned`].
-    pub fn resume_all(&self) -> Result<()> {
-        let ids = self.vcpu_ids()?;
-        let actions: Vec<(usize, Action)> = {
-            let inner = self.shared.lock()?;
-            ids.into_iter()
-                .map(|id| {
-                    let a = if inner.single_step(id) {
-                        Action::Step
-                    } else {
-                        Action::Continue
-                    };
-                    (id, a)
-                })
-                .collect()
-        };
-        self.resume(&actions)
-    }
-
-    /// Waits for the next stop a vCPU posted
-    /// ([`VcpuDebug::report_stop`]), up to `timeout` (`None`: for ever).
-    /// Posting a stop already asked every vCPU to stop: call
-    /// [`stop_all`](Self::stop_all) next to wait until all are parked before
-    /// telling the debugger.
-    ///
-    /// # Errors
-    /// [`Error::Poisoned`].
-    pub fn wait_stop(&self, timeout: Option<Duration>) -> Result<Option<StopEvent>> {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let mut ctl = self.shared.ctl()?;
-        loop {
-            if let Some(event) = ctl.take_pending() {
-                if !ctl.has_pending() {
-                    let _ = self.shared.stop_fd.read();
-                }
-                return Ok(Some(event));
-            }
-            ctl = match deadline {
-                None => self.shared.cond.wait(ctl).map_err(|_| Error::Poisoned)?,
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        return Ok(None);
-                    }
-                    self.shared
-                        .cond
-                        .wait_timeout(ctl, d - now)
-                        .map_err(|_| Error::Poisoned)?
-                        .0
-                }
-            };
-        }
-    }
-
-    /// The next posted stop, if there is one; never blocks.
-    ///
-    /// # Errors
-    /// [`Error::Poisoned`].
-    pub fn try_take_stop(&self) -> Result<Option<StopEvent>> {
-        self.wait_stop(Some(Duration::ZERO))
-    }
-
-    /// A file descriptor (an eventfd) that is readable while a posted stop may
-    /// be waiting: poll it beside a debugger connection, then
-    /// [`try_take_stop`](Self::try_take_stop). Owned by the handle.
-    pub fn stop_fd(&self) -> RawFd {
-        self.shared.stop_fd.as_raw_fd()
-    }
-
-    /// Runs `f` on the thread of parked vCPU `vcpu`, with its vCPU, and
-    /// returns what `f` returned: register and `KVM_TRANSLATE` access without
-    /// the debugger touching a vCPU.
-    ///
-    /// # Errors
-    /// [`Error::NotParked`] if the vCPU is not parked (or its handle went away
-    /// before running `f`).
-    pub fn with_parked_vcpu<R, F>(&self, vcpu: usize, f: F) -> Result<R>
-    where
-        R: Send + 'static,
-        F: FnOnce(&dyn VcpuOps) -> R + Send + 'static,
-    {
-        let (tx, rx) = mpsc::channel();
-        {
-            let mut ctl = self.shared.ctl()?;
-            if ctl.state(vcpu) != RunState::Parked {
-                return Err(Error::NotParked { vcpu });
-            }
-            ctl.vcpu_mut(vcpu).jobs.push_back(Box::new(move |ops: &dyn VcpuOps| {
-                let _ = tx.send(f(ops));
-            }));
-        }
-        self.shared.cond.notify_all();
-        rx.recv().map_err(|_| Error::NotParked { vcpu })
+        let inner = self.shared.lock()?;
+        inner.run.check(vcpu)?;
+        Ok(inner.single_step(vcpu))
     }
 
     /// Reads guest memory at `addr` in `space` into `buf`, page by page, with
@@ -843,35 +648,6 @@ impl<M: GuestMemory> VmDebug<M> {
             }
         }
         Ok(())
-    }
-
-    /// Ends a debugging session (a GDB disconnect): removes every breakpoint
-    /// (memory byte-exact), turns single-step off on every vCPU, drops posted
-    /// stops, and resumes every vCPU. The guest runs on as if no debugger had
-    /// been there.
-    ///
-    /// # Errors
-    /// [`Error::Poisoned`]. Entries whose memory could not be restored are
-    /// listed in the answer.
-    pub fn detach(&self) -> Result<RemoveAll<MemoryError>> {
-        let out = self.remove_all()?;
-        {
-            let mut inner = self.shared.lock()?;
-            if inner.single_step.iter().any(|&s| s) {
-                inner.single_step.clear();
-                self.shared.bump();
-            }
-        }
-        let mut ctl = self.shared.ctl()?;
-        ctl.order.clear();
-        for v in &mut ctl.vcpus {
-            v.pending = None;
-            v.hold = false;
-        }
-        drop(ctl);
-        let _ = self.shared.stop_fd.read();
-        self.shared.cond.notify_all();
-        Ok(out)
     }
 }
 

@@ -3,6 +3,7 @@
 use x86_debugreg::{BreakpointError, DecodeError};
 
 use crate::memory::MemoryError;
+use crate::run_control::RunError;
 
 /// The result type of kvm-glue's debug handles.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -65,6 +66,14 @@ pub enum Error {
         /// The vCPU.
         vcpu: usize,
     },
+    /// Run control refused: an id that is not one of the VM's vCPUs, or too
+    /// many vCPUs declared. Nothing changed.
+    #[error(transparent)]
+    Run(#[from] RunError),
+    /// No stop is waiting and no vCPU has a live handle (every vCPU thread
+    /// has ended): nothing is left that could post one.
+    #[error("no vCPU left: every vCPU handle has been dropped")]
+    NoVcpus,
     /// A thread panicked while holding the VM-wide debug state.
     #[error("the VM-wide debug state is poisoned (a thread panicked while holding it)")]
     Poisoned,

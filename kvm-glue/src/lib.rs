@@ -8,7 +8,7 @@
 //! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)])?;
 //! let dbg = VmDebug::new(mem); // VM-wide: clone it into every vCPU thread
 //! let vcpu = FakeVcpu::new(); // a kvm_ioctls::VcpuFd in a VMM
-//! let mut vcpu_dbg = dbg.vcpu(0); // owned by vCPU 0's thread
+//! let mut vcpu_dbg = dbg.vcpu(0)?; // owned by vCPU 0's thread
 //!
 //! assert!(vcpu_dbg.sync(&vcpu)?); // a new handle always applies once
 //! dbg.insert(AddressSpace::Physical, BreakpointType::Hardware, 0x1000, 1)?;
@@ -35,6 +35,18 @@
 //! [`VmDebug::stop_all`], [`VmDebug::wait_stop`], [`VmDebug::resume`] and
 //! [`VmDebug::with_parked_vcpu`], and never touches a vCPU. A [`SignalKick`]
 //! brings a vCPU out of `KVM_RUN` without `unsafe` in the VMM.
+//!
+//! The run-control rules ([`run_control`]): a stop the debugger drops owes
+//! no step-over (its instruction runs again and hits again); resuming from
+//! a reported stop at X steps over a breakpoint at X first, so a step is
+//! one instruction; after [`VmDebug::detach`] a late stop is discarded
+//! ([`Posted::Discarded`]) and nobody parks; vCPU ids are registered by
+//! [`VmDebug::vcpu`] (or declared with [`VmDebug::with_vcpus`]) and any
+//! other id is [`Error::Run`]; [`VmDebug::wait_stop`] answers
+//! [`Error::NoVcpus`] once every handle is gone; [`VmDebug::moved`] says
+//! which vCPUs ran an instruction after a multi-vCPU step. A vCPU thread
+//! that waits in its own event loop uses [`VcpuDebug::poll_park`] and
+//! [`VcpuDebug::enter`] instead of the blocking `before_run`.
 //! `examples/vmm_threads.rs` is the whole pattern, runnable:
 //!
 //! ```no_run
@@ -45,7 +57,7 @@
 //! let kick = SignalKick::new(0)?; // SIGRTMIN + 0, blocked outside KVM_RUN
 //! dbg.set_kick(kick.clone())?;
 //! let vcpu = g.vcpu(0);
-//! let mut h = dbg.vcpu(0);
+//! let mut h = dbg.vcpu(0)?;
 //! kick.prepare_vcpu_thread(0, vcpu)?; // on the vCPU's own thread
 //! loop {
 //!     h.before_run(&*vcpu)?; // parks while the debugger holds this vCPU, then syncs
@@ -67,7 +79,9 @@
 //! # Map
 //! * [`VmDebug`] ([`debugger`]): the VM-wide intent, shared by all threads.
 //! * [`VcpuDebug`] ([`vcpu_debug`]): per vCPU — `before_run`, `sync`, `handle_exit`, `step_over`.
-//! * [`control`]: all-stop — parking, posted stops, jobs for parked vCPUs.
+//! * [`run_control`]: the pure run-control state machine — holds, parks,
+//!   posted stops, step-over debts, sessions — and its rules.
+//! * [`control`]: all-stop on threads — parking, posted stops, jobs for parked vCPUs.
 //! * [`kick`]: bringing a vCPU out of `KVM_RUN` ([`SignalKick`], or any closure).
 //! * [`sw_table`]: software breakpoints by guest-physical address, with the requests behind them.
 //! * [`VcpuOps`] ([`vcpu`]): the ioctls used, for `VcpuFd` and [`fake::FakeVcpu`].
@@ -90,20 +104,21 @@ pub mod kick;
 pub mod memory;
 pub mod probe;
 pub mod run;
+pub mod run_control;
 pub mod sw_table;
 mod sync;
 pub mod vcpu;
 pub mod vcpu_debug;
 
-pub use control::{Action, RunState};
 pub use debugger::{int1_pc_from_cpuid, Insert, VmDebug};
 pub use error::{Error, Result};
 pub use kick::{Kick, KickError, SignalKick};
 pub use memory::{AddressSpace, MemoryError, PhysicalMemory, VirtualMemory};
 pub use run::{run_once, Exit};
+pub use run_control::{Action, RunError, RunState, StopEvent, MAX_VCPUS};
 pub use sw_table::{Request, SpaceKind};
 pub use vcpu::VcpuOps;
-pub use vcpu_debug::{Handled, Resume, StepOver, StopEvent, SyncAllError, VcpuDebug};
+pub use vcpu_debug::{Handled, Park, Posted, Resume, StepOver, SyncAllError, VcpuDebug};
 
 // The core types a kvm-glue user needs, so one dependency suffices.
 pub use x86_debugreg::state::{Inserted, Removed};

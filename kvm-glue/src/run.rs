@@ -14,7 +14,7 @@
 //! use kvm_glue::{Handled, SignalKick, VmDebug};
 //! # fn f(dbg: VmDebug<vm_memory::GuestMemoryMmap>, vcpu: &mut kvm_ioctls::VcpuFd, kick: &SignalKick)
 //! # -> Result<(), Box<dyn std::error::Error>> {
-//! let mut h = dbg.vcpu(0);
+//! let mut h = dbg.vcpu(0)?;
 //! loop {
 //!     h.before_run(&*vcpu)?;
 //!     let exit = run_once(vcpu)?; // the &mut borrow of KVM_RUN ends here

@@ -2,7 +2,8 @@
 //!
 //! * [`before_run`](VcpuDebug::before_run), before each `KVM_RUN`: parks
 //!   while the debugger holds the vCPU (running its jobs), arms a step over
-//!   the breakpoint this vCPU last stopped at, then `sync`s.
+//!   the pc this vCPU last stopped at if that stop still stands (a stop the
+//!   debugger dropped owes none: see [`crate::run_control`]), then `sync`s.
 //! * [`sync`](VcpuDebug::sync) issues `KVM_SET_GUEST_DEBUG` only when the
 //!   vCPU's configuration changed since it last applied it — and always the
 //!   first time: a new handle assumes nothing about what an earlier one left
@@ -20,6 +21,8 @@
 //!   exit. RFLAGS.RF is not used: some hosts' KVM ignores it (see the probe).
 //!   It is decided when the vCPU next runs, so a single-step the debugger
 //!   asks for meanwhile composes with it: one stop, at the next instruction.
+//!   While it is in flight (a port access or a park in the middle), every
+//!   entry applies the current intent less that one exclusion.
 //!
 //! ```
 //! use kvm_glue::{fake::FakeVcpu, AddressSpace, Handled, Resume, VmDebug};
@@ -31,7 +34,7 @@
 //! let dbg = VmDebug::new(mem.clone());
 //! let vcpu = FakeVcpu::new();
 //! vcpu.map(0x40_1000, 0x2000, 0x1000); // the guest's page tables: virtual 0x40_1000 -> 0x2000
-//! let mut vcpu_dbg = dbg.vcpu(0);
+//! let mut vcpu_dbg = dbg.vcpu(0)?;
 //!
 //! // A software breakpoint by virtual address: the int3 goes to 0x2004.
 //! dbg.insert(AddressSpace::Virtual(&vcpu), BreakpointType::Software, 0x40_1004, 1)?;
@@ -63,15 +66,17 @@ use x86_debugreg::exit::Exception;
 use x86_debugreg::predict::SlotMask;
 use x86_debugreg::sw::{ByteMemory, INT3};
 use x86_debugreg::watch::{Watch, WatchHit};
-use x86_debugreg::{Applied, ControlFlags, DebugExit, Decision, Dr6, GuestDebug, Hits, HwKind, Slot, Stop};
+use x86_debugreg::{Applied, ControlFlags, DebugExit, Decision, Dr6, GuestDebug, Hits, Stop};
 
-use crate::control::Pending;
 use crate::debugger::{read_linear, Inner, Shared, VmDebug};
 use crate::error::{Error, Result};
 use crate::memory::{translate, AddressSpace, PhysicalMemory};
 use crate::probe::Int1Pc;
+use crate::run_control::{exclude, Pending, Post, StepPhase};
 use crate::sync::{Arc, Ordering};
 use crate::vcpu::VcpuOps;
+
+pub use crate::run_control::{effective, StopEvent};
 
 /// The `int1` (ICEBP) opcode.
 const ICEBP: u8 = 0xF1;
@@ -82,59 +87,6 @@ pub fn to_kvm(gd: &GuestDebug) -> kvm_guest_debug {
         control: gd.control.bits(),
         pad: 0,
         arch: kvm_guest_debug_arch { debugreg: gd.debugreg },
-    }
-}
-
-/// `gd` with what KVM ignores cleared: without ENABLE, KVM turns guest
-/// debugging off whatever else is set; without USE_HW_BP it does not load
-/// `debugreg`. Two configurations with the same effective value need no ioctl
-/// to go from one to the other.
-pub fn effective(gd: GuestDebug) -> GuestDebug {
-    if !gd.control.contains(ControlFlags::ENABLE) {
-        return GuestDebug::DISABLED;
-    }
-    if gd.control.contains(ControlFlags::USE_HW_BP) {
-        gd
-    } else {
-        GuestDebug {
-            control: gd.control,
-            debugreg: [0; 8],
-        }
-    }
-}
-
-/// A stop for the debugger, decoded from one debug exit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StopEvent {
-    /// The vCPU that stopped.
-    pub vcpu: usize,
-    /// Linear address of the next instruction to run (the breakpoint itself
-    /// for execute and software breakpoints; after the access for watchpoints).
-    pub pc: u64,
-    /// DR6 as KVM reported it (0 for `#BP`).
-    pub dr6: u64,
-    /// Why, decoded from the configuration this vCPU applied.
-    pub stop: Stop,
-}
-
-impl fmt::Display for StopEvent {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "vCPU {} stopped at {:#x}: ", self.vcpu, self.pc)?;
-        match self.stop {
-            Stop::Software { addr } => return write!(f, "software breakpoint at {addr:#x}"),
-            Stop::Debug { single_step, hits } => {
-                let mut sep = "";
-                if single_step {
-                    f.write_str("single step")?;
-                    sep = " + ";
-                }
-                for hit in hits.iter() {
-                    write!(f, "{sep}{hit}")?;
-                    sep = " + ";
-                }
-            }
-        }
-        write!(f, " (DR6 {:#x})", self.dr6)
     }
 }
 
@@ -188,21 +140,32 @@ pub enum StepOver {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Record {
     pub(crate) config: Applied,
-    /// The intent generation it reflects (`None`: not the intent, e.g. a step-over's).
+    /// The intent generation it reflects (`None`: not the intent, e.g. a
+    /// finished step-over's).
     generation: Option<u64>,
+    /// The debugging session it was read in: stops decoded from it are
+    /// discarded after a detach.
+    session: u64,
 }
 
+/// What [`VcpuDebug::poll_park`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Step {
-    Idle,
-    /// Asked for; applied by the next sync.
-    Requested {
-        pc: u64,
-    },
-    /// Applied: the vCPU single-steps with the breakpoint at `pc` disarmed.
-    InFlight {
-        sw_gpa: Option<u64>,
-    },
+pub enum Park {
+    /// Held by the debugger: parked, stay out of `KVM_RUN`.
+    Held,
+    /// Not held: [`enter`](VcpuDebug::enter) and run.
+    Free,
+}
+
+/// What became of a stop [`VcpuDebug::report_stop`] posted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Posted {
+    /// Waiting for the debugger; every vCPU is asked to stop.
+    Waiting,
+    /// Decoded from a configuration of a session that has ended (a
+    /// [`VmDebug::detach`] came between): dropped. Nobody parks for it, and
+    /// this vCPU runs on (with no step-over: the instruction runs again).
+    Discarded,
 }
 
 /// The per-vCPU debug handle. Create it with
@@ -213,9 +176,7 @@ pub struct VcpuDebug<M> {
     shared: Arc<Shared<M>>,
     /// `None` until the first successful sync: unknown, never assumed off.
     applied: Option<Record>,
-    step: Step,
-    /// The pc of the last stop caused by a breakpoint at that pc.
-    at_breakpoint: Option<u64>,
+    step: StepPhase,
     /// The guest's own single-step `#DB` arrived together with a debugger
     /// stop: re-inject it at the next sync.
     reinject_db: bool,
@@ -235,41 +196,41 @@ impl<M> fmt::Debug for VcpuDebug<M> {
 
 impl<M> Drop for VcpuDebug<M> {
     fn drop(&mut self) {
-        if let Ok(mut ctl) = self.shared.ctl() {
-            let v = ctl.vcpu_mut(self.id);
-            v.handles = v.handles.saturating_sub(1);
-            if v.handles == 0 {
-                v.jobs.clear();
-                v.pending = None;
-                v.parked = false;
-                v.applied_generation = None;
+        if let Ok(mut inner) = self.shared.lock() {
+            inner.run.unregister(self.id);
+            if inner.run.state(self.id) == Ok(crate::RunState::Absent) {
+                inner.jobs.remove(&self.id);
             }
         }
         self.shared.cond.notify_all();
     }
 }
 
-impl<M: GuestMemory> VcpuDebug<M> {
-    pub(crate) fn new(id: usize, shared: Arc<Shared<M>>) -> VcpuDebug<M> {
-        if let Ok(mut ctl) = shared.ctl() {
-            let stopping = ctl.ids().any(|i| ctl.vcpus[i].hold);
-            let v = ctl.vcpu_mut(id);
-            v.handles += 1;
-            v.hold |= stopping;
-            v.applied_generation = None;
-        }
-        VcpuDebug {
+impl<M: GuestMemory> VmDebug<M> {
+    /// The per-vCPU handle for vCPU `id`, for that vCPU's thread. Its first
+    /// [`sync`](VcpuDebug::sync) always applies the intent: a new handle
+    /// assumes nothing about what an earlier one left on the vCPU. Making it
+    /// registers `id` as one of the VM's vCPUs (if the VM was not made
+    /// [`with_vcpus`](VmDebug::with_vcpus)).
+    ///
+    /// # Errors
+    /// [`Error::Run`] if `id` is not one of the VM's vCPUs (declared count, or
+    /// [`MAX_VCPUS`](crate::run_control::MAX_VCPUS)); [`Error::Poisoned`].
+    pub fn vcpu(&self, id: usize) -> Result<VcpuDebug<M>> {
+        self.shared.lock()?.run.register(id)?;
+        Ok(VcpuDebug {
             id,
-            shared,
+            shared: Arc::clone(&self.shared),
             applied: None,
-            step: Step::Idle,
-            at_breakpoint: None,
+            step: StepPhase::Idle,
             reinject_db: false,
             last_gpa: None,
             set_calls: 0,
-        }
+        })
     }
+}
 
+impl<M: GuestMemory> VcpuDebug<M> {
     /// The vCPU id.
     pub fn id(&self) -> usize {
         self.id
@@ -289,7 +250,7 @@ impl<M: GuestMemory> VcpuDebug<M> {
 
     /// Whether a step over a breakpoint is requested or in flight.
     pub fn stepping_over(&self) -> bool {
-        self.step != Step::Idle
+        self.step != StepPhase::Idle
     }
 
     pub(crate) fn record(&self) -> Option<Record> {
@@ -314,8 +275,8 @@ impl<M: GuestMemory> VcpuDebug<M> {
     }
 
     fn note_generation(&self, generation: Option<u64>) {
-        if let Ok(mut ctl) = self.shared.ctl() {
-            ctl.vcpu_mut(self.id).applied_generation = generation;
+        if let Ok(mut inner) = self.shared.lock() {
+            inner.run.note_generation(self.id, generation);
         }
     }
 
@@ -324,9 +285,10 @@ impl<M: GuestMemory> VcpuDebug<M> {
     /// 1. while the debugger holds this vCPU (a stop was asked for or posted),
     ///    parks here — outside `KVM_RUN`, guest frozen — running the jobs
     ///    [`VmDebug::with_parked_vcpu`] sends, until released;
-    /// 2. if the last exit was a stop at one of the debugger's breakpoints,
-    ///    asks for a [`step_over`](Self::step_over) (a no-op if the debugger
-    ///    removed the breakpoint meanwhile);
+    /// 2. if the last exit was a stop at pc X and that stop still stands (the
+    ///    debugger did not drop it), asks for a [`step_over`](Self::step_over)
+    ///    of X, whatever stopped the vCPU there (a no-op if the debugger has
+    ///    no breakpoint at X by then);
     /// 3. [`sync`](Self::sync)s.
     ///
     /// If the last exit was a port or MMIO access, complete it first (run once
@@ -335,43 +297,95 @@ impl<M: GuestMemory> VcpuDebug<M> {
     /// # Errors
     /// As [`sync`](Self::sync); [`Error::Poisoned`].
     pub fn before_run<V: VcpuOps>(&mut self, vcpu: &V) -> Result<bool> {
-        self.park(vcpu)?;
-        if self.at_breakpoint.is_some() && self.step == Step::Idle {
-            self.step_over();
-        }
+        // One lock for the park check and the step-over debt.
+        let owed = self.park(vcpu)?;
+        self.request_step_over(owed);
         self.sync(vcpu)
     }
 
-    fn park<V: VcpuOps>(&mut self, vcpu: &V) -> Result<()> {
+    /// The second half of [`before_run`](Self::before_run), for a vCPU that
+    /// is not held: asks for the step-over its last stop still owes (see
+    /// [`step_over`](Self::step_over)), then [`sync`](Self::sync)s. Returns
+    /// whether an ioctl was issued.
+    ///
+    /// # Errors
+    /// As [`sync`](Self::sync).
+    pub fn enter<V: VcpuOps>(&mut self, vcpu: &V) -> Result<bool> {
+        self.step_over();
+        self.sync(vcpu)
+    }
+
+    /// The first half of [`before_run`](Self::before_run) without blocking,
+    /// for a vCPU thread that waits in its own event loop: if the debugger
+    /// holds this vCPU, marks it parked, runs the jobs queued for it and
+    /// answers [`Park::Held`] (call again when woken, e.g. by polling
+    /// [`VmDebug::stop_fd`] or a timer); else leaves any park and answers
+    /// [`Park::Free`] — then [`enter`](Self::enter) and run.
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`].
+    pub fn poll_park<V: VcpuOps>(&mut self, vcpu: &V) -> Result<Park> {
         let shared = Arc::clone(&self.shared);
-        let mut ctl = shared.ctl()?;
-        if !ctl.vcpu_mut(self.id).hold {
-            return Ok(());
+        let mut inner = shared.lock()?;
+        loop {
+            if !inner.run.held(self.id) {
+                inner.run.unpark(self.id);
+                drop(inner);
+                shared.cond.notify_all();
+                return Ok(Park::Free);
+            }
+            inner.run.park(self.id);
+            match inner.jobs.get_mut(&self.id).and_then(|q| q.pop_front()) {
+                Some(job) => {
+                    drop(inner);
+                    shared.cond.notify_all();
+                    job(vcpu);
+                    inner = shared.lock()?;
+                }
+                None => {
+                    drop(inner);
+                    shared.cond.notify_all();
+                    return Ok(Park::Held);
+                }
+            }
         }
-        ctl.vcpu_mut(self.id).parked = true;
+    }
+
+    /// Parks while held; returns the step-over debt taken on the way out
+    /// (when no step-over is in flight).
+    fn park<V: VcpuOps>(&mut self, vcpu: &V) -> Result<Option<u64>> {
+        let shared = Arc::clone(&self.shared);
+        let mut inner = shared.lock()?;
+        let idle = self.step == StepPhase::Idle;
+        if !inner.run.held(self.id) {
+            return Ok(if idle { inner.run.take_owed(self.id) } else { None });
+        }
+        inner.run.park(self.id);
         shared.cond.notify_all();
         loop {
-            if let Some(job) = ctl.vcpu_mut(self.id).jobs.pop_front() {
-                drop(ctl);
+            if let Some(job) = inner.jobs.get_mut(&self.id).and_then(|q| q.pop_front()) {
+                drop(inner);
                 job(vcpu);
-                ctl = shared.ctl()?;
+                inner = shared.lock()?;
                 continue;
             }
-            if !ctl.vcpu_mut(self.id).hold {
+            if !inner.run.held(self.id) {
                 break;
             }
-            ctl = shared.cond.wait(ctl).map_err(|_| Error::Poisoned)?;
+            inner = shared.cond.wait(inner).map_err(|_| Error::Poisoned)?;
         }
-        ctl.vcpu_mut(self.id).parked = false;
-        drop(ctl);
+        inner.run.unpark(self.id);
+        let owed = if idle { inner.run.take_owed(self.id) } else { None };
+        drop(inner);
         shared.cond.notify_all();
-        Ok(())
+        Ok(owed)
     }
 
     /// Applies the VM-wide configuration if it changed since this vCPU last
     /// applied it (always on the first call). Returns whether an ioctl was
-    /// issued. Applies a requested step-over; while one is in flight, the
-    /// step's configuration stays.
+    /// issued. Applies a requested step-over; while one is in flight, it
+    /// applies the current intent less the step-over's exclusion (so a
+    /// breakpoint removed meanwhile is gone, one added is there).
     ///
     /// The common case (nothing changed) is one atomic load, no lock.
     ///
@@ -382,24 +396,25 @@ impl<M: GuestMemory> VcpuDebug<M> {
     /// original byte back (nothing changed then).
     pub fn sync<V: VcpuOps>(&mut self, vcpu: &V) -> Result<bool> {
         match self.step {
-            Step::InFlight { .. } => return Ok(false),
-            Step::Requested { pc } => {
+            StepPhase::InFlight { pc, sw_gpa } => return self.resync_step(vcpu, pc, sw_gpa),
+            StepPhase::Requested { pc } => {
                 if self.arm_step(vcpu, pc)? {
                     return Ok(true);
                 }
             }
-            Step::Idle => {}
+            StepPhase::Idle => {}
         }
         let current = self.shared.generation.load(Ordering::Acquire);
         if !self.reinject_db && self.applied.is_some_and(|r| r.generation == Some(current)) {
             return Ok(false);
         }
-        let (want, generation) = {
+        let (want, generation, session) = {
             let inner = self.shared.lock()?;
-            // Read under the lock: the generation and the state agree.
+            // Read under the lock: the generation, the state and the session agree.
             (
                 effective(inner.config_for(self.id)),
                 self.shared.generation.load(Ordering::Acquire),
+                inner.run.session(),
             )
         };
         if self.reinject_db {
@@ -412,6 +427,7 @@ impl<M: GuestMemory> VcpuDebug<M> {
             self.applied = Some(Record {
                 config: Applied::was_set(want),
                 generation: Some(generation),
+                session,
             });
             self.note_generation(Some(generation));
             return Ok(false);
@@ -421,43 +437,42 @@ impl<M: GuestMemory> VcpuDebug<M> {
         self.applied = Some(Record {
             config: Applied::was_set(want),
             generation: Some(generation),
+            session,
         });
         self.note_generation(Some(generation));
         Ok(true)
+    }
+
+    /// The configuration for stepping over `pc` now (the intent less the
+    /// execute slots at `pc`, single-step on), whether a slot was excluded,
+    /// and the `int3` at `pc`, if any: the address recorded at the stop, or
+    /// (an execute breakpoint on an `int3`, a step that landed on one)
+    /// translated now.
+    fn exclusion<V: VcpuOps>(&self, inner: &Inner<M>, vcpu: &V, pc: u64) -> (GuestDebug, bool, Option<u64>) {
+        let (config, slots) = exclude(inner.config_for(self.id), pc);
+        let sw_gpa = if inner.state.sw().is_empty() {
+            None
+        } else {
+            let ours = |gpa: &u64| inner.state.sw().contains(*gpa);
+            self.last_gpa
+                .filter(ours)
+                .or_else(|| translate(vcpu, pc).ok().filter(ours))
+        };
+        (config, slots, sw_gpa)
     }
 
     /// Applies a requested step over the breakpoint at `pc`; `false` if the
     /// debugger has nothing at `pc` any more (then nothing is done).
     fn arm_step<V: VcpuOps>(&mut self, vcpu: &V, pc: u64) -> Result<bool> {
         let shared = Arc::clone(&self.shared);
-        let inner = shared.lock()?;
-        let mut config = effective(inner.config_for(self.id));
-        let mut dr7 = config.dr7();
-        let mut slots = 0u8;
-        for slot in Slot::ALL {
-            if let Some(bp) = config.armed(slot) {
-                if bp.kind() == HwKind::Execute && bp.addr() == pc {
-                    dr7 = dr7.with_global(slot, false).with_local(slot, false);
-                    slots |= 1 << slot.get();
-                }
-            }
-        }
-        let sw_gpa = if inner.state.sw().is_empty() {
-            None
-        } else {
-            // The address recorded at the stop being stepped over, if it was
-            // an int3; else (an execute breakpoint on an int3) translate.
-            let ours = |gpa: &u64| inner.state.sw().contains(*gpa);
-            self.last_gpa
-                .filter(ours)
-                .or_else(|| translate(vcpu, pc).ok().filter(ours))
-        };
-        if slots == 0 && sw_gpa.is_none() {
-            self.step = Step::Idle;
+        let mut inner = shared.lock()?;
+        let (config, slots, sw_gpa) = self.exclusion(&inner, vcpu, pc);
+        if !slots && sw_gpa.is_none() {
+            self.step = StepPhase::Idle;
             return Ok(false);
         }
-        config.debugreg[7] = dr7.into_bits();
-        config.control |= ControlFlags::ENABLE | ControlFlags::SINGLESTEP;
+        let generation = shared.generation.load(Ordering::Acquire);
+        let session = inner.run.session();
         let mut mem = PhysicalMemory(&inner.mem);
         if let Some(gpa) = sw_gpa {
             if let Some(entry) = inner.state.sw().get(gpa) {
@@ -473,12 +488,48 @@ impl<M: GuestMemory> VcpuDebug<M> {
         }
         self.applied = Some(Record {
             config: Applied::was_set(config),
-            generation: None,
+            generation: Some(generation),
+            session,
         });
-        drop(inner);
-        self.note_generation(None);
-        self.step = Step::InFlight { sw_gpa };
+        inner.run.note_generation(self.id, Some(generation));
+        self.step = StepPhase::InFlight { pc, sw_gpa };
         Ok(true)
+    }
+
+    /// A step-over is in flight and the vCPU enters the guest again (after a
+    /// port access, a park): the current intent less the exclusion at `pc`,
+    /// with an ioctl only if that differs from what the vCPU holds.
+    fn resync_step<V: VcpuOps>(&mut self, vcpu: &V, pc: u64, sw_gpa: Option<u64>) -> Result<bool> {
+        let current = self.shared.generation.load(Ordering::Acquire);
+        if self.applied.is_some_and(|r| r.generation == Some(current)) {
+            return Ok(false);
+        }
+        let shared = Arc::clone(&self.shared);
+        let mut inner = shared.lock()?;
+        let generation = shared.generation.load(Ordering::Acquire);
+        let session = inner.run.session();
+        let (config, _, now_gpa) = self.exclusion(&inner, vcpu, pc);
+        // An int3 put (back) at pc meanwhile is kept out of the step too.
+        let sw_gpa = now_gpa.or(sw_gpa);
+        if let Some(gpa) = now_gpa {
+            if let Some(entry) = inner.state.sw().get(gpa) {
+                PhysicalMemory(&inner.mem).write_byte(gpa, entry.saved)?;
+            }
+        }
+        let issued = if self.applied.is_some_and(|r| *r.config.config() == config) {
+            false
+        } else {
+            self.set(vcpu, &to_kvm(&config))?;
+            true
+        };
+        self.applied = Some(Record {
+            config: Applied::was_set(config),
+            generation: Some(generation),
+            session,
+        });
+        inner.run.note_generation(self.id, Some(generation));
+        self.step = StepPhase::InFlight { pc, sw_gpa };
+        Ok(issued)
     }
 
     /// Handles the data of a `KVM_EXIT_DEBUG` (`VcpuExit::Debug`).
@@ -504,19 +555,26 @@ impl<M: GuestMemory> VcpuDebug<M> {
         let shared = Arc::clone(&self.shared);
         let mut inner = shared.lock()?;
         let stepped = self.step;
-        self.at_breakpoint = None;
         self.last_gpa = None;
-        if let Step::InFlight { sw_gpa } = stepped {
+        if let StepPhase::InFlight { sw_gpa, .. } = stepped {
             if let Some(gpa) = sw_gpa {
                 if inner.state.sw().contains(gpa) {
                     PhysicalMemory(&inner.mem).write_byte(gpa, INT3)?;
                 }
             }
-            self.step = Step::Idle;
+            self.step = StepPhase::Idle;
             // The vCPU holds the step's configuration: the next sync must
-            // apply the intent again (its generation is None).
+            // apply the intent again.
+            if let Some(r) = &mut self.applied {
+                r.generation = None;
+            }
+            inner.run.note_generation(self.id, None);
         }
         let applied = self.applied.map_or(Applied::DISABLED, |r| r.config);
+        if applied.single_step() && Dr6::from_kvm(exit.dr6).bs() {
+            // One instruction ran (the debugger's step or a step-over's).
+            inner.run.stepped(self.id);
+        }
         let bp_gpa = if exit.exception == x86_debugreg::exit::BP_VECTOR {
             Some(translate(vcpu, exit.pc)?)
         } else {
@@ -527,7 +585,7 @@ impl<M: GuestMemory> VcpuDebug<M> {
         match decision {
             Decision::Stop(Stop::Debug { single_step, hits }) => {
                 let mut single_step = single_step;
-                if matches!(stepped, Step::InFlight { .. }) {
+                if matches!(stepped, StepPhase::InFlight { .. }) {
                     // The step-over's own step counts only if the debugger
                     // wants this vCPU stepped *now* (not when it asked for
                     // the step-over).
@@ -552,19 +610,15 @@ impl<M: GuestMemory> VcpuDebug<M> {
                 if dr6.bs() && !applied.single_step() {
                     self.reinject_db = true;
                 }
-                let pc = exit.pc;
-                if hits
-                    .iter()
-                    .any(|h| h.breakpoint.kind() == HwKind::Execute && h.breakpoint.addr() == pc)
-                {
-                    self.at_breakpoint = Some(pc);
-                }
+                // Whatever stopped it at pc (a breakpoint there, a step that
+                // landed there): resuming steps over pc first.
+                inner.run.stopped(self.id, exit.pc);
                 refresh_reads(&mut inner, vcpu);
                 drop(inner);
                 Ok(self.stop(exit, Stop::Debug { single_step, hits }))
             }
             Decision::Stop(stop) => {
-                self.at_breakpoint = Some(exit.pc);
+                inner.run.stopped(self.id, exit.pc);
                 self.last_gpa = bp_gpa;
                 refresh_reads(&mut inner, vcpu);
                 drop(inner);
@@ -642,41 +696,65 @@ impl<M: GuestMemory> VcpuDebug<M> {
     /// vCPU to stop (all-stop); this vCPU parks at its next
     /// [`before_run`](Self::before_run). Other vCPUs are kicked.
     ///
+    /// A stop decoded from the configuration of a session that has ended
+    /// (the debugger called [`VmDebug::detach`] after this vCPU last synced)
+    /// is [`Posted::Discarded`]: nobody is held, and the vCPU just runs on.
+    ///
     /// # Errors
     /// [`Error::Poisoned`]; [`Error::Kick`] if a kick failed (the stop is
     /// posted regardless).
-    pub fn report_stop(&mut self, event: StopEvent) -> Result<()> {
+    pub fn report_stop(&mut self, event: StopEvent) -> Result<Posted> {
         let gpa = match event.stop {
             Stop::Software { .. } => self.last_gpa,
             Stop::Debug { .. } => None,
         };
-        let others: Vec<usize> = {
-            let mut ctl = self.shared.ctl()?;
-            ctl.hold_all();
-            ctl.vcpu_mut(self.id).pending = Some(Pending { event, gpa });
-            ctl.order.push_back(self.id);
-            let id = self.id;
-            ctl.ids().filter(|&i| i != id && !ctl.vcpus[i].parked).collect()
+        let post = {
+            let mut inner = self.shared.lock()?;
+            match self.applied {
+                Some(r) => inner.run.post(self.id, Pending { event, gpa }, r.session),
+                // Never synced: nothing of the debugger's could have stopped it.
+                None => inner.run.discard(self.id),
+            }
         };
-        self.shared.signal_stop();
-        self.shared.cond.notify_all();
-        self.shared.kick(&others)
+        match post {
+            Post::Discarded => Ok(Posted::Discarded),
+            Post::Posted { kick } => {
+                self.shared.signal_stop();
+                self.shared.cond.notify_all();
+                self.shared.kick(&kick)?;
+                Ok(Posted::Waiting)
+            }
+        }
     }
 
     /// Asks the next run to go past the debugger's breakpoint at the pc of
-    /// the last stop this handle reported (see the [module docs](self)). What
-    /// is disabled for the step is decided by the next [`sync`](Self::sync),
-    /// from the intent then: a single-step the debugger asks for meanwhile
-    /// composes with it (one stop, at the next instruction), and a breakpoint
-    /// removed meanwhile needs no step. [`before_run`](Self::before_run) calls
-    /// this by itself.
+    /// the last stop this handle reported, if that stop still stands (see the
+    /// [module docs](self)). What is disabled for the step is decided by the
+    /// next [`sync`](Self::sync), from the intent then: a single-step the
+    /// debugger asks for meanwhile composes with it (one stop, at the next
+    /// instruction), and a breakpoint removed meanwhile needs no step.
+    /// [`before_run`](Self::before_run) calls this by itself.
     pub fn step_over(&mut self) -> StepOver {
-        match (self.at_breakpoint.take(), self.step) {
-            (Some(pc), Step::Idle) => {
-                self.step = Step::Requested { pc };
+        if self.step != StepPhase::Idle {
+            return StepOver::NotNeeded;
+        }
+        let owed = match self.shared.lock() {
+            Ok(mut inner) => inner.run.take_owed(self.id),
+            Err(_) => None,
+        };
+        self.request_step_over(owed)
+    }
+
+    fn request_step_over(&mut self, owed: Option<u64>) -> StepOver {
+        if self.step != StepPhase::Idle {
+            return StepOver::NotNeeded;
+        }
+        match owed {
+            Some(pc) => {
+                self.step = StepPhase::Requested { pc };
                 StepOver::Requested { pc }
             }
-            _ => StepOver::NotNeeded,
+            None => StepOver::NotNeeded,
         }
     }
 }
@@ -757,7 +835,7 @@ impl<M: GuestMemory> VmDebug<M> {
     ///
     /// let dbg = VmDebug::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)])?);
     /// let fakes = [FakeVcpu::new(), FakeVcpu::new()];
-    /// let mut handles = [dbg.vcpu(0), dbg.vcpu(1)];
+    /// let mut handles = [dbg.vcpu(0)?, dbg.vcpu(1)?];
     /// dbg.sync_all(&mut handles, &fakes)?; // the first sync always applies
     /// dbg.insert(AddressSpace::Physical, BreakpointType::Hardware, 0x100, 1)?;
     /// fakes[1].fail_op(Op::SetGuestDebug, 1); // vCPU 1's ioctl will fail

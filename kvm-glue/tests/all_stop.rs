@@ -52,7 +52,7 @@ fn recording_kick(dbg: &VmDebug<GuestMemoryMmap>) -> Arc<Mutex<Vec<usize>>> {
 fn a_change_of_configuration_kicks_running_vcpus_and_marks_them_for_sync() {
     let dbg = dbg();
     let kicked = recording_kick(&dbg);
-    let (mut h0, h1) = (dbg.vcpu(0), dbg.vcpu(1));
+    let (mut h0, h1) = (dbg.vcpu(0).expect("vCPU handle"), dbg.vcpu(1).expect("vCPU handle"));
     let f0 = FakeVcpu::new();
     h0.sync(&f0).expect("sync");
     assert!(!dbg.needs_sync(0).expect("needs"), "vCPU 0 is up to date");
@@ -75,7 +75,7 @@ fn a_change_of_configuration_kicks_running_vcpus_and_marks_them_for_sync() {
 fn a_posted_stop_holds_every_vcpu_and_kicks_the_others() {
     let dbg = dbg();
     let kicked = recording_kick(&dbg);
-    let (mut h0, _h1) = (dbg.vcpu(0), dbg.vcpu(1));
+    let (mut h0, _h1) = (dbg.vcpu(0).expect("vCPU handle"), dbg.vcpu(1).expect("vCPU handle"));
     let f0 = FakeVcpu::new();
     dbg.insert(PHYS, BreakpointType::Hardware, 0x1000, 1).expect("insert");
     h0.sync(&f0).expect("sync");
@@ -95,7 +95,7 @@ fn a_posted_stop_holds_every_vcpu_and_kicks_the_others() {
 #[test]
 fn a_pending_stop_whose_breakpoint_was_removed_is_dropped_at_resume() {
     let dbg = dbg();
-    let (mut h0, mut h1) = (dbg.vcpu(0), dbg.vcpu(1));
+    let (mut h0, mut h1) = (dbg.vcpu(0).expect("vCPU handle"), dbg.vcpu(1).expect("vCPU handle"));
     let (f0, f1) = (FakeVcpu::new(), FakeVcpu::new());
     dbg.insert(PHYS, BreakpointType::Software, 0x100, 1).expect("insert");
     dbg.insert(PHYS, BreakpointType::Hardware, 0x1000, 1).expect("insert");
@@ -116,7 +116,7 @@ fn a_pending_stop_whose_breakpoint_was_removed_is_dropped_at_resume() {
 #[test]
 fn a_pending_stop_still_valid_is_reported_before_anyone_runs() {
     let dbg = dbg();
-    let (mut h0, mut h1) = (dbg.vcpu(0), dbg.vcpu(1));
+    let (mut h0, mut h1) = (dbg.vcpu(0).expect("vCPU handle"), dbg.vcpu(1).expect("vCPU handle"));
     let (f0, f1) = (FakeVcpu::new(), FakeVcpu::new());
     dbg.insert(PHYS, BreakpointType::Hardware, 0x1000, 1).expect("insert");
     h0.sync(&f0).expect("sync");
@@ -139,7 +139,7 @@ fn a_pending_stop_still_valid_is_reported_before_anyone_runs() {
 #[test]
 fn a_pending_single_step_is_dropped_when_the_vcpu_is_told_to_continue() {
     let dbg = dbg();
-    let (mut h0, mut h1) = (dbg.vcpu(0), dbg.vcpu(1));
+    let (mut h0, mut h1) = (dbg.vcpu(0).expect("vCPU handle"), dbg.vcpu(1).expect("vCPU handle"));
     let (f0, f1) = (FakeVcpu::new(), FakeVcpu::new());
     dbg.insert(PHYS, BreakpointType::Hardware, 0x1000, 1).expect("insert");
     dbg.set_single_step(1, true).expect("step");
@@ -161,7 +161,7 @@ fn a_pending_single_step_is_dropped_when_the_vcpu_is_told_to_continue() {
 #[test]
 fn stop_all_names_the_vcpu_that_does_not_park() {
     let dbg = dbg();
-    let _silent = dbg.vcpu(3); // a thread that never reaches before_run
+    let _silent = dbg.vcpu(3).expect("vCPU handle"); // a thread that never reaches before_run
     let err = dbg.stop_all(Duration::from_millis(20)).expect_err("times out");
     assert!(matches!(err, Error::StopTimeout { vcpu: 3, .. }), "{err:?}");
     assert_eq!(dbg.run_state(3).expect("state"), RunState::StopRequested);
@@ -170,17 +170,20 @@ fn stop_all_names_the_vcpu_that_does_not_park() {
 #[test]
 fn jobs_need_a_parked_vcpu() {
     let dbg = dbg();
-    let _h = dbg.vcpu(0);
+    let _h = dbg.vcpu(0).expect("vCPU handle");
     let err = dbg.with_parked_vcpu(0, |_| ()).expect_err("running");
     assert!(matches!(err, Error::NotParked { vcpu: 0 }), "{err:?}");
     let err = dbg.with_parked_vcpu(7, |_| ()).expect_err("no such vCPU");
-    assert!(matches!(err, Error::NotParked { vcpu: 7 }), "{err:?}");
+    assert!(
+        matches!(err, Error::Run(kvm_glue::RunError::UnknownVcpu { vcpu: 7, .. })),
+        "{err:?}"
+    );
 }
 
 #[test]
 fn detach_drops_pending_stops_turns_stepping_off_and_releases_everyone() {
     let dbg = dbg();
-    let (mut h0, _h1) = (dbg.vcpu(0), dbg.vcpu(1));
+    let (mut h0, _h1) = (dbg.vcpu(0).expect("vCPU handle"), dbg.vcpu(1).expect("vCPU handle"));
     let f0 = FakeVcpu::new();
     dbg.insert(PHYS, BreakpointType::Hardware, 0x1000, 1).expect("insert");
     dbg.set_single_step(1, true).expect("step");
@@ -198,7 +201,7 @@ fn detach_drops_pending_stops_turns_stepping_off_and_releases_everyone() {
 #[test]
 fn a_parked_vcpu_runs_jobs_on_its_own_thread_and_leaves_when_released() {
     let dbg = dbg();
-    let mut h = dbg.vcpu(0);
+    let mut h = dbg.vcpu(0).expect("vCPU handle");
     let fake = FakeVcpu::new();
     let mut regs = fake.regs();
     regs.rip = 0x4242;

@@ -64,7 +64,7 @@ fn vm(n: usize) -> Vm {
     let mem = memory();
     let dbg = VmDebug::new(mem.clone());
     Vm {
-        handles: (0..n).map(|i| dbg.vcpu(i)).collect(),
+        handles: (0..n).map(|i| dbg.vcpu(i).expect("vCPU handle")).collect(),
         fakes: (0..n).map(|_| FakeVcpu::new()).collect(),
         mem,
         dbg,

@@ -418,7 +418,7 @@ impl SimVm {
             Ok(())
         }))
         .expect("set_kick");
-        let handles: Vec<VcpuDebug<Mem>> = (0..sims.len()).map(|id| dbg.vcpu(id)).collect();
+        let handles: Vec<VcpuDebug<Mem>> = (0..sims.len()).map(|id| dbg.vcpu(id).expect("vCPU handle")).collect();
         // Held before the first instruction, as in the example.
         let stopper = {
             let dbg = dbg.clone();

@@ -22,7 +22,7 @@ type Events = Arc<Mutex<Vec<String>>>;
 fn serve_with_one_vcpu(stream: UnixStream, drive: impl FnOnce()) -> (Result<u8, GdbError>, Vec<String>) {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).expect("memory");
     let dbg = VmDebug::new(mem);
-    let mut h = dbg.vcpu(0);
+    let mut h = dbg.vcpu(0).expect("vCPU handle");
     let done = Arc::new(AtomicBool::new(false));
     let vcpu_thread = {
         let done = Arc::clone(&done);

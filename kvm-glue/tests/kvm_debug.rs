@@ -27,7 +27,7 @@ fn an_execute_breakpoint_in_each_of_the_four_slots_stops_at_its_pc_with_its_slot
     let name = "execute breakpoints";
     let Some(mut g) = guest(name, 1) else { return };
     let dbg = VmDebug::new(g.memory().clone());
-    let mut h = dbg.vcpu(0);
+    let mut h = dbg.vcpu(0).expect("vCPU handle");
     // Slots fill in order: DRn holds the breakpoint on instruction n + 1.
     let addrs = &guest::STRAIGHT_INSNS[1..5];
     for &a in addrs {
@@ -52,7 +52,7 @@ fn removing_an_execute_breakpoint_lets_the_guest_run_on() {
     let name = "execute breakpoint removal";
     let Some(mut g) = guest(name, 1) else { return };
     let dbg = VmDebug::new(g.memory().clone());
-    let mut h = dbg.vcpu(0);
+    let mut h = dbg.vcpu(0).expect("vCPU handle");
     let a = guest::STRAIGHT_INSNS[3];
     dbg.insert(PHYS, BreakpointType::Hardware, a, 1).expect("insert");
     let Event::Stop(ev) = resume(&mut h, g.vcpu(0)) else {
@@ -71,7 +71,7 @@ fn step_over_continues_past_an_execute_breakpoint_and_leaves_it_armed() {
     let name = "step_over";
     let Some(mut g) = guest(name, 1) else { return };
     let dbg = VmDebug::new(g.memory().clone());
-    let mut h = dbg.vcpu(0);
+    let mut h = dbg.vcpu(0).expect("vCPU handle");
     let a = guest::STRAIGHT_INSNS[2];
     dbg.insert(PHYS, BreakpointType::Hardware, a, 1).expect("insert");
     let Event::Stop(ev) = resume(&mut h, g.vcpu(0)) else {
@@ -114,7 +114,7 @@ fn single_step_yields_exactly_the_expected_pcs() {
     let name = "single-step";
     let Some(mut g) = guest(name, 1) else { return };
     let dbg = VmDebug::new(g.memory().clone());
-    let mut h = dbg.vcpu(0);
+    let mut h = dbg.vcpu(0).expect("vCPU handle");
     dbg.set_single_step(0, true).expect("single-step");
     let mut pcs = Vec::new();
     loop {
@@ -146,7 +146,7 @@ fn the_guests_own_debug_exceptions_are_reinjected_and_reach_its_idt_handler() {
     let p = probe();
     let dbg = VmDebug::new(g.memory().clone());
     dbg.set_int1_pc(p.guest_int1_pc).expect("int1 pc");
-    let mut h = dbg.vcpu(0);
+    let mut h = dbg.vcpu(0).expect("vCPU handle");
     // An execute breakpoint the routines never reach keeps USE_HW_BP on.
     dbg.insert(PHYS, BreakpointType::Hardware, guest::LOOP, 1)
         .expect("insert");
@@ -242,7 +242,7 @@ fn two_vcpus_get_an_insert_with_one_ioctl_each_and_many_operations_still_cost_on
     let name = "two vCPUs";
     let Some(mut g) = guest(name, 2) else { return };
     let dbg = VmDebug::new(g.memory().clone());
-    let mut handles = [dbg.vcpu(0), dbg.vcpu(1)];
+    let mut handles = [dbg.vcpu(0).expect("vCPU handle"), dbg.vcpu(1).expect("vCPU handle")];
     let a = guest::STRAIGHT_INSNS[2];
     dbg.insert(PHYS, BreakpointType::Hardware, a, 1).expect("insert");
     let (v0, v1) = g.vcpus_mut().split_at_mut(1);
@@ -332,7 +332,7 @@ fn data_watchpoints_stop_after_each_overlapping_access_where_the_host_supports_t
             let Some(mut g) = guest(name, 1) else { return };
             g.start(0, guest::DATA_ACCESS).expect("start");
             let dbg = VmDebug::new(g.memory().clone());
-            let mut h = dbg.vcpu(0);
+            let mut h = dbg.vcpu(0).expect("vCPU handle");
             dbg.insert(PHYS, ty, guest::DATA, len).expect("insert");
             h.sync(&*g.vcpu(0)).expect("sync");
             // What holds on any host: the applied configuration.
@@ -385,7 +385,7 @@ fn software_breakpoints_by_virtual_address_stop_and_step_over_where_the_host_sup
     let Some(mut g) = guest(name, 1) else { return };
     let p = probe();
     let dbg = VmDebug::new(g.memory().clone());
-    let mut h = dbg.vcpu(0);
+    let mut h = dbg.vcpu(0).expect("vCPU handle");
     let original: Vec<u8> = {
         let mut buf = vec![0u8; 0x1000];
         g.memory()

@@ -106,7 +106,7 @@ fn a_software_breakpoint_stops_at_its_int3_steps_over_it_and_is_removed_byte_exa
     let mem = g.memory().clone();
     let original = code_page(&mem);
     let dbg = VmDebug::new(mem.clone());
-    let mut h = dbg.vcpu(0);
+    let mut h = dbg.vcpu(0).expect("vCPU handle");
     let at = guest::SW_PATCH;
     assert!(matches!(
         dbg.insert(PHYS, BreakpointType::Software, at, 1).expect("insert"),
@@ -180,7 +180,7 @@ fn two_vcpus_stop_at_the_same_software_breakpoint_and_both_step_over_it() {
     let mem = g.memory().clone();
     let original = code_page(&mem);
     let dbg = VmDebug::new(mem.clone());
-    let mut handles = [dbg.vcpu(0), dbg.vcpu(1)];
+    let mut handles = [dbg.vcpu(0).expect("vCPU handle"), dbg.vcpu(1).expect("vCPU handle")];
     let at = guest::SW_PATCH;
     dbg.insert(PHYS, BreakpointType::Software, at, 1).expect("insert");
     g.start(0, guest::SW).expect("start 0");
@@ -228,7 +228,7 @@ fn watchpoints_of_each_length(check: &str, ty: BreakpointType, kind: HwKind, fea
         let mut g = Guest::new(1).expect("guest");
         g.start(0, guest::DATA_ACCESS).expect("start");
         let dbg = VmDebug::new(g.memory().clone());
-        let mut h = dbg.vcpu(0);
+        let mut h = dbg.vcpu(0).expect("vCPU handle");
         dbg.insert(PHYS, ty, guest::DATA, len).expect("insert");
         let stops = stops_until_done(&mut h, g.vcpu(0));
         let want: Vec<(u64, Vec<Hit>)> = guest::DATA_ACCESSES
@@ -283,7 +283,7 @@ fn two_watchpoints_in_two_slots_each_report_only_their_own_hits() {
     }
     g.start(0, guest::DATA_ACCESS).expect("start");
     let dbg = VmDebug::new(g.memory().clone());
-    let mut h = dbg.vcpu(0);
+    let mut h = dbg.vcpu(0).expect("vCPU handle");
     // Slot 0: writes to DATA..DATA+8; slot 1: reads and writes of DATA + 8.
     dbg.insert(PHYS, BreakpointType::WriteWatch, guest::DATA, 8)
         .expect("insert");
@@ -319,7 +319,7 @@ fn resuming_with_rflags_rf_runs_past_an_execute_breakpoint_and_leaves_it_armed()
         return;
     };
     let dbg = VmDebug::new(g.memory().clone());
-    let mut h = dbg.vcpu(0);
+    let mut h = dbg.vcpu(0).expect("vCPU handle");
     let at = guest::STRAIGHT_INSNS[2];
     dbg.insert(PHYS, BreakpointType::Hardware, at, 1).expect("insert");
     let Event::Stop(ev) = resume(&mut h, g.vcpu(0)) else {

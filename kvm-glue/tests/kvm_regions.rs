@@ -24,7 +24,7 @@ fn run_data_access(g: &mut Guest, dbg: &VmDebug<vm_memory::GuestMemoryMmap>, rax
     let mut regs = g.vcpu(0).get_regs().expect("regs");
     regs.rax = rax;
     g.vcpu(0).set_regs(&regs).expect("regs");
-    let mut h = dbg.vcpu(0);
+    let mut h = dbg.vcpu(0).expect("vCPU handle");
     let mut stops = Vec::new();
     for _ in 0..16 {
         match resume(&mut h, g.vcpu(0)) {

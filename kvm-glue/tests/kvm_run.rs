@@ -32,7 +32,7 @@ fn a_copied_debug_exit_is_decoded_after_the_vcpu_borrow_ends() {
         return;
     };
     let dbg = VmDebug::new(g.memory().clone());
-    let mut h = dbg.vcpu(0);
+    let mut h = dbg.vcpu(0).expect("vCPU handle");
     // The third instruction of the straight-line routine (guest/asm.rs).
     let at = tiny::STRAIGHT_INSNS[2];
     dbg.insert(AddressSpace::Physical, BreakpointType::Hardware, at, 1)

@@ -48,7 +48,7 @@ fn bug1_step_over_then_single_step_stops_once_at_the_next_instruction() {
     let mem = memory();
     let dbg = VmDebug::new(mem);
     let vcpu = FakeVcpu::new();
-    let mut h = dbg.vcpu(0);
+    let mut h = dbg.vcpu(0).expect("vCPU handle");
     dbg.insert(PHYS, BreakpointType::Hardware, 0x1000, 1).expect("insert");
     h.sync(&vcpu).expect("sync");
     let Handled::Stop(_) = h.handle_exit(&vcpu, &exit(1, 0x1000, DR6_B0)).expect("exit") else {
@@ -87,7 +87,7 @@ fn bug1_step_over_then_single_step_stops_once_at_the_next_instruction() {
 fn bug1_step_over_alone_is_silent() {
     let dbg = VmDebug::new(memory());
     let vcpu = FakeVcpu::new();
-    let mut h = dbg.vcpu(0);
+    let mut h = dbg.vcpu(0).expect("vCPU handle");
     dbg.insert(PHYS, BreakpointType::Hardware, 0x1000, 1).expect("insert");
     h.sync(&vcpu).expect("sync");
     h.handle_exit(&vcpu, &exit(1, 0x1000, DR6_B0)).expect("exit");
@@ -215,7 +215,7 @@ fn bug3_a_physically_set_int3_stops_at_any_linear_address_that_maps_it() {
     let dbg = VmDebug::new(mem.clone());
     let vcpu = FakeVcpu::new();
     vcpu.map(0x4000_1000, 0x2000, 0x1000);
-    let mut h = dbg.vcpu(0);
+    let mut h = dbg.vcpu(0).expect("vCPU handle");
     dbg.insert(PHYS, BreakpointType::Software, 0x2010, 1).expect("insert");
     h.sync(&vcpu).expect("sync");
     match h.handle_exit(&vcpu, &exit(3, 0x4000_1010, 0)).expect("exit") {
@@ -240,7 +240,7 @@ fn bug4_a_new_handles_first_sync_always_applies() {
     let vcpu = FakeVcpu::new();
     {
         let old = VmDebug::new(memory());
-        let mut h = old.vcpu(0);
+        let mut h = old.vcpu(0).expect("vCPU handle");
         old.insert(PHYS, BreakpointType::Hardware, 0x1000, 1).expect("insert");
         h.sync(&vcpu).expect("sync");
         // The old debugger goes away without cleaning up.
@@ -248,7 +248,7 @@ fn bug4_a_new_handles_first_sync_always_applies() {
     let armed = vcpu.guest_debug().expect("armed");
     assert_ne!(armed.control, 0, "KVM still holds the old configuration");
     let new = VmDebug::new(memory());
-    let mut h = new.vcpu(0);
+    let mut h = new.vcpu(0).expect("vCPU handle");
     assert!(h.sync(&vcpu).expect("sync"), "the first sync applies even 'nothing'");
     assert_eq!(vcpu.guest_debug().expect("set").control, 0, "debugging off in KVM too");
     assert_eq!(
@@ -296,7 +296,7 @@ fn bug5_hardware_and_software_duplicates_both_count() {
 fn the_guests_own_single_step_with_a_debugger_hit_is_reinjected_after_the_stop() {
     let dbg = VmDebug::new(memory());
     let vcpu = FakeVcpu::new();
-    let mut h = dbg.vcpu(0);
+    let mut h = dbg.vcpu(0).expect("vCPU handle");
     dbg.insert(PHYS, BreakpointType::WriteWatch, 0x2000, 4).expect("watch");
     h.sync(&vcpu).expect("sync");
     // BS (the guest's TF: the debugger is not single-stepping) and B0.

@@ -31,7 +31,7 @@ fn db(pc: u64, mask: u64) -> kvm_debug_exit_arch {
 #[test]
 fn a_six_byte_write_watch_at_an_odd_address_takes_three_slots_as_planned() {
     let (_, dbg, vcpu) = setup();
-    let mut h = dbg.vcpu(0);
+    let mut h = dbg.vcpu(0).expect("vCPU handle");
     let w = Watch::new(WatchKind::Write, 0x1003, 6).expect("watch");
     let slots = dbg.insert_watch(PHYS, w).expect("insert").expect("fits");
     assert_eq!(slots.bits(), 0b111);
@@ -75,7 +75,7 @@ fn a_region_that_does_not_fit_is_no_free_slot_and_changes_nothing() {
 fn a_read_watch_stops_only_when_the_value_did_not_change() {
     let (mem, dbg, vcpu) = setup();
     mem.write_slice(&[1, 2, 3, 4], GuestAddress(0x2000)).expect("init");
-    let mut h = dbg.vcpu(0);
+    let mut h = dbg.vcpu(0).expect("vCPU handle");
     let r = Watch::new(WatchKind::Read, 0x2000, 4).expect("watch");
     dbg.insert_watch(PHYS, r).expect("insert").expect("fits");
     h.sync(&vcpu).expect("sync");
@@ -100,7 +100,7 @@ fn a_read_watch_stops_only_when_the_value_did_not_change() {
 #[test]
 fn a_read_and_an_access_watch_share_a_slot_and_a_write_reports_only_the_access() {
     let (mem, dbg, vcpu) = setup();
-    let mut h = dbg.vcpu(0);
+    let mut h = dbg.vcpu(0).expect("vCPU handle");
     let r = Watch::new(WatchKind::Read, 0x2000, 4).expect("watch");
     let a = Watch::new(WatchKind::ReadWrite, 0x2000, 4).expect("watch");
     dbg.insert_watch(PHYS, r).expect("insert").expect("fits");
@@ -155,7 +155,7 @@ fn removing_a_watch_never_set_is_an_error_and_changes_nothing() {
 #[test]
 fn a_debugger_write_under_a_read_watch_becomes_its_saved_value() {
     let (_, dbg, vcpu) = setup();
-    let mut h = dbg.vcpu(0);
+    let mut h = dbg.vcpu(0).expect("vCPU handle");
     let r = Watch::new(WatchKind::Read, 0x2000, 4).expect("watch");
     dbg.insert_watch(PHYS, r).expect("insert").expect("fits");
     h.sync(&vcpu).expect("sync");
@@ -172,7 +172,7 @@ fn a_debugger_write_under_a_read_watch_becomes_its_saved_value() {
 #[test]
 fn read_watch_bytes_are_refreshed_at_every_stop() {
     let (mem, dbg, vcpu) = setup();
-    let mut h = dbg.vcpu(0);
+    let mut h = dbg.vcpu(0).expect("vCPU handle");
     let r = Watch::new(WatchKind::Read, 0x2000, 4).expect("watch");
     dbg.insert_watch(PHYS, r).expect("insert").expect("fits");
     let x = Watch::new(WatchKind::Execute, 0x1000, 1).expect("breakpoint");

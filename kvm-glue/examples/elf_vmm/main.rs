@@ -319,7 +319,7 @@ fn run(args: &Args) -> Result<u8, Error> {
     let dbg = VmDebug::new(vm.mem.clone());
     let kick = SignalKick::new(0)?; // SIGRTMIN + 0
     dbg.set_kick(kick.clone())?;
-    let handles: Vec<_> = (0..VCPUS).map(|id| dbg.vcpu(id)).collect();
+    let handles = (0..VCPUS).map(|id| dbg.vcpu(id)).collect::<Result<Vec<_>, _>>()?;
     let stopper = if args.hold { Some(hold_vcpus(&dbg)?) } else { None };
     let (ended, ended_rx) = mpsc::channel();
     let shared = Shared {

@@ -223,7 +223,7 @@ impl SimVm {
         let mut threads = Vec::new();
         for (id, sim) in sims.iter().enumerate() {
             let (sim, quit, failures, mem) = (sim.clone(), quit.clone(), failures.clone(), mem.clone());
-            let mut vdbg = dbg.vcpu(id);
+            let mut vdbg = dbg.vcpu(id).expect("vCPU handle");
             threads.push(std::thread::spawn(move || {
                 let fail = |what: String| failures.lock().unwrap_or_else(|p| p.into_inner()).push(what);
                 while !quit.load(Ordering::Acquire) {
