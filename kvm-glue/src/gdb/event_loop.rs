@@ -123,6 +123,15 @@ where
                 .waiter
                 .as_ref()
                 .ok_or_else(|| WaitForStopReasonError::Connection(io::Error::other("the session has no epoll set")))?;
+            // Before sleeping: send what the connection holds (a resume's
+            // `+` is written without a flush), and take a byte it already
+            // read (a `BufConn` reads all that is there, and epoll does not
+            // wake for bytes out of the socket).
+            conn.flush().map_err(WaitForStopReasonError::Connection)?;
+            if conn.peek().map_err(WaitForStopReasonError::Connection)?.is_some() {
+                let byte = conn.read().map_err(WaitForStopReasonError::Connection)?;
+                return Ok(Event::IncomingData(byte));
+            }
             let ready = waiter.wait().map_err(WaitForStopReasonError::Connection)?;
             if ready.conn {
                 // A byte from GDB (a stop that came with it is taken at the
