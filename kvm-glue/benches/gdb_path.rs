@@ -324,7 +324,11 @@ fn bench_ops(group: &mut BenchmarkGroup<'_, WallTime>, c: &mut Client, other: Ot
     group.bench_function(format!("{name}/continue_to_hbreak/{round}"), |b| {
         b.iter(|| {
             let r = c.expect("vCont;c", "T05");
-            assert!(r.windows(7).any(|w| w == b"hwbreak"), "{:?}", String::from_utf8_lossy(&r));
+            assert!(
+                r.windows(7).any(|w| w == b"hwbreak"),
+                "{:?}",
+                String::from_utf8_lossy(&r)
+            );
         })
     });
     c.expect(&uz, "OK");
@@ -417,7 +421,11 @@ fn summary(since: SystemTime) {
             Some(g) => format!("  (goal <= {g}x the raw step: MISSED)"),
             None => String::new(),
         };
-        println!("{label:<38} {:>10.2} µs  = {:>7.2}x the raw KVM step{note}", t / 1e3, t / raw);
+        println!(
+            "{label:<38} {:>10.2} µs  = {:>7.2}x the raw KVM step{note}",
+            t / 1e3,
+            t / raw
+        );
     }
 }
 

@@ -59,6 +59,9 @@
 //!   `awatch:ADDR` with the address GDB set (not the piece that fired),
 //!   `SIGTRAP` for a step, `SIGINT` for Ctrl-C. The guest's own `#DB`/`#BP`
 //!   never reach GDB.
+//! * **one system call per packet**: every session's stream goes through a
+//!   [`BufConn`] (one read for what arrived, one write per reply), not
+//!   `gdbstub`'s byte at a time; `benches/gdb_path.rs` measures the path.
 //! * **one debugger at a time**: every vCPU is stopped before a session
 //!   starts; when it ends (detach, kill, a dropped connection, a fatal
 //!   error), [`VmDebug::detach`] removes every breakpoint, restores guest
