@@ -13,7 +13,7 @@ use std::marker::PhantomData;
 use std::net::TcpStream;
 use std::os::fd::RawFd;
 
-use gdbstub::conn::ConnectionExt;
+use gdbstub::conn::{Connection, ConnectionExt};
 use gdbstub::stub::run_blocking::{BlockingEventLoop, Event, WaitForStopReasonError};
 use gdbstub::stub::MultiThreadStopReason;
 use vm_memory::GuestMemory;
@@ -146,6 +146,17 @@ where
                 .waiter
                 .as_ref()
                 .ok_or_else(|| WaitForStopReasonError::Connection(io::Error::other("the session has no epoll set")))?;
+            // Before sleeping: send what the connection holds (a resume's
+            // `+` is written without a flush), and take a byte it already
+            // read (a `BufConn` reads all that is there, and epoll does not
+            // wake for bytes out of the socket).
+            // The byte goes through the wire's filter (`pump`): a read here
+            // could block on the socket for a byte the filter ignores.
+            conn.flush().map_err(WaitForStopReasonError::Connection)?;
+            if conn.peek().map_err(WaitForStopReasonError::Connection)?.is_some() {
+                conn.pump().map_err(WaitForStopReasonError::Connection)?;
+                continue;
+            }
             let ready = waiter.wait().map_err(WaitForStopReasonError::Connection)?;
             if ready.conn {
                 // A byte from GDB, for gdbstub if it is part of a packet (a

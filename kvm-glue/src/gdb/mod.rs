@@ -77,6 +77,9 @@
 //!   (no "Remote connection closed", no wait); by default the debugger is
 //!   detached and the guest runs on, and a VMM for which `kill` ends the
 //!   guest says so on [`SessionEnd::Killed`].
+//! * **one system call per packet**: every session's stream goes through a
+//!   [`BufConn`] (one read for what arrived, one write per reply), not
+//!   `gdbstub`'s byte at a time; `benches/gdb_path.rs` measures the path.
 //! * **one debugger at a time**: every vCPU is stopped before a session
 //!   starts; when it ends (detach, kill, a dropped connection, a fatal
 //!   error), [`VmDebug::detach`] removes every breakpoint, restores guest
@@ -95,12 +98,14 @@
 //!   and calls [`GuestEnd::end`] when its guest is done makes GDB print
 //!   `[Inferior 1 (process 1) exited normally]`, and [`serve`] return.
 
+pub mod conn;
 mod event_loop;
 pub mod regs;
 pub mod stop;
 mod target;
 pub mod wire;
 
+pub use conn::BufConn;
 pub use event_loop::VmEventLoop;
 pub use regs::{from_gdb, to_gdb, RegisterWriteError, VcpuRegs, VmRegisters, X86_64Vm};
 pub use target::{HostDebug, VmTarget};
@@ -333,12 +338,12 @@ impl fmt::Display for ServeEvent {
 
 /// A listener [`serve_on`] accepts debuggers from, one at a time.
 trait Accept: AsRawFd {
-    type Stream<'a>: ConnectionExt<Error = io::Error> + AsRawFd
+    type Stream<'a>: Read + Write + AsFd
     where
         Self: 'a;
     /// The next debugger's connection, or `None` when what woke the wait
     /// starts no session.
-    fn accept_one(&mut self) -> io::Result<Option<(Self::Stream<'_>, Peer)>>;
+    fn accept_one(&mut self) -> io::Result<Option<(BufConn<Self::Stream<'_>>, Peer)>>;
     /// The name of a stream whose end of file ends serving (see
     /// [`closed`]); `None` for a listener, where the next debugger connects
     /// anew.
@@ -361,8 +366,10 @@ impl Accept for Tcp<'_> {
         = TcpStream
     where
         Self: 'a;
-    fn accept_one(&mut self) -> io::Result<Option<(TcpStream, Peer)>> {
-        self.0.accept().map(|(s, addr)| Some((s, Peer::Tcp(addr))))
+    fn accept_one(&mut self) -> io::Result<Option<(BufConn<TcpStream>, Peer)>> {
+        self.0
+            .accept()
+            .map(|(s, addr)| Some((BufConn::new(s), Peer::Tcp(addr))))
     }
 }
 
@@ -380,8 +387,10 @@ impl Accept for UnixAt<'_> {
         = UnixStream
     where
         Self: 'a;
-    fn accept_one(&mut self) -> io::Result<Option<(UnixStream, Peer)>> {
-        self.0.accept().map(|(s, _)| Some((s, Peer::Unix(self.1.clone()))))
+    fn accept_one(&mut self) -> io::Result<Option<(BufConn<UnixStream>, Peer)>> {
+        self.0
+            .accept()
+            .map(|(s, _)| Some((BufConn::new(s), Peer::Unix(self.1.clone()))))
     }
 }
 
@@ -400,23 +409,22 @@ impl<S: AsFd> AsRawFd for OneStream<S> {
 
 impl<S: Read + Write + AsFd> Accept for OneStream<S> {
     type Stream<'a>
-        = StreamConn<'a, S>
+        = &'a mut S
     where
         Self: 'a;
-    fn accept_one(&mut self) -> io::Result<Option<(StreamConn<'_, S>, Peer)>> {
-        let mut conn = StreamConn {
-            inner: &mut self.stream,
-            peeked: None,
-        };
-        // Readable: a packet (`$`) or Ctrl-C starts a session. An ack (`+`,
+    fn accept_one(&mut self) -> io::Result<Option<(BufConn<&mut S>, Peer)>> {
+        let mut conn = BufConn::new(&mut self.stream);
+        // Readable: a packet (`$`) or Ctrl-C starts a session. Acks (`+`,
         // `-`) the last debugger sent after its session ended, or line
-        // noise, is dropped, so it does not stop the guest for nobody.
-        match conn.read()? {
-            first @ (b'$' | 0x03) => {
-                conn.peeked = Some(first);
+        // noise, before it are dropped, so they do not stop the guest for
+        // nobody.
+        let start = conn.fill_buf()?.iter().position(|&b| b == b'$' || b == 0x03);
+        match start {
+            Some(at) => {
+                conn.consume(at);
                 Ok(Some((conn, Peer::Stream(self.name.clone()))))
             }
-            _ => Ok(None),
+            None => Ok(None),
         }
     }
     fn stream_name(&self) -> Option<String> {
@@ -434,71 +442,6 @@ fn closed(stream: Option<&str>, lost: &io::Error) -> Option<GdbError> {
         name: name.to_string(),
         source: io::Error::new(lost.kind(), lost.to_string()),
     })
-}
-
-/// gdbstub's connection over any `Read + Write` byte stream, a byte at a
-/// time.
-struct StreamConn<'a, S> {
-    inner: &'a mut S,
-    /// A byte [`peek`](ConnectionExt::peek) read ahead (gdbstub's blocking
-    /// loop never peeks; the session's epoll does not see this byte).
-    peeked: Option<u8>,
-}
-
-impl<S: AsFd> AsRawFd for StreamConn<'_, S> {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.inner.as_fd().as_raw_fd()
-    }
-}
-
-impl<S: Read + Write> gdbstub::conn::Connection for StreamConn<'_, S> {
-    type Error = io::Error;
-    fn write(&mut self, byte: u8) -> io::Result<()> {
-        self.inner.write_all(&[byte])
-    }
-    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.inner.write_all(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-impl<S: Read + Write + AsFd> ConnectionExt for StreamConn<'_, S> {
-    fn read(&mut self) -> io::Result<u8> {
-        if let Some(b) = self.peeked.take() {
-            return Ok(b);
-        }
-        let mut b = [0u8];
-        loop {
-            match self.inner.read(&mut b) {
-                Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the GDB stream closed")),
-                Ok(_) => return Ok(b[0]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
-    fn peek(&mut self) -> io::Result<Option<u8>> {
-        if self.peeked.is_none() {
-            let mut pfd = libc::pollfd {
-                fd: self.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: `pfd` is one valid, initialised pollfd and the count
-            // passed is 1; a timeout of 0 never blocks.
-            let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if n > 0 {
-                // Readable or hung up: a byte, or the error read reports.
-                self.peeked = Some(self.read()?);
-            }
-        }
-        Ok(self.peeked)
-    }
 }
 
 /// Serves GDB on `listener`, one debugger at a time, until the guest ends
@@ -654,8 +597,8 @@ fn serve_on<M: GuestMemory + Send + Sync + 'static, L: Accept>(
 /// [`GdbError::Vm`] if the vCPUs cannot be stopped for the session or
 /// detached after it; [`GdbError::Listener`] if waiting on the stream
 /// cannot be set up.
-pub fn serve_connection<M, C>(
-    stream: C,
+pub fn serve_connection<M, S>(
+    stream: S,
     peer: Peer,
     dbg: &VmDebug<M>,
     options: &Options,
@@ -663,10 +606,10 @@ pub fn serve_connection<M, C>(
 ) -> Result<Option<u8>, GdbError>
 where
     M: GuestMemory + Send + Sync + 'static,
-    C: ConnectionExt<Error = io::Error> + AsRawFd,
+    S: Read + Write + AsFd,
 {
     let host = options.host.clone().unwrap_or_else(HostDebug::probed);
-    serve_one(stream, peer, dbg, options, &host, None, &mut on_event)
+    serve_one(BufConn::new(stream), peer, dbg, options, &host, None, &mut on_event)
 }
 
 /// [`serve_connection`]'s body, for [`serve_on`] too: `host` is what the
@@ -704,6 +647,18 @@ where
         let ended = options.end.as_ref().and_then(GuestEnd::code);
         if ended.is_some() {
             return Ok(ended);
+        }
+        // Bytes the connection already holds (a `BufConn` reads all that
+        // is there): epoll would not wake for them.
+        match wire.peek() {
+            Ok(Some(_)) => {
+                if wire.pump().is_err() {
+                    break;
+                }
+                continue;
+            }
+            Ok(None) => {}
+            Err(_) => break,
         }
         let ready = match waiter.wait() {
             Ok(r) => r,
