@@ -76,6 +76,8 @@ const XSAVE_MXCSR: usize = 24;
 const XSAVE_MXCSR_MASK: usize = 28;
 /// Byte offset of XSTATE_BV (the XSAVE header's first word).
 const XSAVE_XSTATE_BV: usize = 512;
+/// XSTATE_BV bit 0: the x87 state is in the image.
+const XSTATE_X87: u32 = 1 << 0;
 /// XSTATE_BV bit 1: the SSE state (XMM registers and MXCSR) is in the image.
 const XSTATE_SSE: u32 = 1 << 1;
 /// The MXCSR_MASK to use when the image says 0 (SDM vol. 1 §11.6.6).
@@ -881,6 +883,34 @@ fn with_mxcsr(xsave: &kvm_xsave, mxcsr: u32) -> kvm_xsave {
     x
 }
 
+/// `xsave` with the x87 and SSE registers of `fpu` in its FXSAVE legacy
+/// area (SDM Vol. 1 §10.5.1, Table 10-2: FCW at 0, FSW 2, abridged FTW 4,
+/// FOP 6, FIP 8, FDP 16, ST0-7 at 32, XMM0-15 at 160; MXCSR at 24 is kept:
+/// `KVM_GET_FPU` reports it as 0) and both components marked present in
+/// XSTATE_BV (bits 0 and 1), so that the next XRSTOR loads them rather than
+/// their init values.
+fn with_fpu(xsave: &kvm_xsave, fpu: &kvm_fpu) -> kvm_xsave {
+    let mut b: Vec<u8> = xsave.region.iter().flat_map(|w| w.to_le_bytes()).collect();
+    b[0..2].copy_from_slice(&fpu.fcw.to_le_bytes());
+    b[2..4].copy_from_slice(&fpu.fsw.to_le_bytes());
+    b[4] = fpu.ftwx;
+    b[6..8].copy_from_slice(&fpu.last_opcode.to_le_bytes());
+    b[8..16].copy_from_slice(&fpu.last_ip.to_le_bytes());
+    b[16..24].copy_from_slice(&fpu.last_dp.to_le_bytes());
+    for (i, st) in fpu.fpr.iter().enumerate() {
+        b[32 + 16 * i..48 + 16 * i].copy_from_slice(st);
+    }
+    for (i, xmm) in fpu.xmm.iter().enumerate() {
+        b[160 + 16 * i..176 + 16 * i].copy_from_slice(xmm);
+    }
+    let mut x = kvm_xsave::default();
+    for (w, c) in x.region.iter_mut().zip(b.chunks_exact(4)) {
+        *w = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    }
+    x.region[word(XSAVE_XSTATE_BV)] |= XSTATE_X87 | XSTATE_SSE;
+    x
+}
+
 /// Writes `new` over `now` (what [`VcpuRegs::read`] returned on this vCPU):
 /// only the parts that differ, each ioctl once, then reads back what KVM may
 /// silently drop or adjust (segments, control registers, the x87/SSE
@@ -921,7 +951,18 @@ pub fn apply(ops: &dyn VcpuOps, now: &VcpuRegs, new: &VcpuRegs) -> Result<(), Ap
             }
         }
         if fpu {
+            // KVM_SET_FPU writes the legacy area but leaves XSTATE_BV as the
+            // last XSAVE left it: a component it marks in its init state
+            // (XMM registers a guest never used) comes back as zeros at the
+            // next entry, and the write is lost (gdb_e2e's x87/SSE scenario
+            // saw xmm0 read 0 after a `stepi`, about one run in five).
+            // Through KVM_SET_XSAVE the header says both are present.
             ops.set_fpu(&new.fpu).map_err(failed("KVM_SET_FPU"))?;
+            if let Ok(before) = ops.get_xsave() {
+                ops.set_xsave(&with_fpu(&before, &new.fpu))
+                    .map_err(failed("KVM_SET_XSAVE"))?;
+                xsave_before = Some(before);
+            }
             let back = fpu_seen(&ops.get_fpu().map_err(failed("KVM_GET_FPU"))?);
             if back != fpu_seen(&new.fpu) {
                 return Err(ApplyError::NotApplied {
@@ -932,7 +973,9 @@ pub fn apply(ops: &dyn VcpuOps, now: &VcpuRegs, new: &VcpuRegs) -> Result<(), Ap
         if mxcsr {
             let before = ops.get_xsave().map_err(failed("KVM_GET_XSAVE"))?;
             let set = with_mxcsr(&before, new.mxcsr);
-            xsave_before = Some(before);
+            // The image before this call's first XSAVE write is the one to
+            // put back.
+            xsave_before.get_or_insert(before);
             ops.set_xsave(&set).map_err(failed("KVM_SET_XSAVE"))?;
             let back = ops.get_xsave().map_err(failed("KVM_GET_XSAVE"))?;
             if back.region[word(XSAVE_MXCSR)] != new.mxcsr {
@@ -975,6 +1018,45 @@ pub fn apply(ops: &dyn VcpuOps, now: &VcpuRegs, new: &VcpuRegs) -> Result<(), Ap
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// SDM Vol. 1 §10.5.1 Table 10-2 (64-bit FXSAVE layout), by hand: what
+    /// a debugger writes lands at these bytes, XSTATE_BV (byte 512) gets
+    /// bits 0 (x87) and 1 (SSE), and MXCSR and the rest stay as they were.
+    #[test]
+    fn an_fpu_write_goes_into_the_fxsave_area_with_x87_and_sse_marked_present() {
+        let mut before = kvm_xsave::default();
+        before.region[6] = 0x1f80; // MXCSR, byte 24
+        before.region[7] = 0xffff; // MXCSR_MASK, byte 28
+        before.region[128] = 0b100; // XSTATE_BV: AVX only
+        before.region[200] = 0xdead_beef; // beyond the legacy area and header
+        let mut fpu = kvm_fpu {
+            fcw: 0x037f,
+            fsw: 0x3800,
+            ftwx: 0x80,
+            last_opcode: 0x07ff,
+            last_ip: 0x1122_3344_5566_7788,
+            last_dp: 0x99aa_bbcc_ddee_ff00,
+            ..Default::default()
+        };
+        fpu.fpr[7] = [0xa5; 16];
+        fpu.xmm[0] = 42u128.to_le_bytes();
+        fpu.xmm[15] = [0x5a; 16];
+        let x = with_fpu(&before, &fpu);
+        let b: Vec<u8> = x.region.iter().flat_map(|w| w.to_le_bytes()).collect();
+        assert_eq!(&b[0..8], &[0x7f, 0x03, 0x00, 0x38, 0x80, 0x00, 0xff, 0x07]);
+        assert_eq!(&b[8..16], &0x1122_3344_5566_7788u64.to_le_bytes());
+        assert_eq!(&b[16..24], &0x99aa_bbcc_ddee_ff00u64.to_le_bytes());
+        assert_eq!(
+            &b[24..32],
+            &[0x80, 0x1f, 0, 0, 0xff, 0xff, 0, 0],
+            "MXCSR and its mask kept"
+        );
+        assert_eq!(&b[32 + 7 * 16..32 + 8 * 16], &[0xa5; 16], "st7 at byte 144");
+        assert_eq!(&b[160..176], &42u128.to_le_bytes(), "xmm0 at byte 160");
+        assert_eq!(&b[400..416], &[0x5a; 16], "xmm15 at byte 400");
+        assert_eq!(x.region[128], 0b111, "XSTATE_BV: x87 and SSE added, AVX kept");
+        assert_eq!(x.region[200], 0xdead_beef);
+    }
 
     /// 1.5 as an x87 extended-precision value: mantissa 0xC000..., exponent 0x3FFF.
     const ONE_AND_A_HALF: [u8; 10] = [0, 0, 0, 0, 0, 0, 0, 0xc0, 0xff, 0x3f];
