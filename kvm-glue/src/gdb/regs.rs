@@ -1331,7 +1331,7 @@ mod tests {
         g.core.xmm[1] = 7;
         let set = from_gdb(&g, &now).unwrap_or(now);
         assert!(apply(&f, &now, &set).is_ok());
-        assert_eq!(f.calls(), [Op::SetFpu, Op::GetFpu]);
+        assert_eq!(f.calls(), [Op::SetFpu, Op::GetXsave, Op::SetXsave, Op::GetFpu]);
         assert_eq!(held(&f), set);
         let all = changed(&now);
         let f = fake(&now);
@@ -1344,7 +1344,7 @@ mod tests {
         use crate::fake::Op;
         let now = sample();
         let new = changed(&now);
-        for op in [Op::SetRegs, Op::SetSregs, Op::GetSregs, Op::SetFpu, Op::GetFpu] {
+        for op in [Op::SetRegs, Op::SetSregs, Op::GetSregs, Op::SetFpu, Op::SetXsave, Op::GetFpu] {
             let f = fake(&now);
             f.fail_op(op, 1);
             let e = apply(&f, &now, &new);
