@@ -1,9 +1,12 @@
 //! The C guest (`tests/guest-c/`) and the `elf_vmm` example, for the tests
-//! that run them: `kvm_elf_vmm.rs` (the KVM lanes) and `gdb_real_guest.rs`.
+//! that run them: `kvm_elf_vmm.rs` and `kvm_gdb_real_guest.rs` (the KVM
+//! lanes) and `gdb_real_guest.rs` (the host, with the gdb binary).
 //!
 //! A lane without gcc or cargo's build of the example can supply them:
 //! `ELF_VMM_GUEST` (a guest ELF built as [`build_guest`] does) and
-//! `ELF_VMM_BIN` (the example binary).
+//! `ELF_VMM_BIN` (the example binary; built with feature `gdb` for the
+//! tests that debug the guest). `.ci/nested-kvm` and `.ci/nested-vmx` build
+//! both on the host and set both, on every lane.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -38,12 +41,15 @@ pub enum Needs {
     Nothing,
     /// gdb, and a host that can do execute breakpoints and single-step.
     Gdb,
+    /// A host that can do execute breakpoints and single-step, for a
+    /// GDB-protocol client of the test's own (no gdb binary).
+    Debug,
 }
 
 /// What the test needs, or `None` after one SKIPPED line.
 pub fn setup(test: &str, needs: Needs) -> Option<Setup> {
     crate::common::guest(test, 2)?; // /dev/kvm (SKIPPED line, or a failure under KVM_GLUE_REQUIRE_KVM)
-    if needs == Needs::Gdb {
+    if needs != Needs::Nothing {
         let p = crate::common::probe();
         for (what, f) in [("execute breakpoints", &p.execute), ("single-step", &p.single_step)] {
             if !f.supported {
@@ -124,6 +130,13 @@ pub fn vmm_binary() -> Option<PathBuf> {
     bin.is_file().then_some(bin)
 }
 
+/// Why [`Vmm::try_start`] found no GDB server.
+#[derive(Debug)]
+pub enum NoServer {
+    /// This `elf_vmm` was built without feature `gdb`: it said so and ended.
+    NoGdbFeature(String),
+}
+
 /// A running `elf_vmm`; killed on drop.
 pub struct Vmm {
     child: Child,
@@ -134,6 +147,18 @@ pub struct Vmm {
 
 impl Vmm {
     pub fn start(s: &Setup, args: &[&str]) -> Vmm {
+        Vmm::try_start(s, args).unwrap_or_else(|NoServer::NoGdbFeature(log)| {
+            panic!(
+                "elf_vmm was built without feature gdb \
+                 (cargo build -p kvm-glue --features gdb --example elf_vmm):\n{log}"
+            )
+        })
+    }
+
+    /// Like [`Vmm::start`], but an `elf_vmm` built without feature `gdb`
+    /// asked to serve GDB is an answer (it refuses `--gdb-*` at once), not
+    /// a panic: `cargo test` without features builds the example so.
+    pub fn try_start(s: &Setup, args: &[&str]) -> Result<Vmm, NoServer> {
         let mut child = Command::new(&s.vmm)
             .arg(&s.elf)
             .args(args)
@@ -158,16 +183,28 @@ impl Vmm {
             });
         }
         let serves = args.iter().any(|a| a.starts_with("--gdb"));
-        let target = serves.then(|| {
-            rx.recv_timeout(TIMEOUT).unwrap_or_else(|_| {
-                panic!(
-                    "elf_vmm printed no gdb command line (built without feature gdb? \
-                         cargo build -p kvm-glue --features gdb --example elf_vmm):\n{}",
-                    out.lock().expect("log")
-                )
-            })
-        });
-        Vmm { child, out, target }
+        let mut target = None;
+        let deadline = Instant::now() + TIMEOUT;
+        while serves && target.is_none() {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(t) => target = Some(t),
+                Err(_) if Instant::now() > deadline => {
+                    panic!("elf_vmm printed no gdb command line:\n{}", out.lock().expect("log"))
+                }
+                Err(_) => {
+                    if let Some(status) = child.try_wait().expect("try_wait") {
+                        // Let the reader threads take the last lines.
+                        std::thread::sleep(Duration::from_millis(100));
+                        let log = out.lock().expect("log").clone();
+                        if log.contains("without feature gdb") {
+                            return Err(NoServer::NoGdbFeature(log));
+                        }
+                        panic!("elf_vmm ended ({status}) before it served GDB:\n{log}");
+                    }
+                }
+            }
+        }
+        Ok(Vmm { child, out, target })
     }
 
     pub fn log(&self) -> String {
@@ -219,4 +256,59 @@ pub fn hex_at(s: &str) -> Option<u64> {
     let s = s.trim_start().strip_prefix("0x")?;
     let end = s.find(|c: char| !c.is_ascii_hexdigit()).unwrap_or(s.len());
     u64::from_str_radix(&s[..end], 16).ok()
+}
+
+/// The ELF's symbol table (`.symtab`): each named symbol's value. Read with
+/// std only: the KVM lanes have no binutils inside.
+pub fn symbols(elf: &Path) -> std::collections::HashMap<String, u64> {
+    let f = std::fs::read(elf).expect("read the guest ELF");
+    let u16_at = |o: usize| u16::from_le_bytes(f[o..o + 2].try_into().expect("2 bytes"));
+    let u32_at = |o: usize| u32::from_le_bytes(f[o..o + 4].try_into().expect("4 bytes"));
+    let u64_at = |o: usize| u64::from_le_bytes(f[o..o + 8].try_into().expect("8 bytes"));
+    let at = |v: u64| usize::try_from(v).expect("an offset");
+    // ELF64 little-endian (System V gABI, "ELF Header").
+    assert!(
+        f.len() > 64 && f[..4] == *b"\x7fELF" && f[4] == 2 && f[5] == 1,
+        "not an ELF64 LE file"
+    );
+    let (shoff, shentsize, shnum) = (at(u64_at(0x28)), usize::from(u16_at(0x3a)), usize::from(u16_at(0x3c)));
+    let section = |i: usize| shoff + i * shentsize;
+    let mut out = std::collections::HashMap::new();
+    for i in 0..shnum {
+        let sh = section(i);
+        if u32_at(sh + 4) != 2 {
+            continue; // not SHT_SYMTAB
+        }
+        let (off, size, entsize) = (at(u64_at(sh + 0x18)), at(u64_at(sh + 0x20)), at(u64_at(sh + 0x38)));
+        let strtab = at(u64_at(section(at(u64::from(u32_at(sh + 0x28)))) + 0x18));
+        for sym in (off..off + size).step_by(entsize.max(24)) {
+            let name_at = strtab + at(u64::from(u32_at(sym)));
+            let end = f[name_at..].iter().position(|&b| b == 0).expect("a NUL") + name_at;
+            if end > name_at {
+                let name = String::from_utf8_lossy(&f[name_at..end]).into_owned();
+                out.insert(name, u64_at(sym + 8));
+            }
+        }
+    }
+    out
+}
+
+/// `len` bytes of the loaded image at virtual address `addr`, read from the
+/// file through its program headers (what the VMM loads), or `None` if no
+/// `PT_LOAD` segment's file bytes hold them.
+pub fn image_bytes(elf: &Path, addr: u64, len: usize) -> Option<Vec<u8>> {
+    let f = std::fs::read(elf).expect("read the guest ELF");
+    let u16_at = |o: usize| u16::from_le_bytes(f[o..o + 2].try_into().expect("2 bytes"));
+    let u32_at = |o: usize| u32::from_le_bytes(f[o..o + 4].try_into().expect("4 bytes"));
+    let u64_at = |o: usize| u64::from_le_bytes(f[o..o + 8].try_into().expect("8 bytes"));
+    let (phoff, phentsize, phnum) = (u64_at(0x20), u64::from(u16_at(0x36)), u64::from(u16_at(0x38)));
+    (0..phnum).find_map(|i| {
+        let ph = usize::try_from(phoff + i * phentsize).ok()?;
+        let (offset, vaddr, filesz) = (u64_at(ph + 8), u64_at(ph + 0x10), u64_at(ph + 0x20));
+        let len64 = u64::try_from(len).ok()?;
+        (u32_at(ph) == 1 && addr >= vaddr && addr + len64 <= vaddr + filesz).then(|| {
+            let start = usize::try_from(offset + (addr - vaddr)).expect("an offset");
+            f[start..start + len].to_vec()
+        })
+    })
 }
