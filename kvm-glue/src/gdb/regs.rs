@@ -1344,7 +1344,14 @@ mod tests {
         use crate::fake::Op;
         let now = sample();
         let new = changed(&now);
-        for op in [Op::SetRegs, Op::SetSregs, Op::GetSregs, Op::SetFpu, Op::SetXsave, Op::GetFpu] {
+        for op in [
+            Op::SetRegs,
+            Op::SetSregs,
+            Op::GetSregs,
+            Op::SetFpu,
+            Op::SetXsave,
+            Op::GetFpu,
+        ] {
             let f = fake(&now);
             f.fail_op(op, 1);
             let e = apply(&f, &now, &new);
