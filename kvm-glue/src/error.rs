@@ -26,6 +26,12 @@ pub enum Error {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// The host's KVM lacks what the operation needs.
+    #[error("this host's KVM lacks {what}")]
+    HostLacks {
+        /// What is missing.
+        what: &'static str,
+    },
     /// A KVM ioctl failed outside any one vCPU.
     #[error("KVM ioctl failed: {0}")]
     Kvm(#[source] kvm_ioctls::Error),

@@ -110,7 +110,7 @@ mod sync;
 pub mod vcpu;
 pub mod vcpu_debug;
 
-pub use debugger::{int1_pc_from_cpuid, Insert, VmDebug};
+pub use debugger::{int1_pc_from_cpuid, Insert, StepIrqs, VmDebug};
 pub use error::{Error, Result};
 pub use kick::{Kick, KickError, SignalKick};
 pub use memory::{AddressSpace, MemoryError, PhysicalMemory, VirtualMemory};

@@ -60,7 +60,7 @@
 
 use std::fmt;
 
-use kvm_bindings::{kvm_debug_exit_arch, kvm_guest_debug, kvm_guest_debug_arch};
+use kvm_bindings::{kvm_debug_exit_arch, kvm_guest_debug, kvm_guest_debug_arch, KVM_GUESTDBG_BLOCKIRQ};
 use vm_memory::GuestMemory;
 use x86_debugreg::exit::Exception;
 use x86_debugreg::predict::SlotMask;
@@ -182,6 +182,9 @@ pub struct VcpuDebug<M> {
     reinject_db: bool,
     last_gpa: Option<u64>,
     set_calls: u64,
+    /// The [`StepIrqs`](crate::StepIrqs) choice of the last successful
+    /// ioctl (`None`: none yet).
+    block_irq: Option<u64>,
 }
 
 impl<M> fmt::Debug for VcpuDebug<M> {
@@ -226,6 +229,7 @@ impl<M: GuestMemory> VmDebug<M> {
             reinject_db: false,
             last_gpa: None,
             set_calls: 0,
+            block_irq: None,
         })
     }
 }
@@ -259,7 +263,18 @@ impl<M: GuestMemory> VcpuDebug<M> {
 
     fn set<V: VcpuOps + ?Sized>(&mut self, vcpu: &V, dbg: &kvm_guest_debug) -> Result<()> {
         self.set_calls += 1;
-        vcpu.set_guest_debug(dbg).map_err(|source| Error::Vcpu {
+        let mut dbg = *dbg;
+        // Interrupts out of a step, where the host has it (StepIrqs). Not
+        // part of what is recorded as applied: it changes no exit's meaning.
+        let block_irq = self.shared.block_irq.load(Ordering::Acquire);
+        if dbg.control & ControlFlags::SINGLESTEP.bits() != 0 && block_irq == 1 {
+            dbg.control |= KVM_GUESTDBG_BLOCKIRQ;
+        }
+        let done = vcpu.set_guest_debug(&dbg);
+        if done.is_ok() {
+            self.block_irq = Some(block_irq);
+        }
+        done.map_err(|source| Error::Vcpu {
             vcpu: self.id,
             op: "KVM_SET_GUEST_DEBUG",
             source,
@@ -423,7 +438,9 @@ impl<M: GuestMemory> VcpuDebug<M> {
             dbg.control |= (ControlFlags::ENABLE | ControlFlags::INJECT_DB).bits();
             self.set(vcpu, &dbg)?;
             self.reinject_db = false;
-        } else if self.applied.is_some_and(|r| *r.config.config() == want) {
+        } else if self.applied.is_some_and(|r| *r.config.config() == want)
+            && self.block_irq == Some(self.shared.block_irq.load(Ordering::Acquire))
+        {
             self.applied = Some(Record {
                 config: Applied::was_set(want),
                 generation: Some(generation),
@@ -516,7 +533,9 @@ impl<M: GuestMemory> VcpuDebug<M> {
                 PhysicalMemory(&inner.mem).write_byte(gpa, entry.saved)?;
             }
         }
-        let issued = if self.applied.is_some_and(|r| *r.config.config() == config) {
+        let issued = if self.applied.is_some_and(|r| *r.config.config() == config)
+            && self.block_irq == Some(self.shared.block_irq.load(Ordering::Acquire))
+        {
             false
         } else {
             self.set(vcpu, &to_kvm(&config))?;
