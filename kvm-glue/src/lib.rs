@@ -64,6 +64,11 @@
 //!     let exit = run_once(vcpu)?; // an owned copy: vcpu is free again
 //!     match exit {
 //!         Exit::Interrupted => kick.drain()?, // EINTR: kicked
+//!         Exit::Out(port, byte) => {
+//!             // the VMM's device model, then: KVM finishes the `out` at the
+//!             // next KVM_RUN; finish it now, before any park
+//!             h.complete_io(vcpu)?;
+//!         }
 //!         Exit::Debug { .. } => {
 //!             let arch = exit.debug().ok_or("a debug exit has its data")?;
 //!             if let Handled::Stop(stop) = h.handle_exit(&*vcpu, &arch)? {
@@ -118,7 +123,7 @@ pub use run::{run_once, Exit};
 pub use run_control::{Action, RunError, RunState, StopEvent, MAX_VCPUS};
 pub use sw_table::{Request, SpaceKind};
 pub use vcpu::VcpuOps;
-pub use vcpu_debug::{Handled, Park, Posted, Resume, StepOver, SyncAllError, VcpuDebug};
+pub use vcpu_debug::{Completed, Handled, Park, Posted, Resume, StepOver, SyncAllError, VcpuDebug};
 
 // The core types a kvm-glue user needs, so one dependency suffices.
 pub use x86_debugreg::state::{Inserted, Removed};

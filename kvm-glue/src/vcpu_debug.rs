@@ -78,6 +78,11 @@ use crate::vcpu::VcpuOps;
 
 pub use crate::run_control::{effective, StopEvent};
 
+/// DR6 after a single-step trap: BS (bit 14) and the bits that read as 1
+/// (SDM Vol. 3B 18.2.3); what KVM reports for a step on every host measured
+/// (HOST.md).
+const STEP_DR6: u64 = 0xffff_4ff0;
+
 /// The `int1` (ICEBP) opcode.
 const ICEBP: u8 = 0xF1;
 
@@ -155,6 +160,20 @@ pub enum Park {
     Held,
     /// Not held: [`enter`](VcpuDebug::enter) and run.
     Free,
+}
+
+/// What [`VcpuDebug::complete_io`] ended in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completed {
+    /// The access is done; the vCPU is at the instruction after it.
+    Done,
+    /// The completion ended in a debug exit (the access was single-stepped,
+    /// or a breakpoint hit right after it) that is a stop: handled and
+    /// posted ([`VcpuDebug::report_stop`]) like any other.
+    Stopped(StopEvent, Posted),
+    /// The completion ended in a debug exit that is nothing for the
+    /// debugger: handled, run again.
+    Resumed(Resume),
 }
 
 /// What became of a stop [`VcpuDebug::report_stop`] posted.
@@ -709,6 +728,85 @@ impl<M: GuestMemory> VcpuDebug<M> {
         dbg.control |= (ControlFlags::ENABLE | e.inject_flag()).bits();
         self.set(vcpu, &dbg)?;
         Ok(Handled::Resume(Resume::Reinjected(e)))
+    }
+
+    /// Completes the port or MMIO access the last run exited with
+    /// ([`run::complete_io`](crate::run::complete_io)), so this vCPU never
+    /// parks holding a half-done access: call it after handling every
+    /// `KVM_EXIT_IO` / `KVM_EXIT_MMIO` (an `in`'s or MMIO read's answer
+    /// written first), before the next [`before_run`](Self::before_run).
+    /// The debugger parking the vCPU then sees the instruction after the
+    /// access, and resuming does not run the access again. When that run
+    /// ends in a debug exit (a single-step over the access), it is handled
+    /// here ([`handle_exit`](Self::handle_exit), and
+    /// [`report_stop`](Self::report_stop) for a stop).
+    ///
+    /// Costs one `KVM_RUN` that does not enter the guest.
+    ///
+    /// # Errors
+    /// [`Error::Vcpu`] if `KVM_RUN` fails; [`Error::UnexpectedExit`] if
+    /// the run ended in anything but `EINTR` or a debug exit (nothing is
+    /// changed then); as [`handle_exit`](Self::handle_exit) and
+    /// [`report_stop`](Self::report_stop).
+    pub fn complete_io(&mut self, vcpu: &mut kvm_ioctls::VcpuFd) -> Result<Completed> {
+        let exit = crate::run::complete_io(vcpu).map_err(|source| Error::Vcpu {
+            vcpu: self.id,
+            op: "KVM_RUN",
+            source,
+        })?;
+        match exit {
+            crate::run::Exit::Interrupted if self.applied.is_some_and(|r| r.config.single_step()) => {
+                // The access was single-stepped and KVM finished it without
+                // the step's trap (KVM on VMX/SVM reports it from this run;
+                // kvm_pvm drops it, and a plain re-run would step a second
+                // instruction): one instruction ran, so this is its step,
+                // with DR6 as a single-step trap reads (BS, SDM 18.2.3).
+                let pc = self.linear_pc(&*vcpu)?;
+                let arch = kvm_debug_exit_arch {
+                    exception: 1,
+                    pad: 0,
+                    pc,
+                    dr6: STEP_DR6,
+                    dr7: 0,
+                };
+                match self.handle_exit(&*vcpu, &arch)? {
+                    Handled::Stop(stop) => Ok(Completed::Stopped(stop, self.report_stop(stop)?)),
+                    Handled::Resume(r) => Ok(Completed::Resumed(r)),
+                }
+            }
+            crate::run::Exit::Interrupted => Ok(Completed::Done),
+            exit @ crate::run::Exit::Debug { .. } => {
+                let Some(arch) = exit.debug() else {
+                    return Err(Error::UnexpectedExit {
+                        vcpu: self.id,
+                        exit: format!("{exit:?}"),
+                    });
+                };
+                match self.handle_exit(&*vcpu, &arch)? {
+                    Handled::Stop(stop) => Ok(Completed::Stopped(stop, self.report_stop(stop)?)),
+                    Handled::Resume(r) => Ok(Completed::Resumed(r)),
+                }
+            }
+            other => Err(Error::UnexpectedExit {
+                vcpu: self.id,
+                exit: format!("{other:?}"),
+            }),
+        }
+    }
+
+    /// CS base + RIP (RIP alone in 64-bit mode, where the base is 0).
+    fn linear_pc<V: VcpuOps>(&self, vcpu: &V) -> Result<u64> {
+        let err = |op| {
+            let id = self.id;
+            move |source| Error::Vcpu { vcpu: id, op, source }
+        };
+        let rip = vcpu.get_regs().map_err(err("KVM_GET_REGS"))?.rip;
+        let sregs = vcpu.get_sregs().map_err(err("KVM_GET_SREGS"))?;
+        Ok(if sregs.cs.l != 0 {
+            rip
+        } else {
+            sregs.cs.base.wrapping_add(rip)
+        })
     }
 
     /// Posts `event` for the debugger ([`VmDebug::wait_stop`]) and asks every

@@ -36,11 +36,10 @@
 //!   `run_state` poll ([`hold_vcpus`]);
 //! * item 3 (faults as stops): a triple fault, an internal error or a guest
 //!   exception ends the guest with code 1 ([`Flow::Fault`]);
-//! * item 4 (I/O completion): every port exit is completed with
-//!   `immediate_exit` right away, and a debug exit from that run is handled
-//!   like any other ([`complete_io`]);
-//! * item 6 (interrupts in a step): nothing here; with the timer on, a
-//!   `stepi` on vCPU 0 may land in `timer_isr` (vCPU 1 keeps interrupts off).
+//!
+//! Every port exit is completed at once with `VcpuDebug::complete_io`
+//! (in [`vcpu_loop`]); single-steps keep the timer's interrupts out where
+//! the host has `KVM_GUESTDBG_BLOCKIRQ` (kvm-glue's default).
 
 #[cfg(feature = "gdb")]
 mod pty;
@@ -156,7 +155,10 @@ fn vcpu_loop(id: usize, vcpu: &mut VcpuFd, mut h: VcpuDebug<GuestMemoryMmap>, s:
         let exit = run_once(vcpu)?;
         let flow = match exit {
             Exit::Out(port, value) => {
-                complete_io(vcpu, &mut h, s)?;
+                // KVM finishes an `out` at the next KVM_RUN: finish it now,
+                // so a vCPU the debugger parks holds no half-done access
+                // (and a step over it stops after it).
+                h.complete_io(vcpu)?;
                 device(id, port, value, &mut line, s)?
             }
             other => on_exit(vcpu, &mut h, s, other)?,
@@ -198,25 +200,6 @@ fn on_exit(vcpu: &mut VcpuFd, h: &mut VcpuDebug<GuestMemoryMmap>, s: &Shared, ex
     })
 }
 
-/// #18 item 4: KVM finishes a port access at the next `KVM_RUN`, so a vCPU
-/// the debugger parks now would hold a half-done `out`. Finish it here with
-/// `immediate_exit` (the guest does not run on). That run can end in a
-/// debug exit of its own (a single-step trap after the `out`): handled
-/// like any other.
-fn complete_io(vcpu: &mut VcpuFd, h: &mut VcpuDebug<GuestMemoryMmap>, s: &Shared) -> Result<(), Error> {
-    vcpu.set_kvm_immediate_exit(1);
-    let completed = run_once(vcpu);
-    vcpu.set_kvm_immediate_exit(0);
-    match completed? {
-        Exit::Interrupted => s.kick.drain()?,
-        exit @ Exit::Debug { .. } => {
-            on_exit(vcpu, h, s, exit)?;
-        }
-        other => return Err(format!("completing a port access ended in {other:?}").into()),
-    }
-    Ok(())
-}
-
 /// The guest's three ports.
 fn device(id: usize, port: u16, value: u8, line: &mut Vec<u8>, s: &Shared) -> Result<Flow, Error> {
     match port {
@@ -250,7 +233,9 @@ fn park_for_good(vcpu: &mut VcpuFd, mut h: VcpuDebug<GuestMemoryMmap>, s: &Share
             exit @ Exit::Debug { .. } => {
                 on_exit(vcpu, &mut h, s, exit)?;
             }
-            Exit::Out(..) => complete_io(vcpu, &mut h, s)?,
+            Exit::Out(..) => {
+                h.complete_io(vcpu)?;
+            }
             other => return Err(format!("vCPU {} after its end: {other:?}", h.id()).into()),
         }
     }
