@@ -47,6 +47,15 @@
 //! 6. With no live vCPU, there is nothing to wait for ([`RunControl::live`]).
 //! 7. After a resume, [`moved`](RunControl::moved) says whether a vCPU ran an
 //!    instruction under single-step since it was released.
+//! 8. **Held until attached** ([`hold_until_attached`](RunControl::hold_until_attached),
+//!    QEMU's `-S`): while that hold is in force, every live vCPU is held
+//!    (a vCPU registered later too), so each parks at its first entry. The
+//!    first debugger [`stop_all`](RunControl::stop_all) or
+//!    [`resume`](RunControl::resume) takes it over; a
+//!    [`detach`](RunControl::detach) with no session does not end it (a
+//!    connection that never became a debugger's releases nothing); for a VMM
+//!    that never serves a debugger, [`release_hold`](RunControl::release_hold)
+//!    ends it.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -212,6 +221,8 @@ pub struct RunControl {
     /// vCPU ids in the order their pending stops were posted.
     order: VecDeque<usize>,
     session: u64,
+    /// Every vCPU is held until a debugger attaches (rule 8).
+    attach_hold: bool,
 }
 
 impl Default for RunControl {
@@ -228,6 +239,7 @@ impl RunControl {
             declared: None,
             order: VecDeque::new(),
             session: 0,
+            attach_hold: false,
         }
     }
 
@@ -290,7 +302,7 @@ impl RunControl {
         if !allowed {
             return Err(self.unknown(vcpu));
         }
-        let stopping = self.vcpus.values().any(|v| v.handles > 0 && v.hold);
+        let stopping = self.attach_hold || self.vcpus.values().any(|v| v.handles > 0 && v.hold);
         let v = self.vcpus.entry(vcpu).or_default();
         v.handles += 1;
         v.hold |= stopping;
@@ -391,12 +403,49 @@ impl RunControl {
     }
 
     /// The debugger asks every vCPU to stop; returns the live ones not
-    /// parked (to kick).
+    /// parked (to kick). A [hold until attached](Self::hold_until_attached)
+    /// is taken over: the vCPUs stay held, now by the debugger.
     pub fn stop_all(&mut self) -> Vec<usize> {
+        self.attach_hold = false;
         for v in self.vcpus.values_mut() {
             v.hold = true;
         }
         self.unparked()
+    }
+
+    /// Holds every vCPU, those registered later too, until a debugger
+    /// attaches (QEMU's `-S`): each parks at its first entry. The first
+    /// [`stop_all`](Self::stop_all) or [`resume`](Self::resume) — a
+    /// debugger's session — takes the hold over; a [`detach`](Self::detach)
+    /// keeps it (no debugger attached by it); only
+    /// [`release_hold`](Self::release_hold) lets the vCPUs run without one.
+    pub fn hold_until_attached(&mut self) {
+        self.attach_hold = true;
+        for v in self.vcpus.values_mut() {
+            v.hold = true;
+        }
+    }
+
+    /// Whether the vCPUs are held until a debugger attaches.
+    pub fn holding_until_attached(&self) -> bool {
+        self.attach_hold
+    }
+
+    /// Ends a [hold until attached](Self::hold_until_attached) with no
+    /// debugger: every vCPU is released (unless a posted stop waits, which
+    /// keeps everyone held for the debugger as any stop does). Returns
+    /// whether a hold was ended; without one nothing changes.
+    pub fn release_hold(&mut self) -> bool {
+        if !self.attach_hold {
+            return false;
+        }
+        self.attach_hold = false;
+        if !self.has_pending() {
+            for v in self.vcpus.values_mut() {
+                v.hold = false;
+            }
+        }
+        true
     }
 
     /// Live vCPUs not parked.
@@ -527,6 +576,8 @@ impl RunControl {
         for &(id, _) in actions {
             self.check(id)?;
         }
+        // A debugger resuming is attached: it takes a hold-until-attached over.
+        self.attach_hold = false;
         let mut step_changed = false;
         for &(id, action) in actions {
             step_changed |= self.set_single_step(id, action == Action::Step)?;
@@ -559,19 +610,22 @@ impl RunControl {
     }
 
     /// Ends the session: a new session number, single-step off everywhere,
-    /// every posted stop dropped with its step-over, every vCPU released.
+    /// every posted stop dropped with its step-over, every vCPU released —
+    /// but for a [hold until attached](Self::hold_until_attached) still in
+    /// force, which no session took over (rule 8).
     /// Returns whether some single-step flag changed.
     pub fn detach(&mut self) -> bool {
         self.session = self.session.wrapping_add(1);
         self.order.clear();
         let mut changed = false;
+        let keep = self.attach_hold;
         for v in self.vcpus.values_mut() {
             changed |= v.single_step;
             v.single_step = false;
             if v.pending.take().is_some() {
                 v.owed = None;
             }
-            v.hold = false;
+            v.hold = keep;
         }
         changed
     }

@@ -9,7 +9,8 @@
 //! the configuration from what the fake vCPU was given by
 //! `KVM_SET_GUEST_DEBUG`. Transitions interleave the debugger's operations
 //! (insert, remove, stop-all, take a stop, resume with per-vCPU actions,
-//! detach) with each vCPU thread's steps (look at the park / enter the
+//! detach; the VMM's hold until attached and its release, rule 8) with
+//! each vCPU thread's steps (look at the park / enter the
 //! guest; run 0-3 instructions and handle the exit, posting a stop).
 //!
 //! After every transition: every outcome (insert/remove answers, each
@@ -171,6 +172,7 @@ enum Outcome {
     Inserted(bool),
     Removed(bool),
     StopAll(bool),
+    Released(bool),
     Taken(Option<(usize, u64)>),
     Park(bool),
     Ran(RunEnd),
@@ -189,6 +191,8 @@ struct RefState {
     session: u64,
     v: Vec<RefVcpu>,
     order: VecDeque<usize>,
+    /// Rule 8: every vCPU held until a debugger attaches.
+    attach_hold: bool,
     last: Outcome,
     /// Rare states seen in this case.
     seen: Seen,
@@ -210,6 +214,10 @@ enum T {
     Take,
     Resume(Vec<(usize, bool)>),
     Detach,
+    /// The VMM: hold every vCPU until a debugger attaches.
+    HoldUntilAttached,
+    /// The VMM: no debugger after all.
+    ReleaseHold,
     /// vCPU thread: look at the park; if free, enter the guest.
     Poll(usize),
     /// vCPU thread: run up to that many instructions, handle the exit.
@@ -263,6 +271,7 @@ impl ReferenceStateMachine for Model {
                     })
                     .collect(),
                 order: VecDeque::new(),
+                attach_hold: false,
                 last: Outcome::None,
                 seen: Seen::default(),
             })
@@ -278,6 +287,8 @@ impl ReferenceStateMachine for Model {
             3 => Just(T::Take),
             3 => actions.prop_map(T::Resume),
             1 => Just(T::Detach),
+            1 => Just(T::HoldUntilAttached),
+            1 => Just(T::ReleaseHold),
             8 => (0..N).prop_map(T::Poll),
             8 => (0..N, 0..=3u8).prop_map(|(i, b)| T::Run(i, b)),
         ]
@@ -323,6 +334,7 @@ impl ReferenceStateMachine for Model {
                 s.last = Outcome::Removed(ok);
             }
             T::StopAll => {
+                s.attach_hold = false;
                 for v in &mut s.v {
                     v.held = true;
                 }
@@ -340,6 +352,7 @@ impl ReferenceStateMachine for Model {
                 s.last = Outcome::Taken(got);
             }
             T::Resume(actions) => {
+                s.attach_hold = false;
                 for &(i, step) in actions {
                     s.v[i].single_step = step;
                 }
@@ -375,8 +388,24 @@ impl ReferenceStateMachine for Model {
                     if v.pending.take().is_some() {
                         v.stands = None;
                     }
-                    v.held = false;
+                    v.held = s.attach_hold;
                 }
+            }
+            T::HoldUntilAttached => {
+                s.attach_hold = true;
+                for v in &mut s.v {
+                    v.held = true;
+                }
+            }
+            T::ReleaseHold => {
+                let was = s.attach_hold;
+                s.attach_hold = false;
+                if was && s.v.iter().all(|v| v.pending.is_none()) {
+                    for v in &mut s.v {
+                        v.held = false;
+                    }
+                }
+                s.last = Outcome::Released(was);
             }
             T::Poll(i) => {
                 let bps = s.bp_set();
@@ -531,6 +560,11 @@ impl StateMachineTest for RunControlTest {
                 let report = sut.dbg.detach().expect("detach");
                 assert!(report.is_complete());
             }
+            T::HoldUntilAttached => sut.dbg.hold_until_attached().expect("hold"),
+            T::ReleaseHold => {
+                let got = sut.dbg.release_hold().expect("release");
+                assert_eq!(Outcome::Released(got), r.last, "release_hold");
+            }
             T::Poll(i) => {
                 let park = sut.h[i].poll_park(&sut.f[i]).expect("poll");
                 assert_eq!(Outcome::Park(park == Park::Held), r.last, "vCPU {i} park");
@@ -589,7 +623,17 @@ impl StateMachineTest for RunControlTest {
     }
 
     fn check_invariants(sut: &Sut, r: &RefState) {
+        assert_eq!(
+            sut.dbg.holding_until_attached().expect("hold"),
+            r.attach_hold,
+            "held until attached"
+        );
         for i in 0..N {
+            // Rule 8: while the vCPUs are held until attached, every one is.
+            assert!(
+                !r.attach_hold || sut.dbg.run_state(i).expect("state") != RunState::Running,
+                "vCPU {i} runs during a hold until attached"
+            );
             assert_eq!(sut.dbg.run_state(i).expect("state"), r.state(i), "vCPU {i} run state");
             assert_eq!(sut.dbg.moved(i).expect("moved"), r.v[i].moved, "vCPU {i} moved");
             assert_eq!(sut.pc[i], r.v[i].pc, "vCPU {i} pc");

@@ -32,8 +32,6 @@
 //!
 //! Where kvm-glue does not yet give a VMM what it needs (issue #18), the
 //! example works around it, each place marked `#18 item N`:
-//! * item 2 (hold until attached): a helper thread's `stop_all` plus a
-//!   `run_state` poll ([`hold_vcpus`]);
 //! * item 3 (faults as stops): a triple fault, an internal error or a guest
 //!   exception ends the guest with code 1 ([`Flow::Fault`]);
 //!
@@ -51,12 +49,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+#[cfg(feature = "gdb")]
+use std::time::Duration;
 
 #[cfg(feature = "gdb")]
 use kvm_glue::gdb::{serve, serve_stream, GuestEnd, Options};
 use kvm_glue::run::{run_once, Exit};
-use kvm_glue::{Handled, RunState, SignalKick, VcpuDebug, VmDebug};
+use kvm_glue::{Handled, SignalKick, VcpuDebug, VmDebug};
 use kvm_ioctls::VcpuFd;
 use vm_memory::GuestMemoryMmap;
 
@@ -241,29 +240,6 @@ fn park_for_good(vcpu: &mut VcpuFd, mut h: VcpuDebug<GuestMemoryMmap>, s: &Share
     }
 }
 
-/// #18 item 2: there is no "hold until attached" in kvm-glue yet. A
-/// helper thread's `stop_all` marks every vCPU (it waits for them to park,
-/// so it cannot run here), the vCPUs start and park at their first
-/// `before_run`, and this waits until none is running.
-fn hold_vcpus(dbg: &VmDebug<GuestMemoryMmap>) -> Result<std::thread::JoinHandle<kvm_glue::Result<()>>, Error> {
-    let stopper = {
-        let dbg = dbg.clone();
-        std::thread::spawn(move || dbg.stop_all(Duration::from_secs(10)))
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !dbg
-        .vcpu_ids()?
-        .iter()
-        .all(|&id| dbg.run_state(id).is_ok_and(|s| s != RunState::Running))
-    {
-        if Instant::now() > deadline {
-            return Err("the vCPUs could not be held".into());
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    Ok(stopper)
-}
-
 /// Serves GDB until the guest ends; its exit code.
 #[cfg(feature = "gdb")]
 fn serve_gdb(args: &Args, how: &Gdb, dbg: &VmDebug<GuestMemoryMmap>, end: &GuestEnd) -> Result<u8, Error> {
@@ -305,7 +281,12 @@ fn run(args: &Args) -> Result<u8, Error> {
     let kick = SignalKick::new(0)?; // SIGRTMIN + 0
     dbg.set_kick(kick.clone())?;
     let handles = (0..VCPUS).map(|id| dbg.vcpu(id)).collect::<Result<Vec<_>, _>>()?;
-    let stopper = if args.hold { Some(hold_vcpus(&dbg)?) } else { None };
+    if args.hold {
+        // QEMU's -S: every vCPU parks at its first before_run, before its
+        // first instruction; the debugger's session takes the hold over.
+        dbg.hold_until_attached()?;
+        println!("elf_vmm: every vCPU held before its first instruction until a debugger attaches");
+    }
     let (ended, ended_rx) = mpsc::channel();
     let shared = Shared {
         kick,
@@ -325,10 +306,6 @@ fn run(args: &Args) -> Result<u8, Error> {
                         std::process::exit(2);
                     }
                 })?;
-        }
-        if let Some(stopper) = stopper {
-            stopper.join().map_err(|_| "the holding thread panicked")??;
-            println!("elf_vmm: every vCPU held before its first instruction until a debugger attaches");
         }
         let code = match args.gdb {
             Gdb::None => ended_rx.recv()?,
