@@ -120,7 +120,7 @@ pub use error::{Error, Result};
 pub use kick::{Kick, KickError, SignalKick};
 pub use memory::{AddressSpace, MemoryError, PhysicalMemory, VirtualMemory};
 pub use run::{run_once, Exit};
-pub use run_control::{Action, RunError, RunState, StopEvent, MAX_VCPUS};
+pub use run_control::{Action, Fault, RunError, RunState, StopEvent, MAX_VCPUS};
 pub use sw_table::{Request, SpaceKind};
 pub use vcpu::VcpuOps;
 pub use vcpu_debug::{Completed, Handled, Park, Posted, Resume, StepOver, SyncAllError, VcpuDebug};

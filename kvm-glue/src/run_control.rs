@@ -56,6 +56,12 @@
 //!    connection that never became a debugger's releases nothing); for a VMM
 //!    that never serves a debugger, [`release_hold`](RunControl::release_hold)
 //!    ends it.
+//! 9. **A fault is a stop that cannot be resumed.** A vCPU that reports a
+//!    fault ([`post_fault`](RunControl::post_fault): a triple fault, an
+//!    internal error, an exit the VMM cannot handle) posts a stop like any
+//!    other, which no resume drops as stale; a resume naming that vCPU is
+//!    refused ([`RunError::Faulted`]) and changes nothing, until its handle
+//!    goes (a detach does not clear it: the vCPU still cannot run).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -77,12 +83,45 @@ pub enum RunError {
         /// What the VM knows.
         known: Known,
     },
+    /// The vCPU reported a fault ([`RunControl::post_fault`]): it cannot
+    /// run on.
+    #[error("vCPU {vcpu} faulted ({fault}): it cannot run on")]
+    Faulted {
+        /// The vCPU.
+        vcpu: usize,
+        /// Its fault.
+        fault: Fault,
+    },
     /// More vCPUs declared than a VM can have.
+
     #[error("{count} vCPUs asked for; a VM has at most {MAX_VCPUS}")]
     TooManyVcpus {
         /// The count asked for.
         count: usize,
     },
+}
+
+/// Why a vCPU cannot run on, reported as a stop
+/// ([`VcpuDebug::report_fault`](crate::VcpuDebug::report_fault)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// `KVM_EXIT_SHUTDOWN`: a triple fault (or another shutdown condition).
+    Shutdown,
+    /// `KVM_EXIT_INTERNAL_ERROR`: KVM could not go on (an instruction it
+    /// could not emulate, a failed event delivery).
+    InternalError,
+    /// An exit the VMM cannot handle.
+    UnhandledExit,
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Fault::Shutdown => "triple fault (KVM_EXIT_SHUTDOWN)",
+            Fault::InternalError => "KVM_EXIT_INTERNAL_ERROR",
+            Fault::UnhandledExit => "an exit the VMM cannot handle",
+        })
+    }
 }
 
 /// Which ids a VM's run control accepts.
@@ -136,12 +175,19 @@ pub struct StopEvent {
     pub pc: u64,
     /// DR6 as KVM reported it (0 for `#BP`).
     pub dr6: u64,
-    /// Why, decoded from the configuration this vCPU applied.
+    /// Why, decoded from the configuration this vCPU applied (for a fault,
+    /// an empty `Stop::Debug`).
     pub stop: Stop,
+    /// The fault the vCPU reported instead of a debug exit
+    /// (`VcpuDebug::report_fault`): it cannot run on.
+    pub fault: Option<Fault>,
 }
 
 impl fmt::Display for StopEvent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(fault) = self.fault {
+            return write!(f, "vCPU {} faulted at {:#x}: {fault}", self.vcpu, self.pc);
+        }
         write!(f, "vCPU {} stopped at {:#x}: ", self.vcpu, self.pc)?;
         match self.stop {
             Stop::Software { addr } => return write!(f, "software breakpoint at {addr:#x}"),
@@ -209,6 +255,8 @@ struct Vcpu {
     owed: Option<u64>,
     /// Ran an instruction under single-step since it was last released.
     moved: bool,
+    /// Reported a fault: it cannot run on (rule 9).
+    faulted: Option<Fault>,
     /// Generation of the intent this vCPU last applied (`None`: unknown).
     applied_generation: Option<u64>,
 }
@@ -320,6 +368,7 @@ impl RunControl {
                 v.parked = false;
                 v.owed = None;
                 v.applied_generation = None;
+                v.faulted = None;
             }
         }
     }
@@ -528,6 +577,32 @@ impl RunControl {
         Post::Posted { kick }
     }
 
+    /// `vcpu` reports a fault as a stop (rule 9): posted like any stop in
+    /// the current session (it comes from no configuration, so no session
+    /// can make it stale), every vCPU held; from now on `vcpu` cannot be
+    /// resumed ([`RunError::Faulted`]) and owes no step-over.
+    ///
+    /// # Errors
+    /// [`RunError::UnknownVcpu`] for an id with no live handle; nothing
+    /// changes then.
+    pub fn post_fault(&mut self, vcpu: usize, mut pending: Pending, fault: Fault) -> Result<Post, RunError> {
+        if self.vcpus.get(&vcpu).is_none_or(|v| v.handles == 0) {
+            return Err(self.unknown(vcpu));
+        }
+        pending.event.fault = Some(fault);
+        if let Some(v) = self.vcpus.get_mut(&vcpu) {
+            v.faulted = Some(fault);
+            v.owed = None;
+        }
+        let session = self.session;
+        Ok(self.post(vcpu, pending, session))
+    }
+
+    /// The fault `vcpu` reported, if it did (`None` for an unknown id).
+    pub fn faulted(&self, vcpu: usize) -> Option<Fault> {
+        self.vcpus.get(&vcpu).and_then(|v| v.faulted)
+    }
+
     /// A stop `vcpu` decoded from no configuration of the debugger's (it
     /// never synced): [`Post::Discarded`], with its step-over.
     pub fn discard(&mut self, vcpu: usize) -> Post {
@@ -575,6 +650,9 @@ impl RunControl {
     ) -> Result<Resumed, RunError> {
         for &(id, _) in actions {
             self.check(id)?;
+            if let Some(fault) = self.faulted(id) {
+                return Err(RunError::Faulted { vcpu: id, fault });
+            }
         }
         // A debugger resuming is attached: it takes a hold-until-attached over.
         self.attach_hold = false;
@@ -585,7 +663,8 @@ impl RunControl {
         let mut dropped = Vec::new();
         for (&id, v) in self.vcpus.iter_mut() {
             if let Some(p) = v.pending {
-                if !still_valid(&p, v.single_step) {
+                // A fault never goes stale (rule 9).
+                if p.event.fault.is_none() && !still_valid(&p, v.single_step) {
                     v.pending = None;
                     v.owed = None;
                     dropped.push(id);
@@ -718,6 +797,7 @@ mod tests {
                     single_step: true,
                     hits: Hits::default(),
                 },
+                fault: None,
             },
             gpa: None,
         }

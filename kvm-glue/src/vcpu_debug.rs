@@ -72,7 +72,7 @@ use crate::debugger::{read_linear, Inner, Shared, VmDebug};
 use crate::error::{Error, Result};
 use crate::memory::{translate, AddressSpace, PhysicalMemory};
 use crate::probe::Int1Pc;
-use crate::run_control::{exclude, Pending, Post, StepPhase};
+use crate::run_control::{exclude, Fault, Pending, Post, RunError, StepPhase};
 use crate::sync::{Arc, Ordering};
 use crate::vcpu::VcpuOps;
 
@@ -333,6 +333,7 @@ impl<M: GuestMemory> VcpuDebug<M> {
     pub fn before_run<V: VcpuOps>(&mut self, vcpu: &V) -> Result<bool> {
         // One lock for the park check and the step-over debt.
         let owed = self.park(vcpu)?;
+        self.check_fault()?;
         self.request_step_over(owed);
         self.sync(vcpu)
     }
@@ -717,6 +718,7 @@ impl<M: GuestMemory> VcpuDebug<M> {
                 exit.dr6
             },
             stop,
+            fault: None,
         })
     }
 
@@ -807,6 +809,80 @@ impl<M: GuestMemory> VcpuDebug<M> {
         } else {
             sregs.cs.base.wrapping_add(rip)
         })
+    }
+
+    /// Reports a fault the vCPU cannot run on as a stop: on
+    /// `KVM_EXIT_SHUTDOWN` (a triple fault), `KVM_EXIT_INTERNAL_ERROR` or an
+    /// exit the VMM cannot handle, instead of ending the guest at once. The
+    /// stop is posted like any other (every vCPU is held), at the vCPU's pc
+    /// (CS base + RIP); the GDB server reports it as a signal (see
+    /// `gdb::stop`), with this vCPU's registers and guest memory readable
+    /// as at any stop. Resuming this vCPU is then refused
+    /// ([`RunError::Faulted`]): the next [`before_run`](Self::before_run)
+    /// parks while the debugger holds it and then answers that error —
+    /// the VMM decides what happens next (e.g. `GuestEnd::end`, which ends
+    /// the GDB session with the guest's exit code).
+    ///
+    /// Serve a debugger to show it: with none attached, the GDB server
+    /// drops the stop and releases the vCPUs, and without a server nobody
+    /// does — a VMM that serves no debugger ends the guest instead.
+    ///
+    /// ```
+    /// use kvm_glue::{fake::FakeVcpu, run_control::{Fault, RunError}, Error, Posted, VmDebug};
+    /// use vm_memory::{GuestAddress, GuestMemoryMmap};
+    ///
+    /// let dbg = VmDebug::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)])?);
+    /// let vcpu = FakeVcpu::new();
+    /// let mut h = dbg.vcpu(0)?;
+    /// assert_eq!(h.report_fault(&vcpu, Fault::Shutdown)?, Posted::Waiting);
+    /// let stop = dbg.try_take_stop()?.expect("posted");
+    /// assert_eq!(stop.fault, Some(Fault::Shutdown));
+    /// assert!(matches!(
+    ///     dbg.resume_all(),
+    ///     Err(Error::Run(RunError::Faulted { vcpu: 0, fault: Fault::Shutdown }))
+    /// ));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Vcpu`] if the registers cannot be read (nothing is posted
+    /// then); [`Error::Poisoned`]; [`Error::Kick`] if a kick failed (the
+    /// stop is posted regardless).
+    pub fn report_fault<V: VcpuOps>(&mut self, vcpu: &V, fault: Fault) -> Result<Posted> {
+        let pc = self.linear_pc(vcpu)?;
+        let event = StopEvent {
+            vcpu: self.id,
+            pc,
+            dr6: 0,
+            stop: Stop::Debug {
+                single_step: false,
+                hits: Hits::default(),
+            },
+            fault: Some(fault),
+        };
+        self.step = StepPhase::Idle;
+        let post = self
+            .shared
+            .lock()?
+            .run
+            .post_fault(self.id, Pending { event, gpa: None }, fault)?;
+        match post {
+            Post::Discarded => Ok(Posted::Discarded),
+            Post::Posted { kick } => {
+                self.shared.signal_stop();
+                self.shared.cond.notify_all();
+                self.shared.kick(&kick)?;
+                Ok(Posted::Waiting)
+            }
+        }
+    }
+
+    /// [`RunError::Faulted`] once this vCPU has reported a fault.
+    fn check_fault(&self) -> Result<()> {
+        match self.shared.lock()?.run.faulted(self.id) {
+            Some(fault) => Err(Error::Run(RunError::Faulted { vcpu: self.id, fault })),
+            None => Ok(()),
+        }
     }
 
     /// Posts `event` for the debugger ([`VmDebug::wait_stop`]) and asks every

@@ -30,12 +30,11 @@
 //! exception it did not expect on `0x502`. When every vCPU is done the
 //! guest has ended: GDB prints `[Inferior 1 (process 1) exited normally]`.
 //!
-//! Where kvm-glue does not yet give a VMM what it needs (issue #18), the
-//! example works around it, each place marked `#18 item N`:
-//! * item 3 (faults as stops): a triple fault, an internal error or a guest
-//!   exception ends the guest with code 1 ([`Flow::Fault`]);
-//!
-//! Every port exit is completed at once with `VcpuDebug::complete_io`
+//! A triple fault, an internal error or an exit it cannot handle is shown
+//! to the debugger, if one is served, as a stop (`VcpuDebug::report_fault`:
+//! GDB sees SIGQUIT or SIGABRT, as with QEMU) before the guest ends with
+//! code 1 ([`Flow::Fault`]); an exception the guest reports itself on
+//! `0x502` just ends it. Every port exit is completed at once with `VcpuDebug::complete_io`
 //! (in [`vcpu_loop`]); single-steps keep the timer's interrupts out where
 //! the host has `KVM_GUESTDBG_BLOCKIRQ` (kvm-glue's default).
 
@@ -55,7 +54,7 @@ use std::time::Duration;
 #[cfg(feature = "gdb")]
 use kvm_glue::gdb::{serve, serve_stream, GuestEnd, Options};
 use kvm_glue::run::{run_once, Exit};
-use kvm_glue::{Handled, SignalKick, VcpuDebug, VmDebug};
+use kvm_glue::{Fault, Handled, RunError, SignalKick, VcpuDebug, VmDebug};
 use kvm_ioctls::VcpuFd;
 use vm_memory::GuestMemoryMmap;
 
@@ -117,6 +116,8 @@ struct Shared {
     /// The guest's end, as the GDB server hears of it.
     #[cfg(feature = "gdb")]
     end: GuestEnd,
+    /// A debugger is served: faults are shown to it before the guest ends.
+    debugger: bool,
     /// vCPUs that have not said they are done.
     running: AtomicUsize,
     /// The guest's end code, for a VMM without GDB.
@@ -137,9 +138,9 @@ enum Flow {
     Run,
     /// The vCPU is done (or dead): it stays out of the guest for good.
     Done,
-    /// #18 item 3: the guest faulted. Until a vCPU can report a fault as a
-    /// stop, the guest ends (code 1) and the debugger sees it exit.
-    Fault(String),
+    /// The guest faulted: KVM could not run it on (a `Fault`, shown to a
+    /// debugger as a stop first), or it reported an exception itself.
+    Fault(String, Option<Fault>),
 }
 
 /// One vCPU thread: kvm-glue's loop (`before_run`, run, `handle_exit`,
@@ -165,11 +166,21 @@ fn vcpu_loop(id: usize, vcpu: &mut VcpuFd, mut h: VcpuDebug<GuestMemoryMmap>, s:
         match flow {
             Flow::Run => {}
             Flow::Done => return park_for_good(vcpu, h, s),
-            Flow::Fault(why) => {
+            Flow::Fault(why, fault) => {
                 let regs = vcpu.get_regs()?;
                 println!("vCPU {id}: {why} at rip {:#x}, rsp {:#x}", regs.rip, regs.rsp);
+                if let (Some(fault), true) = (fault, s.debugger) {
+                    // A stop GDB sees as a signal, registers and memory
+                    // readable; this vCPU cannot run on, so before_run parks
+                    // until the debugger lets go, then says so.
+                    h.report_fault(&*vcpu, fault)?;
+                    match h.before_run(&*vcpu) {
+                        Err(kvm_glue::Error::Run(RunError::Faulted { .. })) => {}
+                        other => return Err(format!("vCPU {id} after its fault: {other:?}").into()),
+                    }
+                }
                 s.end(1)?;
-                return park_for_good(vcpu, h, s);
+                return Ok(());
             }
         }
     }
@@ -190,12 +201,12 @@ fn on_exit(vcpu: &mut VcpuFd, h: &mut VcpuDebug<GuestMemoryMmap>, s: &Shared, ex
             }
             Flow::Run
         }
-        Exit::Shutdown => Flow::Fault("triple fault (KVM_EXIT_SHUTDOWN)".into()),
-        Exit::InternalError => Flow::Fault("KVM_EXIT_INTERNAL_ERROR".into()),
+        Exit::Shutdown => Flow::Fault("triple fault (KVM_EXIT_SHUTDOWN)".into(), Some(Fault::Shutdown)),
+        Exit::InternalError => Flow::Fault("KVM_EXIT_INTERNAL_ERROR".into(), Some(Fault::InternalError)),
         // With the in-kernel irqchip `hlt` stays in the kernel; this is a
         // VMM without one.
-        Exit::Hlt => Flow::Fault("hlt exit without an irqchip".into()),
-        other => Flow::Fault(format!("unexpected exit {other:?}")),
+        Exit::Hlt => Flow::Fault("hlt exit without an irqchip".into(), Some(Fault::UnhandledExit)),
+        other => Flow::Fault(format!("unexpected exit {other:?}"), Some(Fault::UnhandledExit)),
     })
 }
 
@@ -214,8 +225,13 @@ fn device(id: usize, port: u16, value: u8, line: &mut Vec<u8>, s: &Shared) -> Re
             }
             return Ok(Flow::Done);
         }
-        PORT_FAULT => return Ok(Flow::Fault(format!("guest exception, vector {value}"))),
-        _ => return Ok(Flow::Fault(format!("out to unknown port {port:#x}"))),
+        PORT_FAULT => return Ok(Flow::Fault(format!("guest exception, vector {value}"), None)),
+        _ => {
+            return Ok(Flow::Fault(
+                format!("out to unknown port {port:#x}"),
+                Some(Fault::UnhandledExit),
+            ))
+        }
     }
     Ok(Flow::Run)
 }
@@ -292,6 +308,7 @@ fn run(args: &Args) -> Result<u8, Error> {
         kick,
         #[cfg(feature = "gdb")]
         end: GuestEnd::new()?,
+        debugger: !matches!(args.gdb, Gdb::None),
         running: AtomicUsize::new(VCPUS),
         ended,
     };
