@@ -47,6 +47,17 @@
 //! which vCPUs ran an instruction after a multi-vCPU step. A vCPU thread
 //! that waits in its own event loop uses [`VcpuDebug::poll_park`] and
 //! [`VcpuDebug::enter`] instead of the blocking `before_run`.
+//!
+//! What a VMM around a real guest adds (issue #18): [`VmDebug::hold_until_attached`]
+//! keeps every vCPU before its first instruction until a debugger attaches
+//! (QEMU's `-S`; [`VmDebug::release_hold`] if none comes);
+//! [`VcpuDebug::complete_io`] after every port or MMIO exit, so a parked
+//! vCPU holds no half-done access; [`VcpuDebug::report_fault`] on a triple
+//! fault, an internal error or an exit the VMM cannot handle, which the
+//! debugger sees as a stop it cannot resume; single-steps keep interrupts
+//! out by default where the host has `KVM_GUESTDBG_BLOCKIRQ`
+//! ([`VmDebug::set_step_irqs`]). `examples/elf_vmm/` uses all of them.
+//!
 //! `examples/vmm_threads.rs` is the whole pattern, runnable:
 //!
 //! ```no_run

@@ -9,7 +9,10 @@
 //! Transitions, the debugger's: [`register`](RunControl::register) a vCPU,
 //! [`set_single_step`](RunControl::set_single_step), [`stop_all`](RunControl::stop_all),
 //! [`take`](RunControl::take) a posted stop, [`resume`](RunControl::resume),
-//! [`detach`](RunControl::detach); the vCPU's: [`stopped`](RunControl::stopped)
+//! [`detach`](RunControl::detach); the VMM's:
+//! [`hold_until_attached`](RunControl::hold_until_attached),
+//! [`release_hold`](RunControl::release_hold); the vCPU's:
+//! [`post_fault`](RunControl::post_fault) (a fault it cannot run on), [`stopped`](RunControl::stopped)
 //! (a debug exit decoded into a stop at pc X), [`stepped`](RunControl::stepped)
 //! (an instruction ran under single-step), [`post`](RunControl::post),
 //! [`park`](RunControl::park) / [`unpark`](RunControl::unpark),
