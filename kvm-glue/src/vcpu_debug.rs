@@ -860,12 +860,20 @@ impl<M: GuestMemory> VcpuDebug<M> {
             },
             fault: Some(fault),
         };
-        self.step = StepPhase::Idle;
-        let post = self
-            .shared
-            .lock()?
-            .run
-            .post_fault(self.id, Pending { event, gpa: None }, fault)?;
+        let post = {
+            let mut inner = self.shared.lock()?;
+            let post = inner.run.post_fault(self.id, Pending { event, gpa: None }, fault)?;
+            // A step-over in flight ends here: an `int3` whose byte it had
+            // put back is re-armed for the other vCPUs (best effort: the
+            // byte was written a moment ago).
+            if let StepPhase::InFlight { sw_gpa: Some(gpa), .. } = self.step {
+                if inner.state.sw().contains(gpa) {
+                    let _ = PhysicalMemory(&inner.mem).write_byte(gpa, INT3);
+                }
+            }
+            self.step = StepPhase::Idle;
+            post
+        };
         match post {
             Post::Discarded => Ok(Posted::Discarded),
             Post::Posted { kick } => {

@@ -10,7 +10,8 @@
 //! `KVM_SET_GUEST_DEBUG`. Transitions interleave the debugger's operations
 //! (insert, remove, stop-all, take a stop, resume with per-vCPU actions,
 //! detach; the VMM's hold until attached and its release, rule 8) with
-//! each vCPU thread's steps (look at the park / enter the
+//! each vCPU thread's steps (and its report of a fault, rule 9: posted,
+//! never stale, its vCPU never resumed) (look at the park / enter the
 //! guest; run 0-3 instructions and handle the exit, posting a stop).
 //!
 //! After every transition: every outcome (insert/remove answers, each
@@ -163,6 +164,8 @@ struct RefVcpu {
     entry: (BTreeSet<u64>, bool),
     entered_session: u64,
     moved: bool,
+    /// Rule 9: reported a fault; it never runs again.
+    faulted: bool,
 }
 
 /// What the last transition's answer must be.
@@ -173,6 +176,7 @@ enum Outcome {
     Removed(bool),
     StopAll(bool),
     Released(bool),
+    Resumed(bool),
     Taken(Option<(usize, u64)>),
     Park(bool),
     Ran(RunEnd),
@@ -218,6 +222,8 @@ enum T {
     HoldUntilAttached,
     /// The VMM: no debugger after all.
     ReleaseHold,
+    /// vCPU thread: its last exit was a fault it cannot run on.
+    Fault(usize),
     /// vCPU thread: look at the park; if free, enter the guest.
     Poll(usize),
     /// vCPU thread: run up to that many instructions, handle the exit.
@@ -268,6 +274,7 @@ impl ReferenceStateMachine for Model {
                         entry: (BTreeSet::new(), false),
                         entered_session: 0,
                         moved: false,
+                        faulted: false,
                     })
                     .collect(),
                 order: VecDeque::new(),
@@ -289,6 +296,7 @@ impl ReferenceStateMachine for Model {
             1 => Just(T::Detach),
             1 => Just(T::HoldUntilAttached),
             1 => Just(T::ReleaseHold),
+            1 => (0..N).prop_map(T::Fault),
             8 => (0..N).prop_map(T::Poll),
             8 => (0..N, 0..=3u8).prop_map(|(i, b)| T::Run(i, b)),
         ]
@@ -297,7 +305,8 @@ impl ReferenceStateMachine for Model {
 
     fn preconditions(s: &RefState, t: &T) -> bool {
         match t {
-            T::Poll(i) => s.v[*i].mode != Mode::InGuest,
+            T::Poll(i) => s.v[*i].mode != Mode::InGuest && !s.v[*i].faulted,
+            T::Fault(i) => s.v[*i].mode == Mode::Outside && !s.v[*i].faulted,
             T::Run(i, _) => s.v[*i].mode == Mode::InGuest,
             T::Resume(a) => {
                 let ids: BTreeSet<usize> = a.iter().map(|(i, _)| *i).collect();
@@ -351,7 +360,12 @@ impl ReferenceStateMachine for Model {
                 }
                 s.last = Outcome::Taken(got);
             }
+            T::Resume(actions) if actions.iter().any(|&(i, _)| s.v[i].faulted) => {
+                // Rule 9: refused, nothing changes.
+                s.last = Outcome::Resumed(false);
+            }
             T::Resume(actions) => {
+                s.last = Outcome::Resumed(true);
                 s.attach_hold = false;
                 for &(i, step) in actions {
                     s.v[i].single_step = step;
@@ -360,7 +374,7 @@ impl ReferenceStateMachine for Model {
                 let mut dropped = Vec::new();
                 for (i, v) in s.v.iter_mut().enumerate() {
                     if let Some(p) = v.pending {
-                        let valid = (p.step && v.single_step) || p.hit.is_some_and(|x| bps.contains(&x));
+                        let valid = v.faulted || (p.step && v.single_step) || p.hit.is_some_and(|x| bps.contains(&x));
                         if !valid {
                             if v.stands.is_some() {
                                 s.seen.dropped_stop_cancelled_step_over = true;
@@ -396,6 +410,25 @@ impl ReferenceStateMachine for Model {
                 for v in &mut s.v {
                     v.held = true;
                 }
+            }
+            T::Fault(i) => {
+                let i = *i;
+                let v = &mut s.v[i];
+                v.faulted = true;
+                v.stands = None;
+                v.inflight = None;
+                let stop = RefStop {
+                    vcpu: i,
+                    pc: v.pc,
+                    step: false,
+                    hit: None,
+                };
+                v.pending = Some(stop);
+                for v in &mut s.v {
+                    v.held = true;
+                }
+                s.order.retain(|&j| j != i);
+                s.order.push_back(i);
             }
             T::ReleaseHold => {
                 let was = s.attach_hold;
@@ -554,13 +587,26 @@ impl StateMachineTest for RunControlTest {
                     .iter()
                     .map(|&(i, step)| (i, if step { Action::Step } else { Action::Continue }))
                     .collect();
-                sut.dbg.resume(&a).expect("resume");
+                let got = sut.dbg.resume(&a);
+                assert_eq!(Outcome::Resumed(got.is_ok()), r.last, "resume {a:?}: {got:?}");
             }
             T::Detach => {
                 let report = sut.dbg.detach().expect("detach");
                 assert!(report.is_complete());
             }
             T::HoldUntilAttached => sut.dbg.hold_until_attached().expect("hold"),
+            T::Fault(i) => {
+                let regs = kvm_bindings::kvm_regs {
+                    rip: sut.pc[i],
+                    rflags: 2,
+                    ..Default::default()
+                };
+                kvm_glue::VcpuOps::set_regs(&sut.f[i], &regs).expect("regs");
+                let posted = sut.h[i]
+                    .report_fault(&sut.f[i], kvm_glue::Fault::Shutdown)
+                    .expect("report");
+                assert_eq!(posted, Posted::Waiting, "a fault is always posted");
+            }
             T::ReleaseHold => {
                 let got = sut.dbg.release_hold().expect("release");
                 assert_eq!(Outcome::Released(got), r.last, "release_hold");
