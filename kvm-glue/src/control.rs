@@ -120,6 +120,70 @@ impl<M: GuestMemory> VmDebug<M> {
         Ok(())
     }
 
+    /// Holds every vCPU until a debugger attaches (QEMU's `-S`): each vCPU
+    /// parks at its next (with the call before the vCPU threads start: its
+    /// first) [`before_run`](crate::VcpuDebug::before_run), before running
+    /// an instruction; vCPUs whose handle is made later are held too, and
+    /// running ones are kicked.
+    ///
+    /// The first debugger session takes the hold over: the GDB server (`gdb::serve`)
+    /// stops every vCPU when a session's first packet arrives, and a
+    /// [`stop_all`](Self::stop_all) or [`resume`](Self::resume) of any
+    /// debugger does the same; the vCPUs then run when that debugger lets
+    /// them. A connection that never sends a packet
+    /// (`ServeEvent::NotGdb`), and a [`detach`](Self::detach) with no
+    /// session, release nothing. A VMM that ends up serving no debugger
+    /// calls [`release_hold`](Self::release_hold).
+    ///
+    /// ```
+    /// use kvm_glue::{fake::FakeVcpu, RunState, VmDebug};
+    /// use vm_memory::{GuestAddress, GuestMemoryMmap};
+    ///
+    /// let dbg = VmDebug::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)])?);
+    /// dbg.hold_until_attached()?;
+    /// let h = dbg.vcpu(0)?; // its thread's first before_run parks
+    /// assert_eq!(dbg.run_state(0)?, RunState::StopRequested);
+    /// assert!(dbg.release_hold()?); // no debugger after all
+    /// assert_eq!(dbg.run_state(0)?, RunState::Running);
+    /// # drop(h); Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`]; [`Error::Kick`] if kicking a running vCPU
+    /// failed (the hold is in force regardless).
+    pub fn hold_until_attached(&self) -> Result<()> {
+        let running = {
+            let mut inner = self.shared.lock()?;
+            inner.run.hold_until_attached();
+            inner.run.unparked()
+        };
+        self.shared.kick(&running)
+    }
+
+    /// Whether the vCPUs are held until a debugger attaches (see
+    /// [`hold_until_attached`](Self::hold_until_attached)).
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`].
+    pub fn holding_until_attached(&self) -> Result<bool> {
+        Ok(self.shared.lock()?.run.holding_until_attached())
+    }
+
+    /// Ends a [`hold_until_attached`](Self::hold_until_attached) no debugger
+    /// took over: every vCPU runs. Returns whether there was such a hold
+    /// (`false`: nothing changed — a debugger's own stop is ended by its
+    /// [`resume`](Self::resume) or [`detach`](Self::detach), not this).
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`].
+    pub fn release_hold(&self) -> Result<bool> {
+        let released = self.shared.lock()?.run.release_hold();
+        if released {
+            self.shared.cond.notify_all();
+        }
+        Ok(released)
+    }
+
     /// Resumes the vCPUs in `actions`, each continuing or single-stepping
     /// with its own configuration (applied by its own thread before it enters
     /// the guest). vCPUs not listed stay parked (GDB's scheduler locking).

@@ -51,6 +51,18 @@ use crate::sw_table::{Lookup, Request, Requests, SpaceKind};
 use crate::sync::{Arc, AtomicU64, Condvar, Mutex, MutexGuard, Ordering, RwLock};
 use crate::vcpu::VcpuOps;
 
+/// Whether a single-step lets a pending interrupt in ([`VmDebug::step_irqs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepIrqs {
+    /// Steps carry `KVM_GUESTDBG_BLOCKIRQ`: KVM delivers no interrupt while
+    /// the vCPU single-steps, so a step stays in the stepped code (QEMU does
+    /// this since 6.2).
+    Blocked,
+    /// Steps let interrupts in: a step with one pending lands at the first
+    /// instruction of the guest's handler.
+    Delivered,
+}
+
 /// A job for a parked vCPU's thread.
 pub(crate) type Job = Box<dyn FnOnce(&dyn VcpuOps) + Send>;
 
@@ -134,6 +146,8 @@ pub(crate) struct Shared<M> {
     kick: RwLock<Option<std::sync::Arc<dyn Kick>>>,
     /// Readable while a posted stop may be waiting.
     pub(crate) stop_fd: EventFd,
+    /// 1: single-steps carry `KVM_GUESTDBG_BLOCKIRQ` ([`StepIrqs::Blocked`]).
+    pub(crate) block_irq: AtomicU64,
 }
 
 impl<M> Shared<M> {
@@ -266,8 +280,49 @@ impl<M: GuestMemory> VmDebug<M> {
                 cond: Condvar::new(),
                 kick: RwLock::new(None),
                 stop_fd,
+                block_irq: AtomicU64::new(u64::from(crate::probe::host_block_irq())),
             }),
         }
+    }
+
+    /// Whether a single-step keeps interrupts out of the stepped code.
+    ///
+    /// By default a step is [`StepIrqs::Blocked`] where the host reports
+    /// `KVM_GUESTDBG_BLOCKIRQ` in `KVM_CAP_SET_GUEST_DEBUG2` (Linux 5.16 on;
+    /// probed once per process, [`host_block_irq`](crate::probe::host_block_irq)),
+    /// and [`StepIrqs::Delivered`] where it does not: there a step with an
+    /// interrupt pending lands in the guest's interrupt handler, as KVM
+    /// always did before that flag.
+    pub fn step_irqs(&self) -> StepIrqs {
+        if self.shared.block_irq.load(Ordering::Acquire) == 1 {
+            StepIrqs::Blocked
+        } else {
+            StepIrqs::Delivered
+        }
+    }
+
+    /// Chooses whether single-steps block interrupts (see
+    /// [`step_irqs`](Self::step_irqs)). Takes effect at each vCPU's next
+    /// sync (the generation moves).
+    ///
+    /// # Errors
+    /// [`Error::HostLacks`] for [`StepIrqs::Blocked`] where the host's KVM
+    /// does not report `KVM_GUESTDBG_BLOCKIRQ` (it would refuse every step
+    /// with `EINVAL`); nothing changes then.
+    pub fn set_step_irqs(&self, irqs: StepIrqs) -> Result<()> {
+        let on = match irqs {
+            StepIrqs::Blocked if !crate::probe::host_block_irq() => {
+                return Err(Error::HostLacks {
+                    what: "KVM_GUESTDBG_BLOCKIRQ in KVM_CAP_SET_GUEST_DEBUG2",
+                })
+            }
+            StepIrqs::Blocked => 1,
+            StepIrqs::Delivered => 0,
+        };
+        let _guard = self.shared.lock()?;
+        self.shared.block_irq.store(on, Ordering::Release);
+        self.shared.bump();
+        Ok(())
     }
 
     /// The current generation (moves when some vCPU's configuration changes).

@@ -26,6 +26,20 @@ pub enum Error {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// A `KVM_RUN` kvm-glue made ended in an exit it cannot handle.
+    #[error("vCPU {vcpu}: KVM_RUN ended in {exit}")]
+    UnexpectedExit {
+        /// The vCPU's id.
+        vcpu: usize,
+        /// The exit, as text.
+        exit: String,
+    },
+    /// The host's KVM lacks what the operation needs.
+    #[error("this host's KVM lacks {what}")]
+    HostLacks {
+        /// What is missing.
+        what: &'static str,
+    },
     /// A KVM ioctl failed outside any one vCPU.
     #[error("KVM ioctl failed: {0}")]
     Kvm(#[source] kvm_ioctls::Error),

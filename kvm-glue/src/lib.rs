@@ -47,6 +47,17 @@
 //! which vCPUs ran an instruction after a multi-vCPU step. A vCPU thread
 //! that waits in its own event loop uses [`VcpuDebug::poll_park`] and
 //! [`VcpuDebug::enter`] instead of the blocking `before_run`.
+//!
+//! What a VMM around a real guest adds (issue #18): [`VmDebug::hold_until_attached`]
+//! keeps every vCPU before its first instruction until a debugger attaches
+//! (QEMU's `-S`; [`VmDebug::release_hold`] if none comes);
+//! [`VcpuDebug::complete_io`] after every port or MMIO exit, so a parked
+//! vCPU holds no half-done access; [`VcpuDebug::report_fault`] on a triple
+//! fault, an internal error or an exit the VMM cannot handle, which the
+//! debugger sees as a stop it cannot resume; single-steps keep interrupts
+//! out by default where the host has `KVM_GUESTDBG_BLOCKIRQ`
+//! ([`VmDebug::set_step_irqs`]). `examples/elf_vmm/` uses all of them.
+//!
 //! `examples/vmm_threads.rs` is the whole pattern, runnable:
 //!
 //! ```no_run
@@ -64,6 +75,11 @@
 //!     let exit = run_once(vcpu)?; // an owned copy: vcpu is free again
 //!     match exit {
 //!         Exit::Interrupted => kick.drain()?, // EINTR: kicked
+//!         Exit::Out(port, byte) => {
+//!             // the VMM's device model, then: KVM finishes the `out` at the
+//!             // next KVM_RUN; finish it now, before any park
+//!             h.complete_io(vcpu)?;
+//!         }
 //!         Exit::Debug { .. } => {
 //!             let arch = exit.debug().ok_or("a debug exit has its data")?;
 //!             if let Handled::Stop(stop) = h.handle_exit(&*vcpu, &arch)? {
@@ -110,15 +126,15 @@ mod sync;
 pub mod vcpu;
 pub mod vcpu_debug;
 
-pub use debugger::{int1_pc_from_cpuid, Insert, VmDebug};
+pub use debugger::{int1_pc_from_cpuid, Insert, StepIrqs, VmDebug};
 pub use error::{Error, Result};
 pub use kick::{Kick, KickError, SignalKick};
 pub use memory::{AddressSpace, MemoryError, PhysicalMemory, VirtualMemory};
 pub use run::{run_once, Exit};
-pub use run_control::{Action, RunError, RunState, StopEvent, MAX_VCPUS};
+pub use run_control::{Action, Fault, RunError, RunState, StopEvent, MAX_VCPUS};
 pub use sw_table::{Request, SpaceKind};
 pub use vcpu::VcpuOps;
-pub use vcpu_debug::{Handled, Park, Posted, Resume, StepOver, SyncAllError, VcpuDebug};
+pub use vcpu_debug::{Completed, Handled, Park, Posted, Resume, StepOver, SyncAllError, VcpuDebug};
 
 // The core types a kvm-glue user needs, so one dependency suffices.
 pub use x86_debugreg::state::{Inserted, Removed};

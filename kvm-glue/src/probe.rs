@@ -630,6 +630,28 @@ fn inject_at(flag: u32, rip: u64) -> Result<Vec<Exit>, ProbeError> {
     run_until(&mut g, done)
 }
 
+/// The control flags this host's KVM accepts in `KVM_SET_GUEST_DEBUG`, as
+/// `KVM_CAP_SET_GUEST_DEBUG2` reports them (Linux 5.7 on); `None` without
+/// `/dev/kvm` or where the kernel predates that capability. Asked once per
+/// process (one `KVM_CHECK_EXTENSION` on a fresh `/dev/kvm` fd) and cached.
+pub fn host_guest_debug_flags() -> Option<u32> {
+    static FLAGS: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *FLAGS.get_or_init(|| {
+        let kvm = kvm_ioctls::Kvm::new().ok()?;
+        let flags = kvm.check_extension_raw(libc::c_ulong::from(kvm_bindings::KVM_CAP_SET_GUEST_DEBUG2));
+        u32::try_from(flags).ok().filter(|&f| f != 0)
+    })
+}
+
+/// Whether this host's KVM takes `KVM_GUESTDBG_BLOCKIRQ` (Linux 5.16 on;
+/// this project's hosts report `0x1f0003`, which has it): what
+/// [`VmDebug`](crate::VmDebug) uses by default while single-stepping
+/// ([`StepIrqs`](crate::StepIrqs)). Without it, a step with an interrupt
+/// pending enters the guest's handler.
+pub fn host_block_irq() -> bool {
+    host_guest_debug_flags().is_some_and(|f| f & kvm_bindings::KVM_GUESTDBG_BLOCKIRQ != 0)
+}
+
 #[cfg(test)]
 mod tests {
     use kvm_ioctls::VcpuExit;

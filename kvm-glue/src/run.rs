@@ -26,7 +26,10 @@
 //!                 h.report_stop(stop)?;
 //!             }
 //!         }
-//!         Exit::Out(port, byte) => { /* the VMM's device model */ }
+//!         Exit::Out(port, byte) => {
+//!             /* the VMM's device model */
+//!             h.complete_io(vcpu)?; // finish the `out` before any park
+//!         }
 //!         Exit::Hlt => break,
 //!         other => return Err(format!("unexpected exit {other:?}").into()),
 //!     }
@@ -34,10 +37,17 @@
 //! # Ok(()) }
 //! ```
 //!
+//! KVM finishes a port or MMIO access at the next `KVM_RUN`: until then the
+//! vCPU's RIP is still at the instruction. [`complete_io`] (through
+//! [`VcpuDebug::complete_io`](crate::VcpuDebug::complete_io), which also
+//! handles the debug exit that run can end in) finishes it at once, so a
+//! vCPU the debugger then parks shows the instruction after the access,
+//! which will not run again.
+//!
 //! An `in` needs its answer written into `kvm_run` before the next
 //! `KVM_RUN`, which an owned copy cannot do: a VMM that emulates port reads
-//! or MMIO keeps its own `match` on [`VcpuFd::run`] for those and uses
-//! [`Exit::from_vcpu_exit`] for the rest.
+//! or MMIO keeps its own `match` on [`VcpuFd::run`] for those (writes the
+//! answer, then completes) and uses [`Exit::from_vcpu_exit`] for the rest.
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
@@ -109,6 +119,28 @@ impl Exit {
             _ => None,
         }
     }
+}
+
+/// Completes the port or MMIO access `vcpu`'s last run exited with, without
+/// running the guest on: one `KVM_RUN` with `immediate_exit` set, in which
+/// KVM finishes the access (an `in`'s answer goes into the register, RIP
+/// moves past the instruction) and returns `EINTR` before entering the
+/// guest — [`Exit::Interrupted`]. If the instruction was single-stepped,
+/// KVM reports the step's trap from that run instead: an [`Exit::Debug`]
+/// at the next instruction, to be handled like any other.
+///
+/// Until then the vCPU holds a half-done access (RIP still at the `out`),
+/// so a vCPU the debugger parks must complete it first:
+/// [`VcpuDebug::complete_io`](crate::VcpuDebug::complete_io) does this and
+/// handles that debug exit.
+///
+/// # Errors
+/// The `KVM_RUN` ioctl's error, other than `EINTR`.
+pub fn complete_io(vcpu: &mut VcpuFd) -> Result<Exit, kvm_ioctls::Error> {
+    vcpu.set_kvm_immediate_exit(1);
+    let exit = run_once(vcpu);
+    vcpu.set_kvm_immediate_exit(0);
+    exit
 }
 
 /// Runs `vcpu` once and copies the exit out. `EINTR` (a kick) is

@@ -9,7 +9,10 @@
 //! Transitions, the debugger's: [`register`](RunControl::register) a vCPU,
 //! [`set_single_step`](RunControl::set_single_step), [`stop_all`](RunControl::stop_all),
 //! [`take`](RunControl::take) a posted stop, [`resume`](RunControl::resume),
-//! [`detach`](RunControl::detach); the vCPU's: [`stopped`](RunControl::stopped)
+//! [`detach`](RunControl::detach); the VMM's:
+//! [`hold_until_attached`](RunControl::hold_until_attached),
+//! [`release_hold`](RunControl::release_hold); the vCPU's:
+//! [`post_fault`](RunControl::post_fault) (a fault it cannot run on), [`stopped`](RunControl::stopped)
 //! (a debug exit decoded into a stop at pc X), [`stepped`](RunControl::stepped)
 //! (an instruction ran under single-step), [`post`](RunControl::post),
 //! [`park`](RunControl::park) / [`unpark`](RunControl::unpark),
@@ -47,6 +50,21 @@
 //! 6. With no live vCPU, there is nothing to wait for ([`RunControl::live`]).
 //! 7. After a resume, [`moved`](RunControl::moved) says whether a vCPU ran an
 //!    instruction under single-step since it was released.
+//! 8. **Held until attached** ([`hold_until_attached`](RunControl::hold_until_attached),
+//!    QEMU's `-S`): while that hold is in force, every live vCPU is held
+//!    (a vCPU registered later too), so each parks at its first entry. The
+//!    first debugger [`stop_all`](RunControl::stop_all) or
+//!    [`resume`](RunControl::resume) takes it over; a
+//!    [`detach`](RunControl::detach) with no session does not end it (a
+//!    connection that never became a debugger's releases nothing); for a VMM
+//!    that never serves a debugger, [`release_hold`](RunControl::release_hold)
+//!    ends it.
+//! 9. **A fault is a stop that cannot be resumed.** A vCPU that reports a
+//!    fault ([`post_fault`](RunControl::post_fault): a triple fault, an
+//!    internal error, an exit the VMM cannot handle) posts a stop like any
+//!    other, which no resume drops as stale; a resume naming that vCPU is
+//!    refused ([`RunError::Faulted`]) and changes nothing, until its handle
+//!    goes (a detach does not clear it: the vCPU still cannot run).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -68,12 +86,45 @@ pub enum RunError {
         /// What the VM knows.
         known: Known,
     },
+    /// The vCPU reported a fault ([`RunControl::post_fault`]): it cannot
+    /// run on.
+    #[error("vCPU {vcpu} faulted ({fault}): it cannot run on")]
+    Faulted {
+        /// The vCPU.
+        vcpu: usize,
+        /// Its fault.
+        fault: Fault,
+    },
     /// More vCPUs declared than a VM can have.
+
     #[error("{count} vCPUs asked for; a VM has at most {MAX_VCPUS}")]
     TooManyVcpus {
         /// The count asked for.
         count: usize,
     },
+}
+
+/// Why a vCPU cannot run on, reported as a stop
+/// ([`VcpuDebug::report_fault`](crate::VcpuDebug::report_fault)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// `KVM_EXIT_SHUTDOWN`: a triple fault (or another shutdown condition).
+    Shutdown,
+    /// `KVM_EXIT_INTERNAL_ERROR`: KVM could not go on (an instruction it
+    /// could not emulate, a failed event delivery).
+    InternalError,
+    /// An exit the VMM cannot handle.
+    UnhandledExit,
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Fault::Shutdown => "triple fault (KVM_EXIT_SHUTDOWN)",
+            Fault::InternalError => "KVM_EXIT_INTERNAL_ERROR",
+            Fault::UnhandledExit => "an exit the VMM cannot handle",
+        })
+    }
 }
 
 /// Which ids a VM's run control accepts.
@@ -127,12 +178,19 @@ pub struct StopEvent {
     pub pc: u64,
     /// DR6 as KVM reported it (0 for `#BP`).
     pub dr6: u64,
-    /// Why, decoded from the configuration this vCPU applied.
+    /// Why, decoded from the configuration this vCPU applied (for a fault,
+    /// an empty `Stop::Debug`).
     pub stop: Stop,
+    /// The fault the vCPU reported instead of a debug exit
+    /// (`VcpuDebug::report_fault`): it cannot run on.
+    pub fault: Option<Fault>,
 }
 
 impl fmt::Display for StopEvent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(fault) = self.fault {
+            return write!(f, "vCPU {} faulted at {:#x}: {fault}", self.vcpu, self.pc);
+        }
         write!(f, "vCPU {} stopped at {:#x}: ", self.vcpu, self.pc)?;
         match self.stop {
             Stop::Software { addr } => return write!(f, "software breakpoint at {addr:#x}"),
@@ -200,6 +258,8 @@ struct Vcpu {
     owed: Option<u64>,
     /// Ran an instruction under single-step since it was last released.
     moved: bool,
+    /// Reported a fault: it cannot run on (rule 9).
+    faulted: Option<Fault>,
     /// Generation of the intent this vCPU last applied (`None`: unknown).
     applied_generation: Option<u64>,
 }
@@ -212,6 +272,8 @@ pub struct RunControl {
     /// vCPU ids in the order their pending stops were posted.
     order: VecDeque<usize>,
     session: u64,
+    /// Every vCPU is held until a debugger attaches (rule 8).
+    attach_hold: bool,
 }
 
 impl Default for RunControl {
@@ -228,6 +290,7 @@ impl RunControl {
             declared: None,
             order: VecDeque::new(),
             session: 0,
+            attach_hold: false,
         }
     }
 
@@ -290,7 +353,7 @@ impl RunControl {
         if !allowed {
             return Err(self.unknown(vcpu));
         }
-        let stopping = self.vcpus.values().any(|v| v.handles > 0 && v.hold);
+        let stopping = self.attach_hold || self.vcpus.values().any(|v| v.handles > 0 && v.hold);
         let v = self.vcpus.entry(vcpu).or_default();
         v.handles += 1;
         v.hold |= stopping;
@@ -308,6 +371,7 @@ impl RunControl {
                 v.parked = false;
                 v.owed = None;
                 v.applied_generation = None;
+                v.faulted = None;
             }
         }
     }
@@ -391,12 +455,49 @@ impl RunControl {
     }
 
     /// The debugger asks every vCPU to stop; returns the live ones not
-    /// parked (to kick).
+    /// parked (to kick). A [hold until attached](Self::hold_until_attached)
+    /// is taken over: the vCPUs stay held, now by the debugger.
     pub fn stop_all(&mut self) -> Vec<usize> {
+        self.attach_hold = false;
         for v in self.vcpus.values_mut() {
             v.hold = true;
         }
         self.unparked()
+    }
+
+    /// Holds every vCPU, those registered later too, until a debugger
+    /// attaches (QEMU's `-S`): each parks at its first entry. The first
+    /// [`stop_all`](Self::stop_all) or [`resume`](Self::resume) — a
+    /// debugger's session — takes the hold over; a [`detach`](Self::detach)
+    /// keeps it (no debugger attached by it); only
+    /// [`release_hold`](Self::release_hold) lets the vCPUs run without one.
+    pub fn hold_until_attached(&mut self) {
+        self.attach_hold = true;
+        for v in self.vcpus.values_mut() {
+            v.hold = true;
+        }
+    }
+
+    /// Whether the vCPUs are held until a debugger attaches.
+    pub fn holding_until_attached(&self) -> bool {
+        self.attach_hold
+    }
+
+    /// Ends a [hold until attached](Self::hold_until_attached) with no
+    /// debugger: every vCPU is released (unless a posted stop waits, which
+    /// keeps everyone held for the debugger as any stop does). Returns
+    /// whether a hold was ended; without one nothing changes.
+    pub fn release_hold(&mut self) -> bool {
+        if !self.attach_hold {
+            return false;
+        }
+        self.attach_hold = false;
+        if !self.has_pending() {
+            for v in self.vcpus.values_mut() {
+                v.hold = false;
+            }
+        }
+        true
     }
 
     /// Live vCPUs not parked.
@@ -479,6 +580,32 @@ impl RunControl {
         Post::Posted { kick }
     }
 
+    /// `vcpu` reports a fault as a stop (rule 9): posted like any stop in
+    /// the current session (it comes from no configuration, so no session
+    /// can make it stale), every vCPU held; from now on `vcpu` cannot be
+    /// resumed ([`RunError::Faulted`]) and owes no step-over.
+    ///
+    /// # Errors
+    /// [`RunError::UnknownVcpu`] for an id with no live handle; nothing
+    /// changes then.
+    pub fn post_fault(&mut self, vcpu: usize, mut pending: Pending, fault: Fault) -> Result<Post, RunError> {
+        if self.vcpus.get(&vcpu).is_none_or(|v| v.handles == 0) {
+            return Err(self.unknown(vcpu));
+        }
+        pending.event.fault = Some(fault);
+        if let Some(v) = self.vcpus.get_mut(&vcpu) {
+            v.faulted = Some(fault);
+            v.owed = None;
+        }
+        let session = self.session;
+        Ok(self.post(vcpu, pending, session))
+    }
+
+    /// The fault `vcpu` reported, if it did (`None` for an unknown id).
+    pub fn faulted(&self, vcpu: usize) -> Option<Fault> {
+        self.vcpus.get(&vcpu).and_then(|v| v.faulted)
+    }
+
     /// A stop `vcpu` decoded from no configuration of the debugger's (it
     /// never synced): [`Post::Discarded`], with its step-over.
     pub fn discard(&mut self, vcpu: usize) -> Post {
@@ -526,7 +653,12 @@ impl RunControl {
     ) -> Result<Resumed, RunError> {
         for &(id, _) in actions {
             self.check(id)?;
+            if let Some(fault) = self.faulted(id) {
+                return Err(RunError::Faulted { vcpu: id, fault });
+            }
         }
+        // A debugger resuming is attached: it takes a hold-until-attached over.
+        self.attach_hold = false;
         let mut step_changed = false;
         for &(id, action) in actions {
             step_changed |= self.set_single_step(id, action == Action::Step)?;
@@ -534,7 +666,8 @@ impl RunControl {
         let mut dropped = Vec::new();
         for (&id, v) in self.vcpus.iter_mut() {
             if let Some(p) = v.pending {
-                if !still_valid(&p, v.single_step) {
+                // A fault never goes stale (rule 9).
+                if p.event.fault.is_none() && !still_valid(&p, v.single_step) {
                     v.pending = None;
                     v.owed = None;
                     dropped.push(id);
@@ -559,19 +692,22 @@ impl RunControl {
     }
 
     /// Ends the session: a new session number, single-step off everywhere,
-    /// every posted stop dropped with its step-over, every vCPU released.
+    /// every posted stop dropped with its step-over, every vCPU released —
+    /// but for a [hold until attached](Self::hold_until_attached) still in
+    /// force, which no session took over (rule 8).
     /// Returns whether some single-step flag changed.
     pub fn detach(&mut self) -> bool {
         self.session = self.session.wrapping_add(1);
         self.order.clear();
         let mut changed = false;
+        let keep = self.attach_hold;
         for v in self.vcpus.values_mut() {
             changed |= v.single_step;
             v.single_step = false;
             if v.pending.take().is_some() {
                 v.owed = None;
             }
-            v.hold = false;
+            v.hold = keep;
         }
         changed
     }
@@ -664,6 +800,7 @@ mod tests {
                     single_step: true,
                     hits: Hits::default(),
                 },
+                fault: None,
             },
             gpa: None,
         }

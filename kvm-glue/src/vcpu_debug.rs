@@ -60,7 +60,7 @@
 
 use std::fmt;
 
-use kvm_bindings::{kvm_debug_exit_arch, kvm_guest_debug, kvm_guest_debug_arch};
+use kvm_bindings::{kvm_debug_exit_arch, kvm_guest_debug, kvm_guest_debug_arch, KVM_GUESTDBG_BLOCKIRQ};
 use vm_memory::GuestMemory;
 use x86_debugreg::exit::Exception;
 use x86_debugreg::predict::SlotMask;
@@ -72,11 +72,16 @@ use crate::debugger::{read_linear, Inner, Shared, VmDebug};
 use crate::error::{Error, Result};
 use crate::memory::{translate, AddressSpace, PhysicalMemory};
 use crate::probe::Int1Pc;
-use crate::run_control::{exclude, Pending, Post, StepPhase};
+use crate::run_control::{exclude, Fault, Pending, Post, RunError, StepPhase};
 use crate::sync::{Arc, Ordering};
 use crate::vcpu::VcpuOps;
 
 pub use crate::run_control::{effective, StopEvent};
+
+/// DR6 after a single-step trap: BS (bit 14) and the bits that read as 1
+/// (SDM Vol. 3B 18.2.3); what KVM reports for a step on every host measured
+/// (HOST.md).
+const STEP_DR6: u64 = 0xffff_4ff0;
 
 /// The `int1` (ICEBP) opcode.
 const ICEBP: u8 = 0xF1;
@@ -157,6 +162,20 @@ pub enum Park {
     Free,
 }
 
+/// What [`VcpuDebug::complete_io`] ended in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completed {
+    /// The access is done; the vCPU is at the instruction after it.
+    Done,
+    /// The completion ended in a debug exit (the access was single-stepped,
+    /// or a breakpoint hit right after it) that is a stop: handled and
+    /// posted ([`VcpuDebug::report_stop`]) like any other.
+    Stopped(StopEvent, Posted),
+    /// The completion ended in a debug exit that is nothing for the
+    /// debugger: handled, run again.
+    Resumed(Resume),
+}
+
 /// What became of a stop [`VcpuDebug::report_stop`] posted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Posted {
@@ -182,6 +201,9 @@ pub struct VcpuDebug<M> {
     reinject_db: bool,
     last_gpa: Option<u64>,
     set_calls: u64,
+    /// The [`StepIrqs`](crate::StepIrqs) choice of the last successful
+    /// ioctl (`None`: none yet).
+    block_irq: Option<u64>,
 }
 
 impl<M> fmt::Debug for VcpuDebug<M> {
@@ -226,6 +248,7 @@ impl<M: GuestMemory> VmDebug<M> {
             reinject_db: false,
             last_gpa: None,
             set_calls: 0,
+            block_irq: None,
         })
     }
 }
@@ -259,7 +282,18 @@ impl<M: GuestMemory> VcpuDebug<M> {
 
     fn set<V: VcpuOps + ?Sized>(&mut self, vcpu: &V, dbg: &kvm_guest_debug) -> Result<()> {
         self.set_calls += 1;
-        vcpu.set_guest_debug(dbg).map_err(|source| Error::Vcpu {
+        let mut dbg = *dbg;
+        // Interrupts out of a step, where the host has it (StepIrqs). Not
+        // part of what is recorded as applied: it changes no exit's meaning.
+        let block_irq = self.shared.block_irq.load(Ordering::Acquire);
+        if dbg.control & ControlFlags::SINGLESTEP.bits() != 0 && block_irq == 1 {
+            dbg.control |= KVM_GUESTDBG_BLOCKIRQ;
+        }
+        let done = vcpu.set_guest_debug(&dbg);
+        if done.is_ok() {
+            self.block_irq = Some(block_irq);
+        }
+        done.map_err(|source| Error::Vcpu {
             vcpu: self.id,
             op: "KVM_SET_GUEST_DEBUG",
             source,
@@ -299,6 +333,7 @@ impl<M: GuestMemory> VcpuDebug<M> {
     pub fn before_run<V: VcpuOps>(&mut self, vcpu: &V) -> Result<bool> {
         // One lock for the park check and the step-over debt.
         let owed = self.park(vcpu)?;
+        self.check_fault()?;
         self.request_step_over(owed);
         self.sync(vcpu)
     }
@@ -423,7 +458,9 @@ impl<M: GuestMemory> VcpuDebug<M> {
             dbg.control |= (ControlFlags::ENABLE | ControlFlags::INJECT_DB).bits();
             self.set(vcpu, &dbg)?;
             self.reinject_db = false;
-        } else if self.applied.is_some_and(|r| *r.config.config() == want) {
+        } else if self.applied.is_some_and(|r| *r.config.config() == want)
+            && self.block_irq == Some(self.shared.block_irq.load(Ordering::Acquire))
+        {
             self.applied = Some(Record {
                 config: Applied::was_set(want),
                 generation: Some(generation),
@@ -516,7 +553,9 @@ impl<M: GuestMemory> VcpuDebug<M> {
                 PhysicalMemory(&inner.mem).write_byte(gpa, entry.saved)?;
             }
         }
-        let issued = if self.applied.is_some_and(|r| *r.config.config() == config) {
+        let issued = if self.applied.is_some_and(|r| *r.config.config() == config)
+            && self.block_irq == Some(self.shared.block_irq.load(Ordering::Acquire))
+        {
             false
         } else {
             self.set(vcpu, &to_kvm(&config))?;
@@ -679,6 +718,7 @@ impl<M: GuestMemory> VcpuDebug<M> {
                 exit.dr6
             },
             stop,
+            fault: None,
         })
     }
 
@@ -690,6 +730,167 @@ impl<M: GuestMemory> VcpuDebug<M> {
         dbg.control |= (ControlFlags::ENABLE | e.inject_flag()).bits();
         self.set(vcpu, &dbg)?;
         Ok(Handled::Resume(Resume::Reinjected(e)))
+    }
+
+    /// Completes the port or MMIO access the last run exited with
+    /// ([`run::complete_io`](crate::run::complete_io)), so this vCPU never
+    /// parks holding a half-done access: call it after handling every
+    /// `KVM_EXIT_IO` / `KVM_EXIT_MMIO` (an `in`'s or MMIO read's answer
+    /// written first), before the next [`before_run`](Self::before_run).
+    /// The debugger parking the vCPU then sees the instruction after the
+    /// access, and resuming does not run the access again. When that run
+    /// ends in a debug exit (a single-step over the access), it is handled
+    /// here ([`handle_exit`](Self::handle_exit), and
+    /// [`report_stop`](Self::report_stop) for a stop).
+    ///
+    /// Costs one `KVM_RUN` that does not enter the guest.
+    ///
+    /// # Errors
+    /// [`Error::Vcpu`] if `KVM_RUN` fails; [`Error::UnexpectedExit`] if
+    /// the run ended in anything but `EINTR` or a debug exit (nothing is
+    /// changed then); as [`handle_exit`](Self::handle_exit) and
+    /// [`report_stop`](Self::report_stop).
+    pub fn complete_io(&mut self, vcpu: &mut kvm_ioctls::VcpuFd) -> Result<Completed> {
+        let exit = crate::run::complete_io(vcpu).map_err(|source| Error::Vcpu {
+            vcpu: self.id,
+            op: "KVM_RUN",
+            source,
+        })?;
+        match exit {
+            crate::run::Exit::Interrupted if self.applied.is_some_and(|r| r.config.single_step()) => {
+                // The access was single-stepped and KVM finished it without
+                // the step's trap (KVM on VMX/SVM reports it from this run;
+                // kvm_pvm drops it, and a plain re-run would step a second
+                // instruction): one instruction ran, so this is its step,
+                // with DR6 as a single-step trap reads (BS, SDM 18.2.3).
+                let pc = self.linear_pc(&*vcpu)?;
+                let arch = kvm_debug_exit_arch {
+                    exception: 1,
+                    pad: 0,
+                    pc,
+                    dr6: STEP_DR6,
+                    dr7: 0,
+                };
+                match self.handle_exit(&*vcpu, &arch)? {
+                    Handled::Stop(stop) => Ok(Completed::Stopped(stop, self.report_stop(stop)?)),
+                    Handled::Resume(r) => Ok(Completed::Resumed(r)),
+                }
+            }
+            crate::run::Exit::Interrupted => Ok(Completed::Done),
+            exit @ crate::run::Exit::Debug { .. } => {
+                let Some(arch) = exit.debug() else {
+                    return Err(Error::UnexpectedExit {
+                        vcpu: self.id,
+                        exit: format!("{exit:?}"),
+                    });
+                };
+                match self.handle_exit(&*vcpu, &arch)? {
+                    Handled::Stop(stop) => Ok(Completed::Stopped(stop, self.report_stop(stop)?)),
+                    Handled::Resume(r) => Ok(Completed::Resumed(r)),
+                }
+            }
+            other => Err(Error::UnexpectedExit {
+                vcpu: self.id,
+                exit: format!("{other:?}"),
+            }),
+        }
+    }
+
+    /// CS base + RIP (RIP alone in 64-bit mode, where the base is 0).
+    fn linear_pc<V: VcpuOps>(&self, vcpu: &V) -> Result<u64> {
+        let err = |op| {
+            let id = self.id;
+            move |source| Error::Vcpu { vcpu: id, op, source }
+        };
+        let rip = vcpu.get_regs().map_err(err("KVM_GET_REGS"))?.rip;
+        let sregs = vcpu.get_sregs().map_err(err("KVM_GET_SREGS"))?;
+        Ok(if sregs.cs.l != 0 {
+            rip
+        } else {
+            sregs.cs.base.wrapping_add(rip)
+        })
+    }
+
+    /// Reports a fault the vCPU cannot run on as a stop: on
+    /// `KVM_EXIT_SHUTDOWN` (a triple fault), `KVM_EXIT_INTERNAL_ERROR` or an
+    /// exit the VMM cannot handle, instead of ending the guest at once. The
+    /// stop is posted like any other (every vCPU is held), at the vCPU's pc
+    /// (CS base + RIP); the GDB server reports it as a signal (see
+    /// `gdb::stop`), with this vCPU's registers and guest memory readable
+    /// as at any stop. Resuming this vCPU is then refused
+    /// ([`RunError::Faulted`]): the next [`before_run`](Self::before_run)
+    /// parks while the debugger holds it and then answers that error —
+    /// the VMM decides what happens next (e.g. `GuestEnd::end`, which ends
+    /// the GDB session with the guest's exit code).
+    ///
+    /// Serve a debugger to show it: with none attached, the GDB server
+    /// drops the stop and releases the vCPUs, and without a server nobody
+    /// does — a VMM that serves no debugger ends the guest instead.
+    ///
+    /// ```
+    /// use kvm_glue::{fake::FakeVcpu, run_control::{Fault, RunError}, Error, Posted, VmDebug};
+    /// use vm_memory::{GuestAddress, GuestMemoryMmap};
+    ///
+    /// let dbg = VmDebug::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)])?);
+    /// let vcpu = FakeVcpu::new();
+    /// let mut h = dbg.vcpu(0)?;
+    /// assert_eq!(h.report_fault(&vcpu, Fault::Shutdown)?, Posted::Waiting);
+    /// let stop = dbg.try_take_stop()?.expect("posted");
+    /// assert_eq!(stop.fault, Some(Fault::Shutdown));
+    /// assert!(matches!(
+    ///     dbg.resume_all(),
+    ///     Err(Error::Run(RunError::Faulted { vcpu: 0, fault: Fault::Shutdown }))
+    /// ));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Vcpu`] if the registers cannot be read (nothing is posted
+    /// then); [`Error::Poisoned`]; [`Error::Kick`] if a kick failed (the
+    /// stop is posted regardless).
+    pub fn report_fault<V: VcpuOps>(&mut self, vcpu: &V, fault: Fault) -> Result<Posted> {
+        let pc = self.linear_pc(vcpu)?;
+        let event = StopEvent {
+            vcpu: self.id,
+            pc,
+            dr6: 0,
+            stop: Stop::Debug {
+                single_step: false,
+                hits: Hits::default(),
+            },
+            fault: Some(fault),
+        };
+        let post = {
+            let mut inner = self.shared.lock()?;
+            let post = inner.run.post_fault(self.id, Pending { event, gpa: None }, fault)?;
+            // A step-over in flight ends here: an `int3` whose byte it had
+            // put back is re-armed for the other vCPUs (best effort: the
+            // byte was written a moment ago).
+            if let StepPhase::InFlight { sw_gpa: Some(gpa), .. } = self.step {
+                if inner.state.sw().contains(gpa) {
+                    let _ = PhysicalMemory(&inner.mem).write_byte(gpa, INT3);
+                }
+            }
+            self.step = StepPhase::Idle;
+            post
+        };
+        match post {
+            Post::Discarded => Ok(Posted::Discarded),
+            Post::Posted { kick } => {
+                self.shared.signal_stop();
+                self.shared.cond.notify_all();
+                self.shared.kick(&kick)?;
+                Ok(Posted::Waiting)
+            }
+        }
+    }
+
+    /// [`RunError::Faulted`] once this vCPU has reported a fault.
+    fn check_fault(&self) -> Result<()> {
+        match self.shared.lock()?.run.faulted(self.id) {
+            Some(fault) => Err(Error::Run(RunError::Faulted { vcpu: self.id, fault })),
+            None => Ok(()),
+        }
     }
 
     /// Posts `event` for the debugger ([`VmDebug::wait_stop`]) and asks every

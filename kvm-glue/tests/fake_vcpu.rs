@@ -43,7 +43,10 @@ fn exit(exception: u32, pc: u64, dr6: u64) -> kvm_debug_exit_arch {
 /// What the fake "kernel" holds, as a GuestDebug (a new vCPU: disabled). The
 /// inject flags are left out: KVM acts on them once, when the ioctl is made.
 fn held(f: &FakeVcpu) -> GuestDebug {
-    let inject = (ControlFlags::INJECT_DB | ControlFlags::INJECT_BP).bits();
+    // The one-shot inject flags, and KVM_GUESTDBG_BLOCKIRQ, which kvm-glue
+    // adds to every step where the host has it (StepIrqs): neither changes
+    // what an exit means, so neither is part of the record.
+    let inject = (ControlFlags::INJECT_DB | ControlFlags::INJECT_BP).bits() | kvm_bindings::KVM_GUESTDBG_BLOCKIRQ;
     match f.guest_debug() {
         None => GuestDebug::DISABLED,
         Some(d) => GuestDebug {

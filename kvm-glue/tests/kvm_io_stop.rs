@@ -1,16 +1,19 @@
 //! Issue #18 item 4 on real `/dev/kvm`: a port access is completed before
-//! its vCPU parks ([`VcpuDebug::complete_io`]). KVM finishes an `out` at
-//! the next `KVM_RUN` (RIP stays at the `out` until then), so without the
-//! completion a debugger that stops the vCPU right after an `out` sees the
-//! `out` still to run; with it, the instruction after, and resuming does not
-//! run the `out` again. A single-step over the `out` ends in the debug exit
-//! of the completion run itself, at the next instruction.
+//! its vCPU parks ([`VcpuDebug::complete_io`](kvm_glue::VcpuDebug::complete_io)).
+//! KVM finishes an `out` at the next `KVM_RUN` (RIP stays at the `out`
+//! until then), so without the completion a debugger that stops the vCPU
+//! right after an `out` sees the `out` still to run; with it, the
+//! instruction after, and resuming does not run the `out` again. A
+//! single-step over the `out` stops at the next instruction: from the debug
+//! exit of the completion run (KVM on VMX/SVM), or, where the host drops
+//! that trap (this project's `kvm_pvm`: a plain re-run after the `out` ran
+//! the `hlt` too and stopped after it, at `out + 3`), from the step
+//! `complete_io` reports for it.
 //!
 //! The tiny guest's straight-line routine: `... out 0x10, al; hlt`.
 
 mod common;
 
-use std::sync::mpsc;
 use std::time::Duration;
 
 use kvm_glue::guest::{self, run_once, Exit};
@@ -30,7 +33,11 @@ fn a_vcpu_stopped_right_after_an_out_shows_the_instruction_after_it_and_does_not
     g.start(0, guest::STRAIGHT).expect("start");
     let vcpu = g.vcpu(0);
     h.before_run(&*vcpu).expect("before_run");
-    assert_eq!(run_once(vcpu).expect("run"), Exit::Out(guest::PORT_DONE, 0x2a));
+    assert_eq!(
+        run_once(vcpu).expect("run"),
+        Exit::Out(guest::PORT_DONE, 3),
+        "al = 1 + 2"
+    );
 
     // The debugger stops every vCPU while this one is handling its `out`.
     let debugger = {
@@ -45,6 +52,14 @@ fn a_vcpu_stopped_right_after_an_out_shows_the_instruction_after_it_and_does_not
             rip
         })
     };
+    let at_exit = vcpu.get_regs().expect("regs").rip;
+    if at_exit == AFTER_OUT {
+        // kvm_pvm emulates the `out` and has moved RIP already; VMX and SVM
+        // (fast PIO) move it at the completion, so there this checks it.
+        println!("{test}: note: this host's KVM had RIP past the out already at the exit");
+    } else {
+        assert_eq!(at_exit, OUT, "RIP at the out until KVM completes it");
+    }
     while dbg.run_state(0).expect("state") != RunState::StopRequested {
         std::thread::yield_now();
     }
@@ -57,12 +72,12 @@ fn a_vcpu_stopped_right_after_an_out_shows_the_instruction_after_it_and_does_not
     );
     // Resumed: the next exit is the hlt, not the out again.
     assert_eq!(run_once(vcpu).expect("run"), Exit::Hlt);
-    println!("{test}: parked after an out at {OUT:#x}: pc {rip:#x}; resumed into the hlt, the out ran once");
+    println!("{test}: parked after the out at {OUT:#x}: pc {rip:#x}; resumed into the hlt, the out ran once");
 }
 
 #[test]
-fn a_step_over_an_out_stops_at_the_next_instruction_from_the_completion_run() {
-    let test = "a_step_over_an_out_stops_at_the_next_instruction_from_the_completion_run";
+fn a_step_over_an_out_stops_at_the_next_instruction() {
+    let test = "a_step_over_an_out_stops_at_the_next_instruction";
     let Some(mut g) = common::guest_for(test, 1, |p| &p.single_step) else {
         return;
     };
@@ -72,26 +87,11 @@ fn a_step_over_an_out_stops_at_the_next_instruction_from_the_completion_run() {
     dbg.set_single_step(0, true).expect("step");
     let vcpu = g.vcpu(0);
     h.before_run(&*vcpu).expect("before_run");
-    assert_eq!(run_once(vcpu).expect("run"), Exit::Out(guest::PORT_DONE, 0));
-    let (tx, rx) = mpsc::channel();
+    assert!(matches!(run_once(vcpu).expect("run"), Exit::Out(guest::PORT_DONE, _)));
     let pc = match h.complete_io(vcpu).expect("complete") {
-        Completed::Stopped(stop, Posted::Waiting) => {
-            tx.send(()).expect("send");
-            stop.pc
-        }
-        // A host that reports the step's trap only at the next run.
-        Completed::Done => {
-            h.before_run(&*vcpu).expect("before_run");
-            let exit = run_once(vcpu).expect("run");
-            let arch = exit.debug().unwrap_or_else(|| panic!("the step's trap, not {exit:?}"));
-            match h.handle_exit(&*vcpu, &arch).expect("handle") {
-                kvm_glue::Handled::Stop(stop) => stop.pc,
-                other => panic!("{other:?}"),
-            }
-        }
+        Completed::Stopped(stop, Posted::Waiting) => stop.pc,
         other => panic!("{other:?}"),
     };
-    drop(rx);
     assert_eq!(pc, AFTER_OUT, "one step over the out lands after it");
     assert_eq!(vcpu.get_regs().expect("regs").rip, AFTER_OUT);
     println!("{test}: the step over the out at {OUT:#x} stopped at {pc:#x}");

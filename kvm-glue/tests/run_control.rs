@@ -9,7 +9,9 @@
 //! the configuration from what the fake vCPU was given by
 //! `KVM_SET_GUEST_DEBUG`. Transitions interleave the debugger's operations
 //! (insert, remove, stop-all, take a stop, resume with per-vCPU actions,
-//! detach) with each vCPU thread's steps (look at the park / enter the
+//! detach; the VMM's hold until attached and its release, rule 8) with
+//! each vCPU thread's steps (and its report of a fault, rule 9: posted,
+//! never stale, its vCPU never resumed) (look at the park / enter the
 //! guest; run 0-3 instructions and handle the exit, posting a stop).
 //!
 //! After every transition: every outcome (insert/remove answers, each
@@ -162,6 +164,8 @@ struct RefVcpu {
     entry: (BTreeSet<u64>, bool),
     entered_session: u64,
     moved: bool,
+    /// Rule 9: reported a fault; it never runs again.
+    faulted: bool,
 }
 
 /// What the last transition's answer must be.
@@ -171,6 +175,8 @@ enum Outcome {
     Inserted(bool),
     Removed(bool),
     StopAll(bool),
+    Released(bool),
+    Resumed(bool),
     Taken(Option<(usize, u64)>),
     Park(bool),
     Ran(RunEnd),
@@ -189,6 +195,8 @@ struct RefState {
     session: u64,
     v: Vec<RefVcpu>,
     order: VecDeque<usize>,
+    /// Rule 8: every vCPU held until a debugger attaches.
+    attach_hold: bool,
     last: Outcome,
     /// Rare states seen in this case.
     seen: Seen,
@@ -210,6 +218,12 @@ enum T {
     Take,
     Resume(Vec<(usize, bool)>),
     Detach,
+    /// The VMM: hold every vCPU until a debugger attaches.
+    HoldUntilAttached,
+    /// The VMM: no debugger after all.
+    ReleaseHold,
+    /// vCPU thread: its last exit was a fault it cannot run on.
+    Fault(usize),
     /// vCPU thread: look at the park; if free, enter the guest.
     Poll(usize),
     /// vCPU thread: run up to that many instructions, handle the exit.
@@ -260,9 +274,11 @@ impl ReferenceStateMachine for Model {
                         entry: (BTreeSet::new(), false),
                         entered_session: 0,
                         moved: false,
+                        faulted: false,
                     })
                     .collect(),
                 order: VecDeque::new(),
+                attach_hold: false,
                 last: Outcome::None,
                 seen: Seen::default(),
             })
@@ -278,6 +294,9 @@ impl ReferenceStateMachine for Model {
             3 => Just(T::Take),
             3 => actions.prop_map(T::Resume),
             1 => Just(T::Detach),
+            1 => Just(T::HoldUntilAttached),
+            1 => Just(T::ReleaseHold),
+            1 => (0..N).prop_map(T::Fault),
             8 => (0..N).prop_map(T::Poll),
             8 => (0..N, 0..=3u8).prop_map(|(i, b)| T::Run(i, b)),
         ]
@@ -286,7 +305,8 @@ impl ReferenceStateMachine for Model {
 
     fn preconditions(s: &RefState, t: &T) -> bool {
         match t {
-            T::Poll(i) => s.v[*i].mode != Mode::InGuest,
+            T::Poll(i) => s.v[*i].mode != Mode::InGuest && !s.v[*i].faulted,
+            T::Fault(i) => s.v[*i].mode == Mode::Outside && !s.v[*i].faulted,
             T::Run(i, _) => s.v[*i].mode == Mode::InGuest,
             T::Resume(a) => {
                 let ids: BTreeSet<usize> = a.iter().map(|(i, _)| *i).collect();
@@ -323,6 +343,7 @@ impl ReferenceStateMachine for Model {
                 s.last = Outcome::Removed(ok);
             }
             T::StopAll => {
+                s.attach_hold = false;
                 for v in &mut s.v {
                     v.held = true;
                 }
@@ -339,7 +360,13 @@ impl ReferenceStateMachine for Model {
                 }
                 s.last = Outcome::Taken(got);
             }
+            T::Resume(actions) if actions.iter().any(|&(i, _)| s.v[i].faulted) => {
+                // Rule 9: refused, nothing changes.
+                s.last = Outcome::Resumed(false);
+            }
             T::Resume(actions) => {
+                s.last = Outcome::Resumed(true);
+                s.attach_hold = false;
                 for &(i, step) in actions {
                     s.v[i].single_step = step;
                 }
@@ -347,7 +374,7 @@ impl ReferenceStateMachine for Model {
                 let mut dropped = Vec::new();
                 for (i, v) in s.v.iter_mut().enumerate() {
                     if let Some(p) = v.pending {
-                        let valid = (p.step && v.single_step) || p.hit.is_some_and(|x| bps.contains(&x));
+                        let valid = v.faulted || (p.step && v.single_step) || p.hit.is_some_and(|x| bps.contains(&x));
                         if !valid {
                             if v.stands.is_some() {
                                 s.seen.dropped_stop_cancelled_step_over = true;
@@ -375,8 +402,43 @@ impl ReferenceStateMachine for Model {
                     if v.pending.take().is_some() {
                         v.stands = None;
                     }
-                    v.held = false;
+                    v.held = s.attach_hold;
                 }
+            }
+            T::HoldUntilAttached => {
+                s.attach_hold = true;
+                for v in &mut s.v {
+                    v.held = true;
+                }
+            }
+            T::Fault(i) => {
+                let i = *i;
+                let v = &mut s.v[i];
+                v.faulted = true;
+                v.stands = None;
+                v.inflight = None;
+                let stop = RefStop {
+                    vcpu: i,
+                    pc: v.pc,
+                    step: false,
+                    hit: None,
+                };
+                v.pending = Some(stop);
+                for v in &mut s.v {
+                    v.held = true;
+                }
+                s.order.retain(|&j| j != i);
+                s.order.push_back(i);
+            }
+            T::ReleaseHold => {
+                let was = s.attach_hold;
+                s.attach_hold = false;
+                if was && s.v.iter().all(|v| v.pending.is_none()) {
+                    for v in &mut s.v {
+                        v.held = false;
+                    }
+                }
+                s.last = Outcome::Released(was);
             }
             T::Poll(i) => {
                 let bps = s.bp_set();
@@ -525,11 +587,29 @@ impl StateMachineTest for RunControlTest {
                     .iter()
                     .map(|&(i, step)| (i, if step { Action::Step } else { Action::Continue }))
                     .collect();
-                sut.dbg.resume(&a).expect("resume");
+                let got = sut.dbg.resume(&a);
+                assert_eq!(Outcome::Resumed(got.is_ok()), r.last, "resume {a:?}: {got:?}");
             }
             T::Detach => {
                 let report = sut.dbg.detach().expect("detach");
                 assert!(report.is_complete());
+            }
+            T::HoldUntilAttached => sut.dbg.hold_until_attached().expect("hold"),
+            T::Fault(i) => {
+                let regs = kvm_bindings::kvm_regs {
+                    rip: sut.pc[i],
+                    rflags: 2,
+                    ..Default::default()
+                };
+                kvm_glue::VcpuOps::set_regs(&sut.f[i], &regs).expect("regs");
+                let posted = sut.h[i]
+                    .report_fault(&sut.f[i], kvm_glue::Fault::Shutdown)
+                    .expect("report");
+                assert_eq!(posted, Posted::Waiting, "a fault is always posted");
+            }
+            T::ReleaseHold => {
+                let got = sut.dbg.release_hold().expect("release");
+                assert_eq!(Outcome::Released(got), r.last, "release_hold");
             }
             T::Poll(i) => {
                 let park = sut.h[i].poll_park(&sut.f[i]).expect("poll");
@@ -589,7 +669,17 @@ impl StateMachineTest for RunControlTest {
     }
 
     fn check_invariants(sut: &Sut, r: &RefState) {
+        assert_eq!(
+            sut.dbg.holding_until_attached().expect("hold"),
+            r.attach_hold,
+            "held until attached"
+        );
         for i in 0..N {
+            // Rule 8: while the vCPUs are held until attached, every one is.
+            assert!(
+                !r.attach_hold || sut.dbg.run_state(i).expect("state") != RunState::Running,
+                "vCPU {i} runs during a hold until attached"
+            );
             assert_eq!(sut.dbg.run_state(i).expect("state"), r.state(i), "vCPU {i} run state");
             assert_eq!(sut.dbg.moved(i).expect("moved"), r.v[i].moved, "vCPU {i} moved");
             assert_eq!(sut.pc[i], r.v[i].pc, "vCPU {i} pc");

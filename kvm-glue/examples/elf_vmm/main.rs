@@ -30,17 +30,13 @@
 //! exception it did not expect on `0x502`. When every vCPU is done the
 //! guest has ended: GDB prints `[Inferior 1 (process 1) exited normally]`.
 //!
-//! Where kvm-glue does not yet give a VMM what it needs (issue #18), the
-//! example works around it, each place marked `#18 item N`:
-//! * item 2 (hold until attached): a helper thread's `stop_all` plus a
-//!   `run_state` poll ([`hold_vcpus`]);
-//! * item 3 (faults as stops): a triple fault, an internal error or a guest
-//!   exception ends the guest with code 1 ([`Flow::Fault`]);
-//! * item 4 (I/O completion): every port exit is completed with
-//!   `immediate_exit` right away, and a debug exit from that run is handled
-//!   like any other ([`complete_io`]);
-//! * item 6 (interrupts in a step): nothing here; with the timer on, a
-//!   `stepi` on vCPU 0 may land in `timer_isr` (vCPU 1 keeps interrupts off).
+//! A triple fault, an internal error or an exit it cannot handle is shown
+//! to the debugger, if one is served, as a stop (`VcpuDebug::report_fault`:
+//! GDB sees SIGQUIT or SIGABRT, as with QEMU) before the guest ends with
+//! code 1 ([`Flow::Fault`]); an exception the guest reports itself on
+//! `0x502` just ends it. Every port exit is completed at once with `VcpuDebug::complete_io`
+//! (in [`vcpu_loop`]); single-steps keep the timer's interrupts out where
+//! the host has `KVM_GUESTDBG_BLOCKIRQ` (kvm-glue's default).
 
 #[cfg(feature = "gdb")]
 mod pty;
@@ -52,12 +48,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+#[cfg(feature = "gdb")]
+use std::time::Duration;
 
 #[cfg(feature = "gdb")]
 use kvm_glue::gdb::{serve, serve_stream, GuestEnd, Options};
 use kvm_glue::run::{run_once, Exit};
-use kvm_glue::{Handled, RunState, SignalKick, VcpuDebug, VmDebug};
+use kvm_glue::{Fault, Handled, RunError, SignalKick, VcpuDebug, VmDebug};
 use kvm_ioctls::VcpuFd;
 use vm_memory::GuestMemoryMmap;
 
@@ -119,6 +116,8 @@ struct Shared {
     /// The guest's end, as the GDB server hears of it.
     #[cfg(feature = "gdb")]
     end: GuestEnd,
+    /// A debugger is served: faults are shown to it before the guest ends.
+    debugger: bool,
     /// vCPUs that have not said they are done.
     running: AtomicUsize,
     /// The guest's end code, for a VMM without GDB.
@@ -139,9 +138,9 @@ enum Flow {
     Run,
     /// The vCPU is done (or dead): it stays out of the guest for good.
     Done,
-    /// #18 item 3: the guest faulted. Until a vCPU can report a fault as a
-    /// stop, the guest ends (code 1) and the debugger sees it exit.
-    Fault(String),
+    /// The guest faulted: KVM could not run it on (a `Fault`, shown to a
+    /// debugger as a stop first), or it reported an exception itself.
+    Fault(String, Option<Fault>),
 }
 
 /// One vCPU thread: kvm-glue's loop (`before_run`, run, `handle_exit`,
@@ -156,7 +155,10 @@ fn vcpu_loop(id: usize, vcpu: &mut VcpuFd, mut h: VcpuDebug<GuestMemoryMmap>, s:
         let exit = run_once(vcpu)?;
         let flow = match exit {
             Exit::Out(port, value) => {
-                complete_io(vcpu, &mut h, s)?;
+                // KVM finishes an `out` at the next KVM_RUN: finish it now,
+                // so a vCPU the debugger parks holds no half-done access
+                // (and a step over it stops after it).
+                h.complete_io(vcpu)?;
                 device(id, port, value, &mut line, s)?
             }
             other => on_exit(vcpu, &mut h, s, other)?,
@@ -164,11 +166,21 @@ fn vcpu_loop(id: usize, vcpu: &mut VcpuFd, mut h: VcpuDebug<GuestMemoryMmap>, s:
         match flow {
             Flow::Run => {}
             Flow::Done => return park_for_good(vcpu, h, s),
-            Flow::Fault(why) => {
+            Flow::Fault(why, fault) => {
                 let regs = vcpu.get_regs()?;
                 println!("vCPU {id}: {why} at rip {:#x}, rsp {:#x}", regs.rip, regs.rsp);
+                if let (Some(fault), true) = (fault, s.debugger) {
+                    // A stop GDB sees as a signal, registers and memory
+                    // readable; this vCPU cannot run on, so before_run parks
+                    // until the debugger lets go, then says so.
+                    h.report_fault(&*vcpu, fault)?;
+                    match h.before_run(&*vcpu) {
+                        Err(kvm_glue::Error::Run(RunError::Faulted { .. })) => {}
+                        other => return Err(format!("vCPU {id} after its fault: {other:?}").into()),
+                    }
+                }
                 s.end(1)?;
-                return park_for_good(vcpu, h, s);
+                return Ok(());
             }
         }
     }
@@ -189,32 +201,13 @@ fn on_exit(vcpu: &mut VcpuFd, h: &mut VcpuDebug<GuestMemoryMmap>, s: &Shared, ex
             }
             Flow::Run
         }
-        Exit::Shutdown => Flow::Fault("triple fault (KVM_EXIT_SHUTDOWN)".into()),
-        Exit::InternalError => Flow::Fault("KVM_EXIT_INTERNAL_ERROR".into()),
+        Exit::Shutdown => Flow::Fault("triple fault (KVM_EXIT_SHUTDOWN)".into(), Some(Fault::Shutdown)),
+        Exit::InternalError => Flow::Fault("KVM_EXIT_INTERNAL_ERROR".into(), Some(Fault::InternalError)),
         // With the in-kernel irqchip `hlt` stays in the kernel; this is a
         // VMM without one.
-        Exit::Hlt => Flow::Fault("hlt exit without an irqchip".into()),
-        other => Flow::Fault(format!("unexpected exit {other:?}")),
+        Exit::Hlt => Flow::Fault("hlt exit without an irqchip".into(), Some(Fault::UnhandledExit)),
+        other => Flow::Fault(format!("unexpected exit {other:?}"), Some(Fault::UnhandledExit)),
     })
-}
-
-/// #18 item 4: KVM finishes a port access at the next `KVM_RUN`, so a vCPU
-/// the debugger parks now would hold a half-done `out`. Finish it here with
-/// `immediate_exit` (the guest does not run on). That run can end in a
-/// debug exit of its own (a single-step trap after the `out`): handled
-/// like any other.
-fn complete_io(vcpu: &mut VcpuFd, h: &mut VcpuDebug<GuestMemoryMmap>, s: &Shared) -> Result<(), Error> {
-    vcpu.set_kvm_immediate_exit(1);
-    let completed = run_once(vcpu);
-    vcpu.set_kvm_immediate_exit(0);
-    match completed? {
-        Exit::Interrupted => s.kick.drain()?,
-        exit @ Exit::Debug { .. } => {
-            on_exit(vcpu, h, s, exit)?;
-        }
-        other => return Err(format!("completing a port access ended in {other:?}").into()),
-    }
-    Ok(())
 }
 
 /// The guest's three ports.
@@ -232,8 +225,13 @@ fn device(id: usize, port: u16, value: u8, line: &mut Vec<u8>, s: &Shared) -> Re
             }
             return Ok(Flow::Done);
         }
-        PORT_FAULT => return Ok(Flow::Fault(format!("guest exception, vector {value}"))),
-        _ => return Ok(Flow::Fault(format!("out to unknown port {port:#x}"))),
+        PORT_FAULT => return Ok(Flow::Fault(format!("guest exception, vector {value}"), None)),
+        _ => {
+            return Ok(Flow::Fault(
+                format!("out to unknown port {port:#x}"),
+                Some(Fault::UnhandledExit),
+            ))
+        }
     }
     Ok(Flow::Run)
 }
@@ -250,33 +248,12 @@ fn park_for_good(vcpu: &mut VcpuFd, mut h: VcpuDebug<GuestMemoryMmap>, s: &Share
             exit @ Exit::Debug { .. } => {
                 on_exit(vcpu, &mut h, s, exit)?;
             }
-            Exit::Out(..) => complete_io(vcpu, &mut h, s)?,
+            Exit::Out(..) => {
+                h.complete_io(vcpu)?;
+            }
             other => return Err(format!("vCPU {} after its end: {other:?}", h.id()).into()),
         }
     }
-}
-
-/// #18 item 2: there is no "hold until attached" in kvm-glue yet. A
-/// helper thread's `stop_all` marks every vCPU (it waits for them to park,
-/// so it cannot run here), the vCPUs start and park at their first
-/// `before_run`, and this waits until none is running.
-fn hold_vcpus(dbg: &VmDebug<GuestMemoryMmap>) -> Result<std::thread::JoinHandle<kvm_glue::Result<()>>, Error> {
-    let stopper = {
-        let dbg = dbg.clone();
-        std::thread::spawn(move || dbg.stop_all(Duration::from_secs(10)))
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !dbg
-        .vcpu_ids()?
-        .iter()
-        .all(|&id| dbg.run_state(id).is_ok_and(|s| s != RunState::Running))
-    {
-        if Instant::now() > deadline {
-            return Err("the vCPUs could not be held".into());
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    Ok(stopper)
 }
 
 /// Serves GDB until the guest ends; its exit code.
@@ -320,12 +297,18 @@ fn run(args: &Args) -> Result<u8, Error> {
     let kick = SignalKick::new(0)?; // SIGRTMIN + 0
     dbg.set_kick(kick.clone())?;
     let handles = (0..VCPUS).map(|id| dbg.vcpu(id)).collect::<Result<Vec<_>, _>>()?;
-    let stopper = if args.hold { Some(hold_vcpus(&dbg)?) } else { None };
+    if args.hold {
+        // QEMU's -S: every vCPU parks at its first before_run, before its
+        // first instruction; the debugger's session takes the hold over.
+        dbg.hold_until_attached()?;
+        println!("elf_vmm: every vCPU held before its first instruction until a debugger attaches");
+    }
     let (ended, ended_rx) = mpsc::channel();
     let shared = Shared {
         kick,
         #[cfg(feature = "gdb")]
         end: GuestEnd::new()?,
+        debugger: !matches!(args.gdb, Gdb::None),
         running: AtomicUsize::new(VCPUS),
         ended,
     };
@@ -340,10 +323,6 @@ fn run(args: &Args) -> Result<u8, Error> {
                         std::process::exit(2);
                     }
                 })?;
-        }
-        if let Some(stopper) = stopper {
-            stopper.join().map_err(|_| "the holding thread panicked")??;
-            println!("elf_vmm: every vCPU held before its first instruction until a debugger attaches");
         }
         let code = match args.gdb {
             Gdb::None => ended_rx.recv()?,

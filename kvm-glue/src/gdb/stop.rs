@@ -11,6 +11,7 @@ use gdbstub::target::ext::breakpoints::WatchKind;
 use x86_debugreg::watch::{WatchHit, WatchKind as CoreWatchKind};
 use x86_debugreg::{HwKind, Stop};
 
+use crate::run_control::Fault;
 use crate::StopEvent;
 
 /// GDB's thread id for vCPU `vcpu`: ids start at 1 (0 means "any thread").
@@ -34,11 +35,18 @@ pub fn vcpu(tid: Tid) -> usize {
 ///   no watchpoint owns any more, or a read watchpoint that only saw a write
 ///   during a step, is not a watchpoint stop;
 /// * an execute breakpoint: `HwBreak`;
+/// * a fault the vCPU reported ([`Fault`]): its [`fault_signal`];
 /// * a finished single step, or anything else: `SIGTRAP` on the thread.
 ///
 /// `None` only for a vCPU index with no GDB thread id (`usize::MAX`).
 pub fn stop_reason(event: &StopEvent, watches: &[WatchHit]) -> Option<MultiThreadStopReason<u64>> {
     let tid = tid(event.vcpu)?;
+    if let Some(fault) = event.fault {
+        return Some(MultiThreadStopReason::SignalWithThread {
+            tid,
+            signal: fault_signal(fault),
+        });
+    }
     Some(match event.stop {
         Stop::Software { .. } => MultiThreadStopReason::SwBreak(tid),
         Stop::Debug { hits, .. } => {
@@ -65,6 +73,18 @@ pub fn gdb_kind(kind: CoreWatchKind) -> Option<WatchKind> {
         CoreWatchKind::Write => Some(WatchKind::Write),
         CoreWatchKind::Read => Some(WatchKind::Read),
         CoreWatchKind::ReadWrite => Some(WatchKind::ReadWrite),
+    }
+}
+
+/// The signal GDB is told for a fault, as QEMU's gdbstub reports the run
+/// state the fault leaves its VM in (`gdb_vm_state_change`): a shutdown
+/// (QEMU's `RUN_STATE_SHUTDOWN`, where a triple fault goes with
+/// `-no-shutdown`) is `SIGQUIT`; an internal error (`RUN_STATE_INTERNAL_ERROR`,
+/// also where QEMU's KVM loop meets an exit it cannot handle) is `SIGABRT`.
+pub fn fault_signal(fault: Fault) -> Signal {
+    match fault {
+        Fault::Shutdown => Signal::SIGQUIT,
+        Fault::InternalError | Fault::UnhandledExit => Signal::SIGABRT,
     }
 }
 
@@ -107,7 +127,13 @@ mod tests {
             dr7: 0,
         };
         match x86_debugreg::decode(&exit, &applied, |_| false) {
-            Ok(Decision::Stop(stop)) => StopEvent { vcpu: 1, pc, dr6, stop },
+            Ok(Decision::Stop(stop)) => StopEvent {
+                vcpu: 1,
+                pc,
+                dr6,
+                stop,
+                fault: None,
+            },
             other => panic!("not a stop: {other:?}"),
         }
     }
@@ -211,6 +237,7 @@ mod tests {
             pc: 0x3000,
             dr6: 0,
             stop: Stop::Software { addr: 0x3000 },
+            fault: None,
         };
         assert_eq!(stop_reason(&sw, &watches), Some(MultiThreadStopReason::SwBreak(tid2())));
         assert_eq!(
@@ -221,5 +248,35 @@ mod tests {
             })
         );
         Ok(())
+    }
+
+    #[test]
+    fn a_fault_is_the_signal_qemu_reports_for_the_run_state_it_leaves() {
+        // QEMU gdbstub's GDB_SIGNAL_QUIT = 3 (RUN_STATE_SHUTDOWN) and
+        // GDB_SIGNAL_ABRT = 6 (RUN_STATE_INTERNAL_ERROR).
+        for (fault, signal) in [
+            (Fault::Shutdown, 3),
+            (Fault::InternalError, 6),
+            (Fault::UnhandledExit, 6),
+        ] {
+            let ev = StopEvent {
+                vcpu: 1,
+                pc: 0x1000,
+                dr6: 0,
+                stop: Stop::Debug {
+                    single_step: false,
+                    hits: x86_debugreg::Hits::default(),
+                },
+                fault: Some(fault),
+            };
+            assert_eq!(
+                stop_reason(&ev, &[]),
+                Some(MultiThreadStopReason::SignalWithThread {
+                    tid: tid2(),
+                    signal: Signal(signal)
+                }),
+                "{fault}"
+            );
+        }
     }
 }

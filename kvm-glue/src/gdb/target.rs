@@ -96,12 +96,15 @@ use crate::control::Action;
 use crate::debugger::Insert;
 use crate::error::Error;
 use crate::memory::{self, AddressSpace};
+use crate::run_control::RunError;
 use crate::{StopEvent, VmDebug};
 
 /// `EFAULT`: an address outside guest memory or not mapped.
 const EFAULT: u8 = 14;
 /// `EINVAL`: a request kvm-glue refuses (misaligned, bad length, not set).
 const EINVAL: u8 = 22;
+/// `EPERM`: a resume of a vCPU that reported a fault (it cannot run on).
+const EPERM: u8 = 1;
 /// `EIO`: a vCPU ioctl failed.
 const EIO: u8 = 5;
 /// `ENOTSUP`: KVM accepted a register value but did not apply it.
@@ -796,7 +799,15 @@ impl<M: GuestMemory + Send + Sync + 'static> MultiThreadResume for VmTarget<M> {
                 None => Some((*id, Action::Continue)),
             })
             .collect();
-        self.dbg.resume(&plan)?;
+        match self.dbg.resume(&plan) {
+            // A vCPU that reported a fault cannot run on: nothing resumed,
+            // and GDB hears EPERM; the VMM decides what comes next.
+            Err(Error::Run(RunError::Faulted { .. })) => {
+                self.refused = Some(EPERM);
+                return Ok(());
+            }
+            other => other?,
+        }
         self.running = true;
         Ok(())
     }
