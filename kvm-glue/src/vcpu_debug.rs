@@ -823,6 +823,11 @@ impl<M: GuestMemory> VcpuDebug<M> {
     /// the VMM decides what happens next (e.g. `GuestEnd::end`, which ends
     /// the GDB session with the guest's exit code).
     ///
+    /// On AMD, KVM resets the vCPU at a shutdown intercept (the VMCB is
+    /// undefined after one), so after [`Fault::Shutdown`] the registers
+    /// shown are the RESET state (pc 0xfffffff0), not the fault's; Intel's
+    /// keep the faulting instruction's (both seen on the nested lanes).
+    ///
     /// Serve a debugger to show it: with none attached, the GDB server
     /// drops the stop and releases the vCPUs, and without a server nobody
     /// does — a VMM that serves no debugger ends the guest instead.
