@@ -334,26 +334,9 @@ impl VcpuOps for FakeVcpu {
 /// The XSAVE image of `fpu` (FXSAVE legacy area, 64-bit layout, SDM vol. 1
 /// §10.5.1 table 10-2; XSTATE_BV = x87 | SSE).
 fn xsave_of(fpu: &kvm_fpu, mask: u32) -> kvm_xsave {
-    let mut b = [0u8; 4096];
-    b[0..2].copy_from_slice(&fpu.fcw.to_le_bytes());
-    b[2..4].copy_from_slice(&fpu.fsw.to_le_bytes());
-    b[4] = fpu.ftwx;
-    b[6..8].copy_from_slice(&fpu.last_opcode.to_le_bytes());
-    b[8..16].copy_from_slice(&fpu.last_ip.to_le_bytes());
-    b[16..24].copy_from_slice(&fpu.last_dp.to_le_bytes());
-    b[24..28].copy_from_slice(&fpu.mxcsr.to_le_bytes());
-    b[28..32].copy_from_slice(&mask.to_le_bytes());
-    for (i, st) in fpu.fpr.iter().enumerate() {
-        b[32 + 16 * i..48 + 16 * i].copy_from_slice(st);
-    }
-    for (i, x) in fpu.xmm.iter().enumerate() {
-        b[160 + 16 * i..176 + 16 * i].copy_from_slice(x);
-    }
-    b[512] = 0b11;
-    let mut x = kvm_xsave::default();
-    for (w, c) in x.region.iter_mut().zip(b.chunks_exact(4)) {
-        *w = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-    }
+    let mut x = crate::vcpu::xsave_with_fpu(&kvm_xsave::default(), fpu);
+    x.region[6] = fpu.mxcsr; // MXCSR, byte 24
+    x.region[7] = mask; // MXCSR_MASK, byte 28
     x
 }
 

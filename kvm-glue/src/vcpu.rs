@@ -232,3 +232,31 @@ impl<V: VcpuOps + ?Sized> VcpuOps for &mut V {
         (**self).set_msr(index, value)
     }
 }
+
+/// `xsave` with the x87 and SSE registers of `fpu` in its FXSAVE legacy
+/// area (SDM Vol. 1 §10.5.1, Table 10-2: FCW at 0, FSW 2, abridged FTW 4,
+/// FOP 6, FIP 8, FDP 16, ST0-7 at 32, XMM0-15 at 160; MXCSR at 24 is kept,
+/// as `KVM_GET_FPU` reports it as 0) and both components marked present in
+/// XSTATE_BV (byte 512, bits 0 and 1), so that the next XRSTOR loads them
+/// rather than their init values.
+pub fn xsave_with_fpu(xsave: &kvm_xsave, fpu: &kvm_fpu) -> kvm_xsave {
+    let mut b: Vec<u8> = xsave.region.iter().flat_map(|w| w.to_le_bytes()).collect();
+    b[0..2].copy_from_slice(&fpu.fcw.to_le_bytes());
+    b[2..4].copy_from_slice(&fpu.fsw.to_le_bytes());
+    b[4] = fpu.ftwx;
+    b[6..8].copy_from_slice(&fpu.last_opcode.to_le_bytes());
+    b[8..16].copy_from_slice(&fpu.last_ip.to_le_bytes());
+    b[16..24].copy_from_slice(&fpu.last_dp.to_le_bytes());
+    for (i, st) in fpu.fpr.iter().enumerate() {
+        b[32 + 16 * i..48 + 16 * i].copy_from_slice(st);
+    }
+    for (i, xmm) in fpu.xmm.iter().enumerate() {
+        b[160 + 16 * i..176 + 16 * i].copy_from_slice(xmm);
+    }
+    b[512] |= 0b11;
+    let mut x = kvm_xsave::default();
+    for (w, c) in x.region.iter_mut().zip(b.chunks_exact(4)) {
+        *w = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    }
+    x
+}

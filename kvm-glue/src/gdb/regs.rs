@@ -76,8 +76,6 @@ const XSAVE_MXCSR: usize = 24;
 const XSAVE_MXCSR_MASK: usize = 28;
 /// Byte offset of XSTATE_BV (the XSAVE header's first word).
 const XSAVE_XSTATE_BV: usize = 512;
-/// XSTATE_BV bit 0: the x87 state is in the image.
-const XSTATE_X87: u32 = 1 << 0;
 /// XSTATE_BV bit 1: the SSE state (XMM registers and MXCSR) is in the image.
 const XSTATE_SSE: u32 = 1 << 1;
 /// The MXCSR_MASK to use when the image says 0 (SDM vol. 1 §11.6.6).
@@ -883,34 +881,6 @@ fn with_mxcsr(xsave: &kvm_xsave, mxcsr: u32) -> kvm_xsave {
     x
 }
 
-/// `xsave` with the x87 and SSE registers of `fpu` in its FXSAVE legacy
-/// area (SDM Vol. 1 §10.5.1, Table 10-2: FCW at 0, FSW 2, abridged FTW 4,
-/// FOP 6, FIP 8, FDP 16, ST0-7 at 32, XMM0-15 at 160; MXCSR at 24 is kept:
-/// `KVM_GET_FPU` reports it as 0) and both components marked present in
-/// XSTATE_BV (bits 0 and 1), so that the next XRSTOR loads them rather than
-/// their init values.
-fn with_fpu(xsave: &kvm_xsave, fpu: &kvm_fpu) -> kvm_xsave {
-    let mut b: Vec<u8> = xsave.region.iter().flat_map(|w| w.to_le_bytes()).collect();
-    b[0..2].copy_from_slice(&fpu.fcw.to_le_bytes());
-    b[2..4].copy_from_slice(&fpu.fsw.to_le_bytes());
-    b[4] = fpu.ftwx;
-    b[6..8].copy_from_slice(&fpu.last_opcode.to_le_bytes());
-    b[8..16].copy_from_slice(&fpu.last_ip.to_le_bytes());
-    b[16..24].copy_from_slice(&fpu.last_dp.to_le_bytes());
-    for (i, st) in fpu.fpr.iter().enumerate() {
-        b[32 + 16 * i..48 + 16 * i].copy_from_slice(st);
-    }
-    for (i, xmm) in fpu.xmm.iter().enumerate() {
-        b[160 + 16 * i..176 + 16 * i].copy_from_slice(xmm);
-    }
-    let mut x = kvm_xsave::default();
-    for (w, c) in x.region.iter_mut().zip(b.chunks_exact(4)) {
-        *w = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-    }
-    x.region[word(XSAVE_XSTATE_BV)] |= XSTATE_X87 | XSTATE_SSE;
-    x
-}
-
 /// Writes `new` over `now` (what [`VcpuRegs::read`] returned on this vCPU):
 /// only the parts that differ, each ioctl once, then reads back what KVM may
 /// silently drop or adjust (segments, control registers, the x87/SSE
@@ -959,7 +929,7 @@ pub fn apply(ops: &dyn VcpuOps, now: &VcpuRegs, new: &VcpuRegs) -> Result<(), Ap
             // Through KVM_SET_XSAVE the header says both are present.
             ops.set_fpu(&new.fpu).map_err(failed("KVM_SET_FPU"))?;
             if let Ok(before) = ops.get_xsave() {
-                ops.set_xsave(&with_fpu(&before, &new.fpu))
+                ops.set_xsave(&crate::vcpu::xsave_with_fpu(&before, &new.fpu))
                     .map_err(failed("KVM_SET_XSAVE"))?;
                 xsave_before = Some(before);
             }
@@ -1041,7 +1011,7 @@ mod tests {
         fpu.fpr[7] = [0xa5; 16];
         fpu.xmm[0] = 42u128.to_le_bytes();
         fpu.xmm[15] = [0x5a; 16];
-        let x = with_fpu(&before, &fpu);
+        let x = crate::vcpu::xsave_with_fpu(&before, &fpu);
         let b: Vec<u8> = x.region.iter().flat_map(|w| w.to_le_bytes()).collect();
         assert_eq!(&b[0..8], &[0x7f, 0x03, 0x00, 0x38, 0x80, 0x00, 0xff, 0x07]);
         assert_eq!(&b[8..16], &0x1122_3344_5566_7788u64.to_le_bytes());
