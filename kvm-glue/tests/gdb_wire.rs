@@ -198,6 +198,43 @@ fn a_write_must_carry_exactly_as_many_bytes_as_its_length_says() {
     assert_eq!(vm.memory()[0x1000..0x1004], want[0x1000..0x1004]);
 }
 
+/// GDB's remote protocol: `M addr,length:XX…` and `X addr,length:XX…`, in
+/// that order. gdbstub 0.7.10 splits either packet at any `,` or `:`, so
+/// `M1000:2,aabb` wrote two bytes at 0x1000 (the `gdb_session` fuzz target
+/// found it: `$M10a1:0a,0bbccdd#b9`). A packet not in the protocol's form is
+/// an error and writes nothing, whatever its fields would have said.
+#[test]
+fn a_write_whose_fields_are_not_addr_comma_length_colon_data_is_refused_and_writes_nothing() {
+    let vm = SimVm::new();
+    let mut s = vm.connect();
+    handshake(&mut s.client);
+    for packet in [
+        "M1000:2,aabb",
+        "M1000:2:aabb",
+        "M1000,2,aabb",
+        "M10a1:0a,0bbccdd",
+        "M1000,:aabb",
+        "M,2:aabb",
+        "M1000,2:aabbc",
+        "M1000,2:aabbx",
+        "X1000:2,ab",
+        "X1000,2,ab",
+        "X,2:ab",
+    ] {
+        let r = s.client.ask(packet);
+        assert!(is_error(&r), "{packet}: {}", r.text());
+    }
+    // The protocol's form still writes (a colon or comma inside X's binary
+    // data is data).
+    assert_eq!(s.client.ask("X1002,2::,"), Reply::Packet(b"OK".to_vec()));
+    s.end();
+    let mut want = image();
+    want[0x1002] = b':';
+    want[0x1003] = b',';
+    assert_eq!(vm.memory()[0x1000..0x1004], want[0x1000..0x1004]);
+    assert_eq!(vm.memory()[0x10a1..0x10ab], image()[0x10a1..0x10ab]);
+}
+
 // Item 7 --------------------------------------------------------------------
 
 #[test]

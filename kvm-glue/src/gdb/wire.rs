@@ -27,6 +27,10 @@
 //! * **`M`/`X` ignore their length field**: the length a write packet
 //!   declares is kept for [`VmTarget`](super::VmTarget)'s `write_addrs`,
 //!   which refuses data of another length.
+//! * **`M`/`X` split at any `,` or `:`**, so `M1000:2,aabb` writes two
+//!   bytes though it is not the protocol's `M addr,length:XX…`. A write
+//!   packet not in that form (address, `,`, length, `:`, data; for `M` an
+//!   even number of hex digits) is answered `E16` (`EINVAL`) here.
 //! * **`qThreadExtraInfo` cannot fail** (its handler's only error ends the
 //!   session): for a thread that does not exist, the error reply is sent
 //!   here.
@@ -104,6 +108,26 @@ fn hex(digits: &[u8]) -> Option<u64> {
         return None;
     }
     u64::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
+}
+
+/// The length field of a write packet in the protocol's form,
+/// `M addr,length:XX…` (an even number of hex digits) or
+/// `X addr,length:bin…`; `None` for anything else.
+fn write_len(body: &[u8]) -> Option<u64> {
+    let (&kind, rest) = body.split_first()?;
+    if kind != b'M' && kind != b'X' {
+        return None;
+    }
+    let comma = rest.iter().position(|&b| b == b',')?;
+    let colon = rest.iter().position(|&b| b == b':')?;
+    if colon < comma {
+        return None;
+    }
+    hex(&rest[..comma])?;
+    let len = hex(&rest[comma + 1..colon])?;
+    let data = &rest[colon + 1..];
+    let data_ok = kind == b'X' || (data.len() % 2 == 0 && data.iter().all(u8::is_ascii_hexdigit));
+    data_ok.then_some(len)
 }
 
 impl<C: ConnectionExt<Error = io::Error>> Wire<C> {
@@ -233,22 +257,15 @@ impl<C: ConnectionExt<Error = io::Error>> Wire<C> {
 
     /// Records an `M`/`X` packet's length field (and clears it for others).
     fn declare(&mut self, body: &[u8]) {
-        let write_len = match body.first() {
-            Some(b'M' | b'X') => {
-                let comma = body.iter().position(|&b| b == b',');
-                let colon = body.iter().position(|&b| b == b':');
-                match (comma, colon) {
-                    (Some(c), Some(k)) if c < k => hex(&body[c + 1..k]).and_then(|l| usize::try_from(l).ok()),
-                    _ => None,
-                }
-            }
-            _ => None,
-        };
+        let write_len = write_len(body).and_then(|l| usize::try_from(l).ok());
         self.shared.lock().unwrap_or_else(|p| p.into_inner()).write_len = write_len;
     }
 
     /// A reply kvm-glue gives itself instead of `gdbstub`.
     fn answer(&self, body: &[u8]) -> Option<&'static [u8]> {
+        if matches!(body.first(), Some(b'M' | b'X')) {
+            return write_len(body).is_none().then_some(b"E16");
+        }
         let id = body.strip_prefix(b"qThreadExtraInfo,")?;
         // `p<pid>.<tid>` or `<tid>`.
         let tid = match id.iter().position(|&b| b == b'.') {
