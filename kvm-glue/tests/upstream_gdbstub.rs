@@ -202,3 +202,12 @@ fn gdbstub_0_7_10_m_upper_writes_its_data_whatever_its_length_says() {
     assert_eq!(replies, ["OK"]);
     assert_eq!(toy.writes, [(0x3_0000, vec![0xaa, 0xbb, 0xcc, 0xdd])]);
 }
+
+/// gdbstub-M-X-any-separator.md
+#[test]
+fn gdbstub_0_7_10_m_upper_and_x_upper_split_their_fields_at_any_comma_or_colon() {
+    let mut toy = Toy::default();
+    let replies = run(&mut toy, &["M30000:2,aabb", "X30010:1,Z"]);
+    assert_eq!(replies, ["OK", "OK"]);
+    assert_eq!(toy.writes, [(0x3_0000, vec![0xaa, 0xbb]), (0x3_0010, vec![b'Z'])]);
+}
