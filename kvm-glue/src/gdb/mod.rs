@@ -90,8 +90,9 @@
 //! * **garbage on the socket** ([`wire`]): bytes outside packets are
 //!   ignored, a packet longer than the advertised `PacketSize`
 //!   ([`PACKET_SIZE`]) is refused, reads stop at the first byte that cannot
-//!   be read (never data and an error in one reply), writes must carry the
-//!   length they declare, non-canonical addresses are refused for memory and
+//!   be read (never data and an error in one reply), writes must be in the
+//!   protocol's `addr,length:data` form and carry the length they declare,
+//!   non-canonical addresses are refused for memory and
 //!   breakpoints as a CPU refuses them (#GP), and a resume naming a thread
 //!   that does not exist is an error.
 //! * **the guest's end**: a VMM that gives [`Options::end`] a [`GuestEnd`]
