@@ -931,7 +931,9 @@ fn raw_session(vm: &SimVm, bytes: &[u8]) {
     }
 }
 
-/// `(addr, len)` of every well-framed `M`/`X` packet in `bytes`.
+/// `(addr, len)` of every framed `M`/`X` packet in `bytes` in the
+/// protocol's form, `M addr,length:data` (the fields in that order): a
+/// write may touch only the bytes its own length field names.
 fn written_ranges(bytes: &[u8]) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     let mut i = 0;
@@ -941,14 +943,12 @@ fn written_ranges(bytes: &[u8]) -> Vec<(u64, u64)> {
         };
         let body = &bytes[start + 1..end];
         if let Some((&(b'M' | b'X'), rest)) = body.split_first() {
-            let addr = rest
-                .split(|&c| c == b',')
-                .next()
-                .and_then(|a| u64::from_str_radix(std::str::from_utf8(a).ok()?, 16).ok());
-            if let Some(addr) = addr {
-                // Whatever it says, no write can be longer than its frame.
-                out.push((addr, body.len() as u64));
-            }
+            let field = |f: &[u8]| u64::from_str_radix(std::str::from_utf8(f).ok()?, 16).ok();
+            let range = rest.iter().position(|&c| c == b',').and_then(|comma| {
+                let colon = rest[comma..].iter().position(|&c| c == b':')? + comma;
+                Some((field(&rest[..comma])?, field(&rest[comma + 1..colon])?))
+            });
+            out.extend(range);
         }
         i = end + 1;
     }
