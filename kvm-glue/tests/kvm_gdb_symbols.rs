@@ -43,7 +43,7 @@ const SESSION: Duration = Duration::from_secs(400);
 const CTRL_C: &str = "@@ ctrl-c now @@";
 
 /// How long after `continue` gdb gets its SIGINT: the guest runs by then.
-const INTERRUPT_AFTER: Duration = Duration::from_millis(1500);
+const INTERRUPT_AFTER: Duration = Duration::from_millis(1000);
 
 /// What this host's server can do, as the probe says (the server's own
 /// `monitor served` must agree: asserted).
@@ -107,12 +107,12 @@ delete
 ";
     }
     s += &format!(
-        "p vcpu1_rounds
-echo {CTRL_C}\\n
+        "echo {CTRL_C}\\n
 continue
 info threads
+p vcpu1_rounds
 detach
-shell sleep 0.5
+shell sleep 0.3
 target remote {target}
 p vcpu1_rounds
 thread 1
@@ -159,13 +159,20 @@ fn run_gdb(s: &Setup, script: &str) -> String {
         .spawn()
         .expect("start gdb");
     let read = || String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
-    let deadline = Instant::now() + SESSION;
+    let started = Instant::now();
+    let deadline = started + SESSION;
     let mut interrupt_at = None;
     let mut interrupted = false;
+    // When each traced command first showed (to the poll's 50 ms).
+    let mut timing: Vec<(String, Duration)> = Vec::new();
     while child.try_wait().expect("try_wait").is_none() {
+        let text = read();
+        for cmd in text.lines().filter(|l| l.starts_with('+')).skip(timing.len()) {
+            timing.push((cmd.to_string(), started.elapsed()));
+        }
         if !interrupted
             && interrupt_at.is_none()
-            && read()
+            && text
                 .split_once(&format!("{CTRL_C}\n"))
                 .is_some_and(|(_, rest)| rest.contains("+continue\n"))
         {
@@ -186,10 +193,29 @@ fn run_gdb(s: &Setup, script: &str) -> String {
             let _ = child.kill();
             break;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(50));
     }
     let _ = child.wait();
+    let total = started.elapsed();
     let text = read();
+    // Each command's share of the session: from its trace line to the next.
+    let mut slow: Vec<(Duration, &str)> = timing
+        .iter()
+        .zip(timing.iter().skip(1).map(|(_, t)| *t).chain([total]))
+        .map(|((cmd, at), next)| (next.saturating_sub(*at), cmd.as_str()))
+        .collect();
+    slow.sort_by(|a, b| b.0.cmp(&a.0));
+    let first = timing.first().map_or(total, |(_, t)| *t);
+    println!(
+        "gdb session {:.1} s: gdb's start to its first command {:.1} s; slowest: {}",
+        total.as_secs_f64(),
+        first.as_secs_f64(),
+        slow.iter()
+            .take(8)
+            .map(|(d, c)| format!("{c} {:.2} s", d.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let _ = std::fs::remove_file(&file);
     let _ = std::fs::remove_file(&log);
     text
@@ -450,16 +476,16 @@ fn gdb_13_with_symbols_runs_issue_17s_whole_command_list_on_the_c_guest() {
         );
     }
     // Ctrl-C: gdb interrupts the running guest; all-stop stops both vCPUs.
-    let at = at_cmd(&out, at, "p vcpu1_rounds");
-    let before: u64 = after(&out[at..], " = ")
-        .and_then(|v| v.trim().parse().ok())
-        .expect("p vcpu1_rounds");
     let at = in_order(&out, at, &[CTRL_C, "+continue", "received signal SIGINT, Interrupt."]);
     let at = in_order(
         &out,
         at_cmd(&out, at, "info threads"),
         &["Thread 1.1 (vCPU 0) ", "Thread 1.2 (vCPU 1) "],
     );
+    let at = at_cmd(&out, at, "p vcpu1_rounds");
+    let before: u64 = after(&out[at..], " = ")
+        .and_then(|v| v.trim().parse().ok())
+        .expect("p vcpu1_rounds");
     // detach, the guest runs on, a reconnect.
     let at = in_order(&out, at_cmd(&out, at, "detach"), &["[Inferior 1 (process 1) detached]"]);
     let at = at_cmd(&out, at, &format!("target remote {target}"));
