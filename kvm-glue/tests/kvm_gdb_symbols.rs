@@ -204,7 +204,7 @@ fn run_gdb(s: &Setup, script: &str) -> String {
         .zip(timing.iter().skip(1).map(|(_, t)| *t).chain([total]))
         .map(|((cmd, at), next)| (next.saturating_sub(*at), cmd.as_str()))
         .collect();
-    slow.sort_by(|a, b| b.0.cmp(&a.0));
+    slow.sort_by_key(|s| std::cmp::Reverse(s.0));
     let first = timing.first().map_or(total, |(_, t)| *t);
     println!(
         "gdb session {:.1} s: gdb's start to its first command {:.1} s; slowest: {}",
@@ -222,8 +222,8 @@ fn run_gdb(s: &Setup, script: &str) -> String {
 }
 
 /// Asserts that each of `want` appears in `out`, in this order, each after
-/// the end of the one before; returns the text after the last.
-fn in_order<'a>(out: &'a str, from: usize, want: &[&str]) -> usize {
+/// the end of the one before, from byte `from`; returns where the last ends.
+fn in_order(out: &str, from: usize, want: &[&str]) -> usize {
     let mut at = from;
     for w in want {
         match out[at..].find(w) {
