@@ -37,6 +37,12 @@
 //! `SKIPPED: QEMU column because ...` line and measures kvm-glue alone
 //! (`.ci/qemu-for-bench` installs Debian's).
 //!
+//! Before measuring continue, the bench checks that it makes progress (the
+//! stopped thread's rax moved) and notes it with the summary: on a host
+//! whose KVM ignores RFLAGS.RF (`kvm_pvm`, HOST.md) QEMU's continue from a
+//! hardware breakpoint re-hits it without executing anything, so its row
+//! there is cheaper work than kvm-glue's step-over.
+//!
 //! The client negotiates `QStartNoAckMode` where the server offers it, as
 //! gdb does (QEMU's gdbstub does not: there each reply is acknowledged). Without `/dev/kvm`
 //! it prints `SKIPPED` and measures nothing.
@@ -253,6 +259,40 @@ impl Client {
         let le = u64::from_str_radix(hex, 16).expect("rip");
         self.expect("Hg1", "OK");
         le.swap_bytes()
+    }
+
+    /// Thread `tid`'s rax, from `g`.
+    fn rax(&mut self, tid: u64) -> u64 {
+        self.expect(&format!("Hg{tid:x}"), "OK");
+        let g = unrle(&self.cmd(b"g"));
+        let hex = std::str::from_utf8(&g[..16]).expect("hex");
+        u64::from_str_radix(hex, 16).expect("rax").swap_bytes()
+    }
+
+    /// Four `vCont;c` to the breakpoint: whether a thread that stopped ran
+    /// its loop (its `inc` moved rax) rather than re-hit the breakpoint it
+    /// stood on without executing anything (a server that relies on
+    /// RFLAGS.RF, on a host whose KVM ignores it: see HOST.md). Several,
+    /// because a vCPU stopped at the breakpoint by another's stop (both
+    /// run the loop) rightly hits it at once when resumed.
+    fn continue_moves(&mut self) -> bool {
+        (0..4).any(|_| self.one_continue_moves())
+    }
+
+    fn one_continue_moves(&mut self) -> bool {
+        let before = [self.rax(1), self.rax(2)];
+        let r = self.expect("vCont;c", "T05");
+        let text = String::from_utf8_lossy(&r).into_owned();
+        let tid = text
+            .split(';')
+            .find_map(|f| f.strip_prefix("T05thread:").or_else(|| f.strip_prefix("thread:")))
+            .map(|t| t.rsplit('.').next().unwrap_or(t))
+            .and_then(|t| u64::from_str_radix(t, 16).ok())
+            .filter(|t| (1..=2).contains(t))
+            .unwrap_or(1);
+        let after = self.rax(tid);
+        self.expect("Hg1", "OK");
+        after != before[(tid - 1) as usize]
     }
 
     /// Lets the guest run for `d`, then stops it (Ctrl-C).
@@ -547,6 +587,20 @@ fn bench_ops(group: &mut BenchmarkGroup<'_, WallTime>, c: &mut Client, t: &Targe
         })
     });
     c.expect(&z, "OK");
+    if round == 0 {
+        let moves = c.continue_moves();
+        note(format!(
+            "{} ({}): a continue from the hw breakpoint {}",
+            t.name,
+            other.name(),
+            if moves {
+                "runs the loop to it again"
+            } else {
+                "re-hits it without executing anything (RF not honoured by this host's KVM): \
+                 its continue row measures no guest progress"
+            }
+        ));
+    }
     group.bench_function(id("continue_to_hbreak"), |b| {
         b.iter(|| {
             let r = c.expect("vCont;c", "T05");
@@ -574,6 +628,15 @@ fn bench_ops(group: &mut BenchmarkGroup<'_, WallTime>, c: &mut Client, t: &Targe
             total
         })
     });
+}
+
+/// Facts found while measuring, printed with the summary.
+static NOTES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+fn note(line: String) {
+    if let Ok(mut notes) = NOTES.lock() {
+        notes.push(line);
+    }
 }
 
 /// Criterion's output directory (its own rule, as `benches/main.rs` has it).
@@ -673,6 +736,14 @@ fn summary(since: SystemTime, qemu: Option<&str>) {
     }
 }
 
+fn print_notes() {
+    if let Ok(notes) = NOTES.lock() {
+        for n in notes.iter() {
+            println!("note: {n}");
+        }
+    }
+}
+
 fn configure(c: &mut Criterion) -> BenchmarkGroup<'_, WallTime> {
     let mut group = c.benchmark_group("gdb_path");
     group.warm_up_time(Duration::from_millis(300));
@@ -762,4 +833,5 @@ fn main() {
     };
     c.final_summary();
     summary(since, qemu.as_deref());
+    print_notes();
 }
