@@ -69,6 +69,9 @@ use vm_memory::GuestMemoryMmap;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
+/// Continues checked for guest progress before the continue row.
+const CONTINUE_PROBES: usize = 8;
+
 /// Rounds of every measurement, alternated so host drift hits all alike.
 const ROUNDS: usize = 2;
 
@@ -269,14 +272,14 @@ impl Client {
         u64::from_str_radix(hex, 16).expect("rax").swap_bytes()
     }
 
-    /// Four `vCont;c` to the breakpoint: whether a thread that stopped ran
+    /// [`CONTINUE_PROBES`] `vCont;c` to the breakpoint: how many times the thread that stopped ran
     /// its loop (its `inc` moved rax) rather than re-hit the breakpoint it
     /// stood on without executing anything (a server that relies on
     /// RFLAGS.RF, on a host whose KVM ignores it: see HOST.md). Several,
     /// because a vCPU stopped at the breakpoint by another's stop (both
     /// run the loop) rightly hits it at once when resumed.
-    fn continue_moves(&mut self) -> bool {
-        (0..4).any(|_| self.one_continue_moves())
+    fn continue_moves(&mut self) -> usize {
+        (0..CONTINUE_PROBES).filter(|_| self.one_continue_moves()).count()
     }
 
     fn one_continue_moves(&mut self) -> bool {
@@ -588,17 +591,17 @@ fn bench_ops(group: &mut BenchmarkGroup<'_, WallTime>, c: &mut Client, t: &Targe
     });
     c.expect(&z, "OK");
     if round == 0 {
-        let moves = c.continue_moves();
+        let moved = c.continue_moves();
+        let what = if moved == 0 {
+            ": it re-hits the breakpoint without executing anything (RF not honoured by this \
+             host's KVM), so its continue row measures no guest progress"
+        } else {
+            ""
+        };
         note(format!(
-            "{} ({}): a continue from the hw breakpoint {}",
+            "{} ({}): {moved} of {CONTINUE_PROBES} continues from the hw breakpoint ran the loop{what}",
             t.name,
             other.name(),
-            if moves {
-                "runs the loop to it again"
-            } else {
-                "re-hits it without executing anything (RF not honoured by this host's KVM): \
-                 its continue row measures no guest progress"
-            }
         ));
     }
     group.bench_function(id("continue_to_hbreak"), |b| {
