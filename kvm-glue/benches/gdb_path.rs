@@ -385,11 +385,19 @@ fn with_vm(other: Other, body: impl FnOnce(&mut Client, &Target)) -> Result<bool
 /// leave it running).
 static QEMU_CHILD: Mutex<Option<Child>> = Mutex::new(None);
 
+/// Its `-bios` image and log, removed with it.
+static QEMU_FILES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
 fn kill_qemu() {
     if let Ok(mut slot) = QEMU_CHILD.lock() {
         if let Some(mut child) = slot.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+    if let Ok(mut files) = QEMU_FILES.lock() {
+        for f in files.drain(..) {
+            let _ = std::fs::remove_file(f);
         }
     }
 }
@@ -464,6 +472,10 @@ fn with_qemu(qemu: &Path, other: Other, body: impl FnOnce(&mut Client, &Target))
     let log = dir.join(format!("{tag}.log"));
     let (img, lp) = bios_image(other);
     std::fs::write(&bios, img)?;
+    QEMU_FILES
+        .lock()
+        .map_err(|_| "poisoned")?
+        .extend([bios.clone(), log.clone()]);
     // A free port: bound and released (QEMU binds it next).
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let child = Command::new(qemu)
@@ -484,8 +496,8 @@ fn with_qemu(qemu: &Path, other: Other, body: impl FnOnce(&mut Client, &Target))
         match Client::connect(port) {
             Ok(c) => break c,
             Err(e) if Instant::now() > deadline => {
-                kill_qemu();
                 let err = std::fs::read_to_string(&log).unwrap_or_default();
+                kill_qemu();
                 return Err(format!("QEMU's gdbstub on port {port}: {e}; QEMU said: {err}").into());
             }
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
@@ -511,8 +523,6 @@ fn with_qemu(qemu: &Path, other: Other, body: impl FnOnce(&mut Client, &Target))
     };
     body(&mut client, &target);
     kill_qemu();
-    let _ = std::fs::remove_file(&bios);
-    let _ = std::fs::remove_file(&log);
     Ok(())
 }
 
