@@ -43,15 +43,11 @@ use std::time::{Duration, Instant};
 use kvm_glue::gdb::{serve, serve_unix, GuestEnd, HostDebug, Options, ServeEvent, SessionEnd};
 use kvm_glue::guest::{self, Exit, Guest};
 use kvm_glue::kick::SignalKick;
-use kvm_glue::{Handled, RunState, VcpuDebug, VmDebug};
+use kvm_glue::{Handled, RunState, VcpuDebug, VmDebug, Woke};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
-
-/// How long a halted vCPU (no interrupt controller in the tiny guest, so
-/// `hlt` exits to us) sleeps before it looks at the debugger's requests again.
-const IDLE: Duration = Duration::from_millis(5);
 
 /// Where GDB connects.
 enum Listen {
@@ -195,7 +191,16 @@ fn vcpu_loop(
                     _ => return Err(format!("vCPU {id}: unexpected out to port {port:#x}").into()),
                 }
             }
-            Exit::Hlt => std::thread::sleep(IDLE),
+            // The tiny guest has no interrupt controller, so `hlt` exits to
+            // us and the vCPU waits outside KVM_RUN, where no kick reaches
+            // it: wait_idle ends at once for the debugger (stop, new
+            // breakpoints, detach), and the guest stays halted until an
+            // interrupt of ours (this VMM has none) wakes it.
+            Exit::Hlt => {
+                while let Woke::Stop | Woke::Intent = vdbg.wait_idle(None)? {
+                    vdbg.before_run(&*vcpu)?;
+                }
+            }
             other => return Err(format!("vCPU {id}: unexpected exit {other:?}").into()),
         }
     }

@@ -29,7 +29,7 @@
 //! the breakpoint goes with the last (the seed refused a second identical
 //! hardware breakpoint but counted software ones).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
@@ -95,6 +95,9 @@ pub(crate) struct Inner<M> {
     pub(crate) run: RunControl,
     /// Jobs for parked vCPUs' threads, by vCPU (registered ids only).
     pub(crate) jobs: BTreeMap<usize, VecDeque<Job>>,
+    /// vCPUs an [`IdleWaker`](crate::idle::IdleWaker) woke that have not
+    /// seen it yet ([`crate::idle`]).
+    pub(crate) idle_wakes: BTreeSet<usize>,
 }
 
 impl<M> Inner<M> {
@@ -161,6 +164,10 @@ impl<M> Shared<M> {
 
     /// Kicks each of `ids`; the first failure is returned after all were tried.
     pub(crate) fn kick(&self, ids: &[usize]) -> Result<()> {
+        // A vCPU waiting after a `hlt` exit (crate::idle) is outside
+        // KVM_RUN, where no kick reaches it: what kicks it ends that wait.
+        // Every caller changed the state under the lock before calling.
+        self.cond.notify_all();
         let kick = self.kick.read().map_err(|_| Error::Poisoned)?.clone();
         let Some(kick) = kick else { return Ok(()) };
         let mut first = Ok(());
@@ -276,6 +283,7 @@ impl<M: GuestMemory> VmDebug<M> {
                     int1_pc: int1_pc_from_cpuid(),
                     run,
                     jobs: BTreeMap::new(),
+                    idle_wakes: BTreeSet::new(),
                 }),
                 cond: Condvar::new(),
                 kick: RwLock::new(None),

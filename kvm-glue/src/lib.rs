@@ -99,6 +99,8 @@
 //!   posted stops, step-over debts, sessions — and its rules.
 //! * [`control`]: all-stop on threads — parking, posted stops, jobs for parked vCPUs.
 //! * [`kick`]: bringing a vCPU out of `KVM_RUN` ([`SignalKick`], or any closure).
+//! * [`idle`]: a halted vCPU's wait outside `KVM_RUN` (no in-kernel irqchip) that a
+//!   kick, an intent change or the VMM's own [`IdleWaker`] ends at once.
 //! * [`sw_table`]: software breakpoints by guest-physical address, with the requests behind them.
 //! * [`VcpuOps`] ([`vcpu`]): the ioctls used, for `VcpuFd` and [`fake::FakeVcpu`].
 //! * [`memory`]: guest memory as the core's `ByteMemory`, physical or virtual.
@@ -116,6 +118,7 @@ pub mod debugger;
 pub mod error;
 pub mod fake;
 pub mod guest;
+pub mod idle;
 pub mod kick;
 pub mod memory;
 pub mod probe;
@@ -128,6 +131,7 @@ pub mod vcpu_debug;
 
 pub use debugger::{int1_pc_from_cpuid, Insert, StepIrqs, VmDebug};
 pub use error::{Error, Result};
+pub use idle::{IdleWaker, Woke};
 pub use kick::{Kick, KickError, SignalKick};
 pub use memory::{AddressSpace, MemoryError, PhysicalMemory, VirtualMemory};
 pub use run::{run_once, Exit};

@@ -280,6 +280,17 @@ impl<M: GuestMemory> VcpuDebug<M> {
         self.applied
     }
 
+    /// The VM-wide state (for [`crate::idle`]).
+    pub(crate) fn shared(&self) -> &Arc<Shared<M>> {
+        &self.shared
+    }
+
+    /// The intent generation the applied configuration reflects (`None`:
+    /// none yet, or not the intent's, e.g. mid step-over).
+    pub(crate) fn applied_generation(&self) -> Option<u64> {
+        self.applied.and_then(|r| r.generation)
+    }
+
     fn set<V: VcpuOps + ?Sized>(&mut self, vcpu: &V, dbg: &kvm_guest_debug) -> Result<()> {
         self.set_calls += 1;
         let mut dbg = *dbg;

@@ -29,7 +29,7 @@ use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use kvm_glue::fake::FakeVcpu;
 use kvm_glue::gdb::{serve, serve_unix, GuestEnd, HostDebug, Options};
 use kvm_glue::guest;
-use kvm_glue::{Handled, RunState, VcpuDebug, VmDebug};
+use kvm_glue::{Handled, RunState, VcpuDebug, VmDebug, Woke};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 type Mem = GuestMemoryMmap;
@@ -279,7 +279,16 @@ fn vcpu_loop(
             }
             SimExit::Out(guest::PORT_VECTOR, v) => vectors.lock().expect("vectors").push((vdbg.id(), v)),
             SimExit::Out(..) | SimExit::Interrupted => {}
-            SimExit::Hlt => std::thread::sleep(Duration::from_millis(1)),
+            // As the example: halted outside the (simulated) KVM_RUN until
+            // the debugger wants this vCPU; no interrupt source wakes it.
+            SimExit::Hlt => {
+                while let Woke::Stop | Woke::Intent = vdbg.wait_idle(None).expect("wait_idle") {
+                    if quit.load(Ordering::Acquire) {
+                        return;
+                    }
+                    vdbg.before_run(&sim.fake).expect("before_run");
+                }
+            }
             SimExit::Unknown(rip, byte) => panic!("simulated vCPU: cannot run {byte:#04x} at {rip:#x}"),
         }
     }

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use kvm_bindings::kvm_debug_exit_arch;
 use kvm_glue::fake::FakeVcpu;
-use kvm_glue::{Action, AddressSpace, BreakpointType, Error, Handled, RunState, VcpuOps, VmDebug};
+use kvm_glue::{Action, AddressSpace, BreakpointType, Error, Handled, RunState, VcpuOps, VmDebug, Woke};
 use loom::sync::atomic::{AtomicUsize as LoomUsize, Ordering};
 use loom::sync::Arc;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -330,5 +330,59 @@ fn a_breakpoint_removed_during_a_parked_step_over_is_gone_in_every_interleaving(
             assert!(!slots.contains(&0x100), "0x100 is still being stepped over: {last:?}");
             assert_ne!(last.control & SINGLESTEP, 0, "still the step-over's single step");
         }
+    });
+}
+
+/// Issue #20's halted-vCPU wait (`kvm_glue::idle`): a vCPU that waits after
+/// a `hlt` exit is outside `KVM_RUN`, where no kick reaches it. In every
+/// interleaving of `stop_all` with the vCPU's sync-then-wait, the wait ends
+/// with `Woke::Stop` (the stop came before it or during it: never lost),
+/// the vCPU parks and `stop_all` returns; a lost wake-up is a deadlock here.
+#[test]
+fn a_stop_all_always_ends_a_halted_vcpus_wait() {
+    model("stop_ends_idle_wait", 3, || {
+        let dbg = VmDebug::new(memory());
+        let mut h = dbg.vcpu(0).expect("vCPU handle");
+        let vcpu = loom::thread::spawn(move || {
+            let fake = FakeVcpu::new();
+            // The entry that ended in KVM_EXIT_HLT (sync: before_run would
+            // park for a stop that came first, and the wait would rightly
+            // have nothing left to answer).
+            h.sync(&fake).expect("sync");
+            let woke = h.wait_idle(None).expect("wait");
+            h.before_run(&fake).expect("park until released");
+            woke
+        });
+        dbg.stop_all(FOREVER).expect("stop_all");
+        dbg.resume_all().expect("resume");
+        assert_eq!(vcpu.join().expect("vCPU thread"), Woke::Stop);
+    });
+}
+
+/// The VMM's own wake (an interrupt source on another thread) against the
+/// wait and a breakpoint insert: the wait always ends, with the VMM's wake
+/// or the intent change, and a VMM wake is never lost — when the intent
+/// change answered first, the wake answers the next wait.
+#[test]
+fn a_vmm_wake_or_an_intent_change_always_ends_the_wait() {
+    model("vmm_wake_ends_idle_wait", 3, || {
+        let dbg = VmDebug::new(memory());
+        let mut h = dbg.vcpu(0).expect("vCPU handle");
+        let irq = h.idle_waker();
+        let vcpu = loom::thread::spawn(move || {
+            let fake = FakeVcpu::new();
+            h.sync(&fake).expect("sync"); // ...then KVM_EXIT_HLT
+            let mut reasons = vec![h.wait_idle(None).expect("wait")];
+            while reasons.last() == Some(&Woke::Intent) {
+                h.before_run(&fake).expect("apply");
+                reasons.push(h.wait_idle(None).expect("wait"));
+            }
+            reasons
+        });
+        let device = loom::thread::spawn(move || irq.wake().expect("wake"));
+        dbg.insert(PHYS, BreakpointType::Hardware, 0x100, 1).expect("insert");
+        device.join().expect("device thread");
+        let reasons = vcpu.join().expect("vCPU thread");
+        assert_eq!(reasons.last(), Some(&Woke::Vmm), "{reasons:?}");
     });
 }
