@@ -317,12 +317,50 @@ impl<M: GuestMemory> VmDebug<M> {
         R: Send + 'static,
         F: FnOnce(&dyn VcpuOps) -> R + Send + 'static,
     {
+        // `f` may change anything of the vCPU: what was read before is stale.
+        self.queue_job(vcpu, true, f).map(|(r, _)| r)
+    }
+
+    /// [`with_parked_vcpu`](Self::with_parked_vcpu) for a job that reads
+    /// and does not change the vCPU (its registers stay what they were),
+    /// with the [`parked_epoch`](Self::parked_epoch) it ran at: what it read
+    /// is current while that epoch stands.
+    #[cfg(feature = "gdb")]
+    pub(crate) fn with_parked_vcpu_reading<R, F>(&self, vcpu: usize, f: F) -> Result<(R, u64)>
+    where
+        R: Send + 'static,
+        F: FnOnce(&dyn VcpuOps) -> R + Send + 'static,
+    {
+        self.queue_job(vcpu, false, f)
+    }
+
+    /// While vCPU `vcpu` is parked, a number that moves whenever what a
+    /// job read of it may have changed (it left its park, or a job that may
+    /// write it was queued); `None` when it is not parked.
+    #[cfg(feature = "gdb")]
+    pub(crate) fn parked_epoch(&self, vcpu: usize) -> Result<Option<u64>> {
+        let inner = self.shared.lock()?;
+        Ok((inner.run.state(vcpu)? == RunState::Parked).then(|| inner.epoch(vcpu)))
+    }
+
+    fn queue_job<R, F>(&self, vcpu: usize, writes: bool, f: F) -> Result<(R, u64)>
+    where
+        R: Send + 'static,
+        F: FnOnce(&dyn VcpuOps) -> R + Send + 'static,
+    {
         let (tx, rx) = mpsc::channel();
-        {
+        let epoch = {
             let mut inner = self.shared.lock()?;
             if inner.run.state(vcpu)? != RunState::Parked {
                 return Err(Error::NotParked { vcpu });
             }
+            if writes {
+                inner.touch(vcpu);
+            }
+            // A job queued earlier that writes moved the epoch already; one
+            // queued later moves it past this: either way a read of this
+            // job's is never taken for newer than it is.
+            let epoch = inner.epoch(vcpu);
             inner
                 .jobs
                 .entry(vcpu)
@@ -330,9 +368,11 @@ impl<M: GuestMemory> VmDebug<M> {
                 .push_back(Box::new(move |ops: &dyn VcpuOps| {
                     let _ = tx.send(f(ops));
                 }));
-        }
+            epoch
+        };
         self.shared.cond.notify_all();
-        rx.recv().map_err(|_| Error::NotParked { vcpu })
+        let r = rx.recv().map_err(|_| Error::NotParked { vcpu })?;
+        Ok((r, epoch))
     }
 
     /// Ends a debugging session (a GDB disconnect): removes every breakpoint

@@ -95,9 +95,26 @@ pub(crate) struct Inner<M> {
     pub(crate) run: RunControl,
     /// Jobs for parked vCPUs' threads, by vCPU (registered ids only).
     pub(crate) jobs: BTreeMap<usize, VecDeque<Job>>,
+    /// Per vCPU, moves whenever what a parked reader saw of it may have
+    /// changed: it left its park (or handed its thread back to the VMM from
+    /// `poll_park`), or a job that may write it was queued. What was read
+    /// from a parked vCPU at one value stays true while the value stands
+    /// ([`VmDebug::parked_epoch`]).
+    pub(crate) epochs: BTreeMap<usize, u64>,
 }
 
 impl<M> Inner<M> {
+    /// What was read of `vcpu` so far may be stale now (see `epochs`).
+    pub(crate) fn touch(&mut self, vcpu: usize) {
+        let e = self.epochs.entry(vcpu).or_default();
+        *e = e.wrapping_add(1);
+    }
+
+    /// `vcpu`'s current epoch (see `epochs`).
+    pub(crate) fn epoch(&self, vcpu: usize) -> u64 {
+        self.epochs.get(&vcpu).copied().unwrap_or(0)
+    }
+
     pub(crate) fn single_step(&self, vcpu: usize) -> bool {
         self.run.single_step(vcpu)
     }
@@ -276,6 +293,7 @@ impl<M: GuestMemory> VmDebug<M> {
                     int1_pc: int1_pc_from_cpuid(),
                     run,
                     jobs: BTreeMap::new(),
+                    epochs: BTreeMap::new(),
                 }),
                 cond: Condvar::new(),
                 kick: RwLock::new(None),
@@ -625,6 +643,13 @@ impl<M: GuestMemory> VmDebug<M> {
         let inner = self.shared.lock()?;
         inner.run.check(vcpu)?;
         Ok(inner.single_step(vcpu))
+    }
+
+    /// Runs `f` on guest memory as it is (no `int3` hidden), under the
+    /// debug state's lock.
+    #[cfg(feature = "gdb")]
+    pub(crate) fn with_raw_memory<R>(&self, f: impl FnOnce(&M) -> R) -> Result<R> {
+        Ok(f(&self.shared.lock()?.mem))
     }
 
     /// Reads guest memory at `addr` in `space` into `buf`, page by page, with

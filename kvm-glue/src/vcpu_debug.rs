@@ -220,6 +220,7 @@ impl<M> Drop for VcpuDebug<M> {
     fn drop(&mut self) {
         if let Ok(mut inner) = self.shared.lock() {
             inner.run.unregister(self.id);
+            inner.touch(self.id);
             if inner.run.state(self.id) == Ok(crate::RunState::Absent) {
                 inner.jobs.remove(&self.id);
             }
@@ -365,6 +366,7 @@ impl<M: GuestMemory> VcpuDebug<M> {
         loop {
             if !inner.run.held(self.id) {
                 inner.run.unpark(self.id);
+                inner.touch(self.id);
                 drop(inner);
                 shared.cond.notify_all();
                 return Ok(Park::Free);
@@ -378,6 +380,9 @@ impl<M: GuestMemory> VcpuDebug<M> {
                     inner = shared.lock()?;
                 }
                 None => {
+                    // The thread is the VMM's until the next call: it may
+                    // change the vCPU meanwhile.
+                    inner.touch(self.id);
                     drop(inner);
                     shared.cond.notify_all();
                     return Ok(Park::Held);
@@ -410,6 +415,7 @@ impl<M: GuestMemory> VcpuDebug<M> {
             inner = shared.cond.wait(inner).map_err(|_| Error::Poisoned)?;
         }
         inner.run.unpark(self.id);
+        inner.touch(self.id);
         let owed = if idle { inner.run.take_owed(self.id) } else { None };
         drop(inner);
         shared.cond.notify_all();

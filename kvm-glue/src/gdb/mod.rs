@@ -100,6 +100,7 @@
 
 pub mod conn;
 mod event_loop;
+mod paging;
 pub mod regs;
 pub mod stop;
 mod target;
