@@ -208,6 +208,9 @@ impl<V: VcpuOps + ?Sized> VcpuOps for &V {
     fn set_msr(&self, index: u32, value: u64) -> Result<(), kvm_ioctls::Error> {
         (**self).set_msr(index, value)
     }
+    fn translates_by_page_walk(&self) -> bool {
+        (**self).translates_by_page_walk()
+    }
 }
 
 impl<V: VcpuOps + ?Sized> VcpuOps for &mut V {
@@ -246,6 +249,9 @@ impl<V: VcpuOps + ?Sized> VcpuOps for &mut V {
     }
     fn set_msr(&self, index: u32, value: u64) -> Result<(), kvm_ioctls::Error> {
         (**self).set_msr(index, value)
+    }
+    fn translates_by_page_walk(&self) -> bool {
+        (**self).translates_by_page_walk()
     }
 }
 

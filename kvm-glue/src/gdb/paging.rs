@@ -256,6 +256,8 @@ mod tests {
         mem.write_obj(P | 2 | PS, GuestAddress(guest::PDPT + 8 * 2))
             .expect("pdpte");
         let vcpu = g.vcpu(0);
+        // Through references too (a VMM's job gets whatever it passed).
+        assert!(VcpuOps::translates_by_page_walk(&&*vcpu) && VcpuOps::translates_by_page_walk(&vcpu));
         let p = Paging::of(&VcpuOps::get_sregs(vcpu).expect("sregs"));
         assert!(p.walkable(), "the tiny guest runs with 4-level paging");
         let mut checked = 0;
