@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use vm_memory::GuestMemory;
 use x86_debugreg::sw::RemoveAll;
 
-use crate::debugger::{still_valid, Inner, VmDebug};
+use crate::debugger::{still_valid, wake, Inner, VmDebug};
 use crate::error::{Error, Result};
 use crate::memory::MemoryError;
 use crate::sync::mpsc;
@@ -177,9 +177,13 @@ impl<M: GuestMemory> VmDebug<M> {
     /// # Errors
     /// [`Error::Poisoned`].
     pub fn release_hold(&self) -> Result<bool> {
-        let released = self.shared.lock()?.run.release_hold();
+        let (released, wakes) = {
+            let mut inner = self.shared.lock()?;
+            (inner.run.release_hold(), inner.all_wakes())
+        };
         if released {
             self.shared.cond.notify_all();
+            wake(&wakes);
         }
         Ok(released)
     }
@@ -202,19 +206,23 @@ impl<M: GuestMemory> VmDebug<M> {
     /// [`Error::Run`] if an id is not one of the VM's vCPUs (nothing changes
     /// then, for any vCPU); [`Error::Poisoned`].
     pub fn resume(&self, actions: &[(usize, Action)]) -> Result<()> {
-        let resumed = {
+        let (resumed, wakes) = {
             let mut guard = self.shared.lock()?;
             let Inner { state, watch, run, .. } = &mut *guard;
             let resumed = run.resume(actions, |p, stepping| still_valid(state, watch, p, stepping))?;
             if resumed.step_changed {
                 self.shared.bump();
             }
-            resumed
+            // Only the released vCPUs wake: one left parked by scheduler
+            // locking sleeps on.
+            let wakes: Vec<_> = actions.iter().map(|&(id, _)| guard.wake_of(id)).collect();
+            (resumed, wakes)
         };
         if resumed.pending_left {
             self.shared.signal_stop();
         } else {
             self.shared.cond.notify_all();
+            wake(&wakes);
         }
         Ok(())
     }
@@ -368,9 +376,10 @@ impl<M: GuestMemory> VmDebug<M> {
                 .push_back(Box::new(move |ops: &dyn VcpuOps| {
                     let _ = tx.send(f(ops));
                 }));
-            epoch
+            (epoch, inner.wake_of(vcpu))
         };
-        self.shared.cond.notify_all();
+        let (epoch, parked) = epoch;
+        parked.notify_all();
         let r = rx.recv().map_err(|_| Error::NotParked { vcpu })?;
         Ok((r, epoch))
     }
@@ -391,14 +400,16 @@ impl<M: GuestMemory> VmDebug<M> {
     /// could not be restored are listed in the answer.
     pub fn detach(&self) -> Result<RemoveAll<MemoryError>> {
         let out = self.remove_all()?;
-        {
+        let wakes = {
             let mut inner = self.shared.lock()?;
             inner.run.detach();
             // Always: every vCPU re-applies, and so records the new session.
             self.shared.bump();
-        }
+            inner.all_wakes()
+        };
         let _ = self.shared.stop_fd.read();
         self.shared.cond.notify_all();
+        wake(&wakes);
         self.shared.kick_running()?;
         Ok(out)
     }

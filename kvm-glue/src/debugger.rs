@@ -101,6 +101,11 @@ pub(crate) struct Inner<M> {
     /// from a parked vCPU at one value stays true while the value stands
     /// ([`VmDebug::parked_epoch`]).
     pub(crate) epochs: BTreeMap<usize, u64>,
+    /// What each parked vCPU waits on: one condition variable per vCPU, so
+    /// a job for one vCPU, or a release of some, wakes only those (the
+    /// shared one, `Shared::cond`, is for the debugger's waits: parks and
+    /// posted stops). Used with the same lock as everything else.
+    pub(crate) wakes: BTreeMap<usize, Arc<Condvar>>,
 }
 
 impl<M> Inner<M> {
@@ -108,6 +113,16 @@ impl<M> Inner<M> {
     pub(crate) fn touch(&mut self, vcpu: usize) {
         let e = self.epochs.entry(vcpu).or_default();
         *e = e.wrapping_add(1);
+    }
+
+    /// What parked `vcpu` waits on (see `wakes`).
+    pub(crate) fn wake_of(&mut self, vcpu: usize) -> Arc<Condvar> {
+        Arc::clone(self.wakes.entry(vcpu).or_insert_with(|| Arc::new(Condvar::new())))
+    }
+
+    /// What every vCPU that has waited waits on.
+    pub(crate) fn all_wakes(&self) -> Vec<Arc<Condvar>> {
+        self.wakes.values().map(Arc::clone).collect()
     }
 
     /// `vcpu`'s current epoch (see `epochs`).
@@ -148,6 +163,14 @@ pub(crate) fn still_valid(state: &DebugState, watch: &WatchSlots, p: &Pending, s
                 .any(|h| Slot::ALL.iter().any(|&s| now.armed(s) == Some(h.breakpoint)));
             stepping || still_armed
         }
+    }
+}
+
+/// Wakes the parked vCPUs that wait on `wakes` (call with the lock
+/// released: a woken vCPU takes it first thing).
+pub(crate) fn wake(wakes: &[Arc<Condvar>]) {
+    for w in wakes {
+        w.notify_all();
     }
 }
 
@@ -294,6 +317,7 @@ impl<M: GuestMemory> VmDebug<M> {
                     run,
                     jobs: BTreeMap::new(),
                     epochs: BTreeMap::new(),
+                    wakes: BTreeMap::new(),
                 }),
                 cond: Condvar::new(),
                 kick: RwLock::new(None),

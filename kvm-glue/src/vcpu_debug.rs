@@ -401,6 +401,7 @@ impl<M: GuestMemory> VcpuDebug<M> {
             return Ok(if idle { inner.run.take_owed(self.id) } else { None });
         }
         inner.run.park(self.id);
+        let wake = inner.wake_of(self.id);
         shared.cond.notify_all();
         loop {
             if let Some(job) = inner.jobs.get_mut(&self.id).and_then(|q| q.pop_front()) {
@@ -412,7 +413,7 @@ impl<M: GuestMemory> VcpuDebug<M> {
             if !inner.run.held(self.id) {
                 break;
             }
-            inner = shared.cond.wait(inner).map_err(|_| Error::Poisoned)?;
+            inner = wake.wait(inner).map_err(|_| Error::Poisoned)?;
         }
         inner.run.unpark(self.id);
         inner.touch(self.id);
