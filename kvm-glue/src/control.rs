@@ -309,6 +309,12 @@ impl<M: GuestMemory> VmDebug<M> {
     /// A file descriptor (an eventfd) that is readable while a posted stop may
     /// be waiting: poll it beside a debugger connection, then
     /// [`try_take_stop`](Self::try_take_stop). Owned by the handle.
+    ///
+    /// A stop is announced here once the vCPU that posted it has parked
+    /// (in [`before_run`](crate::VcpuDebug::before_run) or
+    /// [`poll_park`](crate::VcpuDebug::poll_park)), so the
+    /// [`stop_all`](Self::stop_all) that follows does not wait for that
+    /// vCPU; [`wait_stop`](Self::wait_stop) sees it as soon as it is posted.
     pub fn stop_fd(&self) -> RawFd {
         self.shared.stop_fd.as_raw_fd()
     }

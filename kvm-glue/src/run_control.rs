@@ -527,11 +527,17 @@ impl RunControl {
         self.vcpus.get(&vcpu).is_some_and(|v| v.hold)
     }
 
-    /// `vcpu` parks (it was [`held`](Self::held)).
-    pub fn park(&mut self, vcpu: usize) {
-        if let Some(v) = self.vcpus.get_mut(&vcpu) {
-            v.parked = true;
-            v.posted = false;
+    /// `vcpu` parks (it was [`held`](Self::held)). Returns whether it
+    /// posted a stop since it last parked or was released: the stop is
+    /// announced now ([`VmDebug::stop_fd`](crate::VmDebug::stop_fd)), when
+    /// the debugger can take it without waiting for this vCPU.
+    pub fn park(&mut self, vcpu: usize) -> bool {
+        match self.vcpus.get_mut(&vcpu) {
+            Some(v) => {
+                v.parked = true;
+                std::mem::take(&mut v.posted)
+            }
+            None => false,
         }
     }
 

@@ -371,7 +371,9 @@ impl<M: GuestMemory> VcpuDebug<M> {
                 shared.cond.notify_all();
                 return Ok(Park::Free);
             }
-            inner.run.park(self.id);
+            if inner.run.park(self.id) {
+                shared.signal_stop();
+            }
             match inner.jobs.get_mut(&self.id).and_then(|q| q.pop_front()) {
                 Some(job) => {
                     drop(inner);
@@ -400,8 +402,13 @@ impl<M: GuestMemory> VcpuDebug<M> {
         if !inner.run.held(self.id) {
             return Ok(if idle { inner.run.take_owed(self.id) } else { None });
         }
-        inner.run.park(self.id);
+        let posted = inner.run.park(self.id);
         let wake = inner.wake_of(self.id);
+        if posted {
+            // Announced once parked: the debugger's stop_all that follows
+            // then need not wait for this vCPU (one wake-up, not two).
+            shared.signal_stop();
+        }
         shared.cond.notify_all();
         loop {
             if let Some(job) = inner.jobs.get_mut(&self.id).and_then(|q| q.pop_front()) {
@@ -932,7 +939,8 @@ impl<M: GuestMemory> VcpuDebug<M> {
         match post {
             Post::Discarded => Ok(Posted::Discarded),
             Post::Posted { kick } => {
-                self.shared.signal_stop();
+                // The stop descriptor is signalled when this vCPU parks
+                // (`park`): the debugger's stop_all then does not wait.
                 self.shared.cond.notify_all();
                 self.shared.kick(&kick)?;
                 Ok(Posted::Waiting)
