@@ -110,12 +110,7 @@ impl<M: GuestMemory> VmDebug<M> {
             if now >= deadline {
                 return Err(Error::StopTimeout { vcpu, timeout });
             }
-            inner = self
-                .shared
-                .cond
-                .wait_timeout(inner, deadline - now)
-                .map_err(|_| Error::Poisoned)?
-                .0;
+            inner = self.shared.wait_debugger(inner, Some(deadline - now))?;
         }
         Ok(())
     }
@@ -182,7 +177,7 @@ impl<M: GuestMemory> VmDebug<M> {
             (inner.run.release_hold(), inner.all_wakes())
         };
         if released {
-            self.shared.cond.notify_all();
+            self.shared.notify_debugger();
             wake(&wakes);
         }
         Ok(released)
@@ -221,7 +216,7 @@ impl<M: GuestMemory> VmDebug<M> {
         if resumed.pending_left {
             self.shared.signal_stop();
         } else {
-            self.shared.cond.notify_all();
+            self.shared.notify_debugger();
             wake(&wakes);
         }
         Ok(())
@@ -276,17 +271,13 @@ impl<M: GuestMemory> VmDebug<M> {
                 return Err(Error::NoVcpus);
             }
             inner = match deadline {
-                None => self.shared.cond.wait(inner).map_err(|_| Error::Poisoned)?,
+                None => self.shared.wait_debugger(inner, None)?,
                 Some(d) => {
                     let now = Instant::now();
                     if now >= d {
                         return Ok(None);
                     }
-                    self.shared
-                        .cond
-                        .wait_timeout(inner, d - now)
-                        .map_err(|_| Error::Poisoned)?
-                        .0
+                    self.shared.wait_debugger(inner, Some(d - now))?
                 }
             };
         }
@@ -414,7 +405,7 @@ impl<M: GuestMemory> VmDebug<M> {
             inner.all_wakes()
         };
         let _ = self.shared.stop_fd.read();
-        self.shared.cond.notify_all();
+        self.shared.notify_debugger();
         wake(&wakes);
         self.shared.kick_running()?;
         Ok(out)

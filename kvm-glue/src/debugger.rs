@@ -181,8 +181,13 @@ pub(crate) struct Shared<M> {
     /// The intent and the run control: one lock, so a vCPU's configuration,
     /// its session and its run state are always read together.
     pub(crate) inner: Mutex<Inner<M>>,
-    /// Wakes parked vCPUs and waiting debuggers; used with `inner`.
+    /// Wakes waiting debuggers (parks, posted stops); used with `inner`.
+    /// Parked vCPUs wait on their own (`Inner::wakes`).
     pub(crate) cond: Condvar,
+    /// How many threads wait on `cond` (changed with `inner` held, before
+    /// and after each wait): with none, a notify is skipped — it would be a
+    /// system call that wakes nobody, several per step.
+    pub(crate) cond_waiters: AtomicU64,
     kick: RwLock<Option<std::sync::Arc<dyn Kick>>>,
     /// Readable while a posted stop may be waiting.
     pub(crate) stop_fd: EventFd,
@@ -197,6 +202,36 @@ impl<M> Shared<M> {
 
     pub(crate) fn bump(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Wakes the threads waiting on `cond`, if any. Call after changing the
+    /// state under the lock (held or released since): a waiter counts
+    /// itself with the lock held and keeps it until its wait releases it,
+    /// so either this sees it counted or it saw the change before waiting.
+    pub(crate) fn notify_debugger(&self) {
+        if self.cond_waiters.load(Ordering::Acquire) > 0 {
+            self.cond.notify_all();
+        }
+    }
+
+    /// Waits on `cond` with `guard` (at most `timeout`), counted in
+    /// `cond_waiters`.
+    pub(crate) fn wait_debugger<'a>(
+        &self,
+        guard: MutexGuard<'a, Inner<M>>,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<MutexGuard<'a, Inner<M>>> {
+        self.cond_waiters.fetch_add(1, Ordering::AcqRel);
+        let woke = match timeout {
+            None => self.cond.wait(guard).map_err(|_| Error::Poisoned),
+            Some(t) => self
+                .cond
+                .wait_timeout(guard, t)
+                .map(|(g, _)| g)
+                .map_err(|_| Error::Poisoned),
+        };
+        self.cond_waiters.fetch_sub(1, Ordering::AcqRel);
+        woke
     }
 
     /// Kicks each of `ids`; the first failure is returned after all were tried.
@@ -320,6 +355,7 @@ impl<M: GuestMemory> VmDebug<M> {
                     wakes: BTreeMap::new(),
                 }),
                 cond: Condvar::new(),
+                cond_waiters: AtomicU64::new(0),
                 kick: RwLock::new(None),
                 stop_fd,
                 block_irq: AtomicU64::new(u64::from(crate::probe::host_block_irq())),

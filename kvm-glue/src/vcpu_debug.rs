@@ -225,7 +225,7 @@ impl<M> Drop for VcpuDebug<M> {
                 inner.jobs.remove(&self.id);
             }
         }
-        self.shared.cond.notify_all();
+        self.shared.notify_debugger();
     }
 }
 
@@ -368,7 +368,7 @@ impl<M: GuestMemory> VcpuDebug<M> {
                 inner.run.unpark(self.id);
                 inner.touch(self.id);
                 drop(inner);
-                shared.cond.notify_all();
+                shared.notify_debugger();
                 return Ok(Park::Free);
             }
             if inner.run.park(self.id) {
@@ -377,7 +377,7 @@ impl<M: GuestMemory> VcpuDebug<M> {
             match inner.jobs.get_mut(&self.id).and_then(|q| q.pop_front()) {
                 Some(job) => {
                     drop(inner);
-                    shared.cond.notify_all();
+                    shared.notify_debugger();
                     job(vcpu);
                     inner = shared.lock()?;
                 }
@@ -386,7 +386,7 @@ impl<M: GuestMemory> VcpuDebug<M> {
                     // change the vCPU meanwhile.
                     inner.touch(self.id);
                     drop(inner);
-                    shared.cond.notify_all();
+                    shared.notify_debugger();
                     return Ok(Park::Held);
                 }
             }
@@ -409,7 +409,7 @@ impl<M: GuestMemory> VcpuDebug<M> {
             // then need not wait for this vCPU (one wake-up, not two).
             shared.signal_stop();
         }
-        shared.cond.notify_all();
+        shared.notify_debugger();
         loop {
             if let Some(job) = inner.jobs.get_mut(&self.id).and_then(|q| q.pop_front()) {
                 drop(inner);
@@ -426,7 +426,7 @@ impl<M: GuestMemory> VcpuDebug<M> {
         inner.touch(self.id);
         let owed = if idle { inner.run.take_owed(self.id) } else { None };
         drop(inner);
-        shared.cond.notify_all();
+        shared.notify_debugger();
         Ok(owed)
     }
 
@@ -897,7 +897,7 @@ impl<M: GuestMemory> VcpuDebug<M> {
             Post::Discarded => Ok(Posted::Discarded),
             Post::Posted { kick } => {
                 self.shared.signal_stop();
-                self.shared.cond.notify_all();
+                self.shared.notify_debugger();
                 self.shared.kick(&kick)?;
                 Ok(Posted::Waiting)
             }
@@ -941,7 +941,7 @@ impl<M: GuestMemory> VcpuDebug<M> {
             Post::Posted { kick } => {
                 // The stop descriptor is signalled when this vCPU parks
                 // (`park`): the debugger's stop_all then does not wait.
-                self.shared.cond.notify_all();
+                self.shared.notify_debugger();
                 self.shared.kick(&kick)?;
                 Ok(Posted::Waiting)
             }
