@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use vm_memory::GuestMemory;
 use x86_debugreg::sw::RemoveAll;
 
-use crate::debugger::{still_valid, Inner, VmDebug};
+use crate::debugger::{still_valid, wake, Inner, VmDebug};
 use crate::error::{Error, Result};
 use crate::memory::MemoryError;
 use crate::sync::mpsc;
@@ -110,12 +110,7 @@ impl<M: GuestMemory> VmDebug<M> {
             if now >= deadline {
                 return Err(Error::StopTimeout { vcpu, timeout });
             }
-            inner = self
-                .shared
-                .cond
-                .wait_timeout(inner, deadline - now)
-                .map_err(|_| Error::Poisoned)?
-                .0;
+            inner = self.shared.wait_debugger(inner, Some(deadline - now))?;
         }
         Ok(())
     }
@@ -177,9 +172,13 @@ impl<M: GuestMemory> VmDebug<M> {
     /// # Errors
     /// [`Error::Poisoned`].
     pub fn release_hold(&self) -> Result<bool> {
-        let released = self.shared.lock()?.run.release_hold();
+        let (released, wakes) = {
+            let mut inner = self.shared.lock()?;
+            (inner.run.release_hold(), inner.all_wakes())
+        };
         if released {
-            self.shared.cond.notify_all();
+            self.shared.notify_debugger();
+            wake(&wakes);
         }
         Ok(released)
     }
@@ -202,19 +201,23 @@ impl<M: GuestMemory> VmDebug<M> {
     /// [`Error::Run`] if an id is not one of the VM's vCPUs (nothing changes
     /// then, for any vCPU); [`Error::Poisoned`].
     pub fn resume(&self, actions: &[(usize, Action)]) -> Result<()> {
-        let resumed = {
+        let (resumed, wakes) = {
             let mut guard = self.shared.lock()?;
             let Inner { state, watch, run, .. } = &mut *guard;
             let resumed = run.resume(actions, |p, stepping| still_valid(state, watch, p, stepping))?;
             if resumed.step_changed {
                 self.shared.bump();
             }
-            resumed
+            // Only the released vCPUs wake: one left parked by scheduler
+            // locking sleeps on.
+            let wakes: Vec<_> = actions.iter().map(|&(id, _)| guard.wake_of(id)).collect();
+            (resumed, wakes)
         };
         if resumed.pending_left {
             self.shared.signal_stop();
         } else {
-            self.shared.cond.notify_all();
+            self.shared.notify_debugger();
+            wake(&wakes);
         }
         Ok(())
     }
@@ -268,17 +271,13 @@ impl<M: GuestMemory> VmDebug<M> {
                 return Err(Error::NoVcpus);
             }
             inner = match deadline {
-                None => self.shared.cond.wait(inner).map_err(|_| Error::Poisoned)?,
+                None => self.shared.wait_debugger(inner, None)?,
                 Some(d) => {
                     let now = Instant::now();
                     if now >= d {
                         return Ok(None);
                     }
-                    self.shared
-                        .cond
-                        .wait_timeout(inner, d - now)
-                        .map_err(|_| Error::Poisoned)?
-                        .0
+                    self.shared.wait_debugger(inner, Some(d - now))?
                 }
             };
         }
@@ -301,6 +300,12 @@ impl<M: GuestMemory> VmDebug<M> {
     /// A file descriptor (an eventfd) that is readable while a posted stop may
     /// be waiting: poll it beside a debugger connection, then
     /// [`try_take_stop`](Self::try_take_stop). Owned by the handle.
+    ///
+    /// A stop is announced here once the vCPU that posted it has parked
+    /// (in [`before_run`](crate::VcpuDebug::before_run) or
+    /// [`poll_park`](crate::VcpuDebug::poll_park)), so the
+    /// [`stop_all`](Self::stop_all) that follows does not wait for that
+    /// vCPU; [`wait_stop`](Self::wait_stop) sees it as soon as it is posted.
     pub fn stop_fd(&self) -> RawFd {
         self.shared.stop_fd.as_raw_fd()
     }
@@ -317,12 +322,50 @@ impl<M: GuestMemory> VmDebug<M> {
         R: Send + 'static,
         F: FnOnce(&dyn VcpuOps) -> R + Send + 'static,
     {
+        // `f` may change anything of the vCPU: what was read before is stale.
+        self.queue_job(vcpu, true, f).map(|(r, _)| r)
+    }
+
+    /// [`with_parked_vcpu`](Self::with_parked_vcpu) for a job that reads
+    /// and does not change the vCPU (its registers stay what they were),
+    /// with the [`parked_epoch`](Self::parked_epoch) it ran at: what it read
+    /// is current while that epoch stands.
+    #[cfg(feature = "gdb")]
+    pub(crate) fn with_parked_vcpu_reading<R, F>(&self, vcpu: usize, f: F) -> Result<(R, u64)>
+    where
+        R: Send + 'static,
+        F: FnOnce(&dyn VcpuOps) -> R + Send + 'static,
+    {
+        self.queue_job(vcpu, false, f)
+    }
+
+    /// While vCPU `vcpu` is parked, a number that moves whenever what a
+    /// job read of it may have changed (it left its park, or a job that may
+    /// write it was queued); `None` when it is not parked.
+    #[cfg(feature = "gdb")]
+    pub(crate) fn parked_epoch(&self, vcpu: usize) -> Result<Option<u64>> {
+        let inner = self.shared.lock()?;
+        Ok((inner.run.state(vcpu)? == RunState::Parked).then(|| inner.epoch(vcpu)))
+    }
+
+    fn queue_job<R, F>(&self, vcpu: usize, writes: bool, f: F) -> Result<(R, u64)>
+    where
+        R: Send + 'static,
+        F: FnOnce(&dyn VcpuOps) -> R + Send + 'static,
+    {
         let (tx, rx) = mpsc::channel();
-        {
+        let epoch = {
             let mut inner = self.shared.lock()?;
             if inner.run.state(vcpu)? != RunState::Parked {
                 return Err(Error::NotParked { vcpu });
             }
+            if writes {
+                inner.touch(vcpu);
+            }
+            // A job queued earlier that writes moved the epoch already; one
+            // queued later moves it past this: either way a read of this
+            // job's is never taken for newer than it is.
+            let epoch = inner.epoch(vcpu);
             inner
                 .jobs
                 .entry(vcpu)
@@ -330,9 +373,12 @@ impl<M: GuestMemory> VmDebug<M> {
                 .push_back(Box::new(move |ops: &dyn VcpuOps| {
                     let _ = tx.send(f(ops));
                 }));
-        }
-        self.shared.cond.notify_all();
-        rx.recv().map_err(|_| Error::NotParked { vcpu })
+            (epoch, inner.wake_of(vcpu))
+        };
+        let (epoch, parked) = epoch;
+        parked.notify_all();
+        let r = rx.recv().map_err(|_| Error::NotParked { vcpu })?;
+        Ok((r, epoch))
     }
 
     /// Ends a debugging session (a GDB disconnect): removes every breakpoint
@@ -351,14 +397,16 @@ impl<M: GuestMemory> VmDebug<M> {
     /// could not be restored are listed in the answer.
     pub fn detach(&self) -> Result<RemoveAll<MemoryError>> {
         let out = self.remove_all()?;
-        {
+        let wakes = {
             let mut inner = self.shared.lock()?;
             inner.run.detach();
             // Always: every vCPU re-applies, and so records the new session.
             self.shared.bump();
-        }
+            inner.all_wakes()
+        };
         let _ = self.shared.stop_fd.read();
-        self.shared.cond.notify_all();
+        self.shared.notify_debugger();
+        wake(&wakes);
         self.shared.kick_running()?;
         Ok(out)
     }

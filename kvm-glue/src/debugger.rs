@@ -98,9 +98,41 @@ pub(crate) struct Inner<M> {
     /// vCPUs an [`IdleWaker`](crate::idle::IdleWaker) woke that have not
     /// seen it yet ([`crate::idle`]).
     pub(crate) idle_wakes: BTreeSet<usize>,
+    /// Per vCPU, moves whenever what a parked reader saw of it may have
+    /// changed: it left its park (or handed its thread back to the VMM from
+    /// `poll_park`), or a job that may write it was queued. What was read
+    /// from a parked vCPU at one value stays true while the value stands
+    /// ([`VmDebug::parked_epoch`]).
+    pub(crate) epochs: BTreeMap<usize, u64>,
+    /// What each parked vCPU waits on: one condition variable per vCPU, so
+    /// a job for one vCPU, or a release of some, wakes only those (the
+    /// shared one, `Shared::cond`, is for the debugger's waits: parks and
+    /// posted stops). Used with the same lock as everything else.
+    pub(crate) wakes: BTreeMap<usize, Arc<Condvar>>,
 }
 
 impl<M> Inner<M> {
+    /// What was read of `vcpu` so far may be stale now (see `epochs`).
+    pub(crate) fn touch(&mut self, vcpu: usize) {
+        let e = self.epochs.entry(vcpu).or_default();
+        *e = e.wrapping_add(1);
+    }
+
+    /// What parked `vcpu` waits on (see `wakes`).
+    pub(crate) fn wake_of(&mut self, vcpu: usize) -> Arc<Condvar> {
+        Arc::clone(self.wakes.entry(vcpu).or_insert_with(|| Arc::new(Condvar::new())))
+    }
+
+    /// What every vCPU that has waited waits on.
+    pub(crate) fn all_wakes(&self) -> Vec<Arc<Condvar>> {
+        self.wakes.values().map(Arc::clone).collect()
+    }
+
+    /// `vcpu`'s current epoch (see `epochs`).
+    pub(crate) fn epoch(&self, vcpu: usize) -> u64 {
+        self.epochs.get(&vcpu).copied().unwrap_or(0)
+    }
+
     pub(crate) fn single_step(&self, vcpu: usize) -> bool {
         self.run.single_step(vcpu)
     }
@@ -137,6 +169,14 @@ pub(crate) fn still_valid(state: &DebugState, watch: &WatchSlots, p: &Pending, s
     }
 }
 
+/// Wakes the parked vCPUs that wait on `wakes` (call with the lock
+/// released: a woken vCPU takes it first thing).
+pub(crate) fn wake(wakes: &[Arc<Condvar>]) {
+    for w in wakes {
+        w.notify_all();
+    }
+}
+
 pub(crate) struct Shared<M> {
     /// Moves (under the `inner` lock) whenever a vCPU's configuration may
     /// have changed.
@@ -144,8 +184,13 @@ pub(crate) struct Shared<M> {
     /// The intent and the run control: one lock, so a vCPU's configuration,
     /// its session and its run state are always read together.
     pub(crate) inner: Mutex<Inner<M>>,
-    /// Wakes parked vCPUs and waiting debuggers; used with `inner`.
+    /// Wakes waiting debuggers (parks, posted stops); used with `inner`.
+    /// Parked vCPUs wait on their own (`Inner::wakes`).
     pub(crate) cond: Condvar,
+    /// How many threads wait on `cond` (changed with `inner` held, before
+    /// and after each wait): with none, a notify is skipped — it would be a
+    /// system call that wakes nobody, several per step.
+    pub(crate) cond_waiters: AtomicU64,
     kick: RwLock<Option<std::sync::Arc<dyn Kick>>>,
     /// Readable while a posted stop may be waiting.
     pub(crate) stop_fd: EventFd,
@@ -162,12 +207,42 @@ impl<M> Shared<M> {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// Wakes the threads waiting on `cond`, if any. Call after changing the
+    /// state under the lock (held or released since): a waiter counts
+    /// itself with the lock held and keeps it until its wait releases it,
+    /// so either this sees it counted or it saw the change before waiting.
+    pub(crate) fn notify_debugger(&self) {
+        if self.cond_waiters.load(Ordering::Acquire) > 0 {
+            self.cond.notify_all();
+        }
+    }
+
+    /// Waits on `cond` with `guard` (at most `timeout`), counted in
+    /// `cond_waiters`.
+    pub(crate) fn wait_debugger<'a>(
+        &self,
+        guard: MutexGuard<'a, Inner<M>>,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<MutexGuard<'a, Inner<M>>> {
+        self.cond_waiters.fetch_add(1, Ordering::AcqRel);
+        let woke = match timeout {
+            None => self.cond.wait(guard).map_err(|_| Error::Poisoned),
+            Some(t) => self
+                .cond
+                .wait_timeout(guard, t)
+                .map(|(g, _)| g)
+                .map_err(|_| Error::Poisoned),
+        };
+        self.cond_waiters.fetch_sub(1, Ordering::AcqRel);
+        woke
+    }
+
     /// Kicks each of `ids`; the first failure is returned after all were tried.
     pub(crate) fn kick(&self, ids: &[usize]) -> Result<()> {
         // A vCPU waiting after a `hlt` exit (crate::idle) is outside
         // KVM_RUN, where no kick reaches it: what kicks it ends that wait.
         // Every caller changed the state under the lock before calling.
-        self.cond.notify_all();
+        self.notify_debugger();
         let kick = self.kick.read().map_err(|_| Error::Poisoned)?.clone();
         let Some(kick) = kick else { return Ok(()) };
         let mut first = Ok(());
@@ -284,8 +359,11 @@ impl<M: GuestMemory> VmDebug<M> {
                     run,
                     jobs: BTreeMap::new(),
                     idle_wakes: BTreeSet::new(),
+                    epochs: BTreeMap::new(),
+                    wakes: BTreeMap::new(),
                 }),
                 cond: Condvar::new(),
+                cond_waiters: AtomicU64::new(0),
                 kick: RwLock::new(None),
                 stop_fd,
                 block_irq: AtomicU64::new(u64::from(crate::probe::host_block_irq())),
@@ -633,6 +711,13 @@ impl<M: GuestMemory> VmDebug<M> {
         let inner = self.shared.lock()?;
         inner.run.check(vcpu)?;
         Ok(inner.single_step(vcpu))
+    }
+
+    /// Runs `f` on guest memory as it is (no `int3` hidden), under the
+    /// debug state's lock.
+    #[cfg(feature = "gdb")]
+    pub(crate) fn with_raw_memory<R>(&self, f: impl FnOnce(&M) -> R) -> Result<R> {
+        Ok(f(&self.shared.lock()?.mem))
     }
 
     /// Reads guest memory at `addr` in `space` into `buf`, page by page, with

@@ -63,7 +63,7 @@ use std::time::{Duration, Instant};
 use vm_memory::GuestMemory;
 
 use crate::debugger::{Shared, VmDebug};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::sync::{Arc, Ordering};
 use crate::vcpu_debug::VcpuDebug;
 
@@ -121,12 +121,12 @@ impl<M> IdleWaker<M> {
     /// Ends the vCPU's current wait, or its next one if it is not waiting.
     ///
     /// # Errors
-    /// [`Error::Poisoned`].
+    /// [`Error::Poisoned`](crate::Error::Poisoned).
     pub fn wake(&self) -> Result<()> {
         // Set under the lock the waiter checks it under, notify after: a
         // waiter either sees the flag or is already waiting when notified.
         self.shared.lock()?.idle_wakes.insert(self.vcpu);
-        self.shared.cond.notify_all();
+        self.shared.notify_debugger();
         Ok(())
     }
 }
@@ -135,8 +135,8 @@ impl<M: GuestMemory> VmDebug<M> {
     /// An [`IdleWaker`] for vCPU `vcpu`, for the VMM's interrupt sources.
     ///
     /// # Errors
-    /// [`Error::Run`] if `vcpu` is not one of the VM's vCPUs;
-    /// [`Error::Poisoned`].
+    /// [`Error::Run`](crate::Error::Run) if `vcpu` is not one of the VM's vCPUs;
+    /// [`Error::Poisoned`](crate::Error::Poisoned).
     pub fn idle_waker(&self, vcpu: usize) -> Result<IdleWaker<M>> {
         self.shared.lock()?.run.check(vcpu)?;
         Ok(IdleWaker {
@@ -168,7 +168,7 @@ impl<M: GuestMemory> VcpuDebug<M> {
     /// which `before_run` finishes anyway).
     ///
     /// # Errors
-    /// [`Error::Poisoned`].
+    /// [`Error::Poisoned`](crate::Error::Poisoned).
     pub fn wait_idle(&self, timeout: Option<Duration>) -> Result<Woke> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let shared = self.shared();
@@ -186,14 +186,16 @@ impl<M: GuestMemory> VcpuDebug<M> {
             if applied.is_some_and(|g| g != now_generation) {
                 return Ok(Woke::Intent);
             }
+            // Counted as a waiter on the debugger's condition variable, which
+            // every kick and wake notifies.
             inner = match deadline {
-                None => shared.cond.wait(inner).map_err(|_| Error::Poisoned)?,
+                None => shared.wait_debugger(inner, None)?,
                 Some(d) => {
                     let now = Instant::now();
                     if now >= d {
                         return Ok(Woke::TimedOut);
                     }
-                    shared.cond.wait_timeout(inner, d - now).map_err(|_| Error::Poisoned)?.0
+                    shared.wait_debugger(inner, Some(d - now))?
                 }
             };
         }

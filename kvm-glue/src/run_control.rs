@@ -251,6 +251,11 @@ struct Vcpu {
     handles: usize,
     hold: bool,
     parked: bool,
+    /// Posted a stop from its own thread since it last parked or was
+    /// released: it is outside `KVM_RUN` and parks before entering again,
+    /// so a kick would only stay pending and make its next `KVM_RUN`
+    /// return `EINTR` at once (a wasted entry).
+    posted: bool,
     single_step: bool,
     pending: Option<Pending>,
     /// The pc of the last stop that still stands: the next entry steps over
@@ -369,6 +374,7 @@ impl RunControl {
             if v.handles == 0 {
                 v.pending = None;
                 v.parked = false;
+                v.posted = false;
                 v.owed = None;
                 v.applied_generation = None;
                 v.faulted = None;
@@ -462,7 +468,13 @@ impl RunControl {
         for v in self.vcpus.values_mut() {
             v.hold = true;
         }
-        self.unparked()
+        // Not one that posted a stop: it is on its way to park, outside
+        // `KVM_RUN` (see `Vcpu::posted`).
+        self.vcpus
+            .iter()
+            .filter(|(_, v)| v.handles > 0 && !v.parked && !v.posted)
+            .map(|(&i, _)| i)
+            .collect()
     }
 
     /// Holds every vCPU, those registered later too, until a debugger
@@ -495,6 +507,7 @@ impl RunControl {
         if !self.has_pending() {
             for v in self.vcpus.values_mut() {
                 v.hold = false;
+                v.posted = false;
             }
         }
         true
@@ -514,10 +527,17 @@ impl RunControl {
         self.vcpus.get(&vcpu).is_some_and(|v| v.hold)
     }
 
-    /// `vcpu` parks (it was [`held`](Self::held)).
-    pub fn park(&mut self, vcpu: usize) {
-        if let Some(v) = self.vcpus.get_mut(&vcpu) {
-            v.parked = true;
+    /// `vcpu` parks (it was [`held`](Self::held)). Returns whether it
+    /// posted a stop since it last parked or was released: the stop is
+    /// announced now ([`VmDebug::stop_fd`](crate::VmDebug::stop_fd)), when
+    /// the debugger can take it without waiting for this vCPU.
+    pub fn park(&mut self, vcpu: usize) -> bool {
+        match self.vcpus.get_mut(&vcpu) {
+            Some(v) => {
+                v.parked = true;
+                std::mem::take(&mut v.posted)
+            }
+            None => false,
         }
     }
 
@@ -568,6 +588,7 @@ impl RunControl {
         }
         if let Some(v) = self.vcpus.get_mut(&vcpu) {
             v.pending = Some(pending);
+            v.posted = true;
         }
         self.order.retain(|&i| i != vcpu);
         self.order.push_back(vcpu);
@@ -680,6 +701,7 @@ impl RunControl {
             for &(id, _) in actions {
                 if let Some(v) = self.vcpus.get_mut(&id) {
                     v.hold = false;
+                    v.posted = false;
                     v.moved = false;
                 }
             }
@@ -708,6 +730,7 @@ impl RunControl {
                 v.owed = None;
             }
             v.hold = keep;
+            v.posted &= keep;
         }
         changed
     }
@@ -822,6 +845,46 @@ mod tests {
             .is_err());
         assert_eq!(rc, before, "the known id 0 was not changed either");
         assert!(RunControl::with_vcpus(MAX_VCPUS + 1).is_err());
+    }
+
+    /// EDGE.md §1: a kick is for a vCPU that may be inside `KVM_RUN`. One
+    /// that posted a stop is on its own thread, outside it, and parks
+    /// before entering again; a kick to it would stay pending (the signal
+    /// is blocked outside `KVM_RUN`) and turn its next entry into an
+    /// `EINTR` — a wasted `KVM_RUN` per stop.
+    #[test]
+    fn stop_all_does_not_kick_a_vcpu_that_posted_its_stop() {
+        let mut rc = RunControl::new();
+        rc.register(0).expect("register");
+        rc.register(1).expect("register");
+        let session = rc.session();
+        assert_eq!(rc.post(0, ev(0, 0x10), session), Post::Posted { kick: vec![1] });
+        // The debugger takes the stop, then stops everyone.
+        assert!(rc.take().is_some());
+        assert_eq!(rc.stop_all(), vec![1], "vCPU 0 is on its way to park");
+        // Still waited for: it has not parked yet.
+        assert_eq!(rc.unparked(), vec![0, 1]);
+        // Once it parked and was released, it runs the guest: kicked again.
+        rc.park(0);
+        rc.park(1);
+        rc.resume(&[(0, Action::Continue), (1, Action::Continue)], |_, _| true)
+            .expect("resume");
+        rc.unpark(0);
+        rc.unpark(1);
+        assert_eq!(rc.stop_all(), vec![0, 1]);
+    }
+
+    /// The same vCPU released before it parked (a resume raced its park)
+    /// enters `KVM_RUN`: a later stop must kick it, or it never parks.
+    #[test]
+    fn a_vcpu_released_before_it_parked_is_kicked_again() {
+        let mut rc = RunControl::new();
+        rc.register(0).expect("register");
+        let session = rc.session();
+        rc.post(0, ev(0, 0x10), session);
+        assert!(rc.take().is_some());
+        rc.resume(&[(0, Action::Continue)], |_, _| true).expect("resume");
+        assert_eq!(rc.stop_all(), vec![0]);
     }
 
     #[test]

@@ -81,6 +81,16 @@ pub trait VcpuOps {
     /// # Errors
     /// The ioctl's error; `EINVAL` when KVM wrote none (it refused the value).
     fn set_msr(&self, index: u32, value: u64) -> Result<(), kvm_ioctls::Error>;
+
+    /// Whether [`translate_gva`](Self::translate_gva) is the walk of the
+    /// guest's page tables from CR0/CR3/CR4/EFER that the CPU does (SDM
+    /// Vol. 3A ch. 4), so that a debugger may do that walk itself in guest
+    /// memory from the registers read at a stop, without an ioctl per page.
+    /// `false` (the default) for a vCPU whose translation is anything else,
+    /// such as a test fake's own map.
+    fn translates_by_page_walk(&self) -> bool {
+        false
+    }
 }
 
 impl VcpuOps for VcpuFd {
@@ -143,6 +153,12 @@ impl VcpuOps for VcpuFd {
         }
         Ok(())
     }
+
+    fn translates_by_page_walk(&self) -> bool {
+        // KVM_TRANSLATE walks the guest's tables from these registers
+        // (arch/x86/kvm/mmu/paging_tmpl.h), access rights aside.
+        true
+    }
 }
 
 /// A `kvm_msrs` of one entry.
@@ -192,6 +208,9 @@ impl<V: VcpuOps + ?Sized> VcpuOps for &V {
     fn set_msr(&self, index: u32, value: u64) -> Result<(), kvm_ioctls::Error> {
         (**self).set_msr(index, value)
     }
+    fn translates_by_page_walk(&self) -> bool {
+        (**self).translates_by_page_walk()
+    }
 }
 
 impl<V: VcpuOps + ?Sized> VcpuOps for &mut V {
@@ -230,6 +249,9 @@ impl<V: VcpuOps + ?Sized> VcpuOps for &mut V {
     }
     fn set_msr(&self, index: u32, value: u64) -> Result<(), kvm_ioctls::Error> {
         (**self).set_msr(index, value)
+    }
+    fn translates_by_page_walk(&self) -> bool {
+        (**self).translates_by_page_walk()
     }
 }
 

@@ -220,11 +220,12 @@ impl<M> Drop for VcpuDebug<M> {
     fn drop(&mut self) {
         if let Ok(mut inner) = self.shared.lock() {
             inner.run.unregister(self.id);
+            inner.touch(self.id);
             if inner.run.state(self.id) == Ok(crate::RunState::Absent) {
                 inner.jobs.remove(&self.id);
             }
         }
-        self.shared.cond.notify_all();
+        self.shared.notify_debugger();
     }
 }
 
@@ -376,21 +377,27 @@ impl<M: GuestMemory> VcpuDebug<M> {
         loop {
             if !inner.run.held(self.id) {
                 inner.run.unpark(self.id);
+                inner.touch(self.id);
                 drop(inner);
-                shared.cond.notify_all();
+                shared.notify_debugger();
                 return Ok(Park::Free);
             }
-            inner.run.park(self.id);
+            if inner.run.park(self.id) {
+                shared.signal_stop();
+            }
             match inner.jobs.get_mut(&self.id).and_then(|q| q.pop_front()) {
                 Some(job) => {
                     drop(inner);
-                    shared.cond.notify_all();
+                    shared.notify_debugger();
                     job(vcpu);
                     inner = shared.lock()?;
                 }
                 None => {
+                    // The thread is the VMM's until the next call: it may
+                    // change the vCPU meanwhile.
+                    inner.touch(self.id);
                     drop(inner);
-                    shared.cond.notify_all();
+                    shared.notify_debugger();
                     return Ok(Park::Held);
                 }
             }
@@ -406,8 +413,14 @@ impl<M: GuestMemory> VcpuDebug<M> {
         if !inner.run.held(self.id) {
             return Ok(if idle { inner.run.take_owed(self.id) } else { None });
         }
-        inner.run.park(self.id);
-        shared.cond.notify_all();
+        let posted = inner.run.park(self.id);
+        let wake = inner.wake_of(self.id);
+        if posted {
+            // Announced once parked: the debugger's stop_all that follows
+            // then need not wait for this vCPU (one wake-up, not two).
+            shared.signal_stop();
+        }
+        shared.notify_debugger();
         loop {
             if let Some(job) = inner.jobs.get_mut(&self.id).and_then(|q| q.pop_front()) {
                 drop(inner);
@@ -418,12 +431,13 @@ impl<M: GuestMemory> VcpuDebug<M> {
             if !inner.run.held(self.id) {
                 break;
             }
-            inner = shared.cond.wait(inner).map_err(|_| Error::Poisoned)?;
+            inner = wake.wait(inner).map_err(|_| Error::Poisoned)?;
         }
         inner.run.unpark(self.id);
+        inner.touch(self.id);
         let owed = if idle { inner.run.take_owed(self.id) } else { None };
         drop(inner);
-        shared.cond.notify_all();
+        shared.notify_debugger();
         Ok(owed)
     }
 
@@ -894,7 +908,7 @@ impl<M: GuestMemory> VcpuDebug<M> {
             Post::Discarded => Ok(Posted::Discarded),
             Post::Posted { kick } => {
                 self.shared.signal_stop();
-                self.shared.cond.notify_all();
+                self.shared.notify_debugger();
                 self.shared.kick(&kick)?;
                 Ok(Posted::Waiting)
             }
@@ -936,8 +950,9 @@ impl<M: GuestMemory> VcpuDebug<M> {
         match post {
             Post::Discarded => Ok(Posted::Discarded),
             Post::Posted { kick } => {
-                self.shared.signal_stop();
-                self.shared.cond.notify_all();
+                // The stop descriptor is signalled when this vCPU parks
+                // (`park`): the debugger's stop_all then does not wait.
+                self.shared.notify_debugger();
                 self.shared.kick(&kick)?;
                 Ok(Posted::Waiting)
             }

@@ -233,3 +233,43 @@ fn a_parked_vcpu_runs_jobs_on_its_own_thread_and_leaves_when_released() {
     assert_eq!(thread, vcpu_thread, "the job ran on the vCPU's thread");
     assert_eq!(rax, 7);
 }
+
+/// Whether `fd` is readable now (poll with no wait).
+fn readable(fd: std::os::fd::RawFd) -> bool {
+    let mut pfd = [vmm_sys_util::epoll::EpollEvent::default(); 1];
+    let ep = vmm_sys_util::epoll::Epoll::new().expect("epoll");
+    ep.ctl(
+        vmm_sys_util::epoll::ControlOperation::Add,
+        fd,
+        vmm_sys_util::epoll::EpollEvent::new(vmm_sys_util::epoll::EventSet::IN, 0),
+    )
+    .expect("epoll_ctl");
+    ep.wait(0, &mut pfd).expect("epoll_wait") == 1
+}
+
+/// Issue #20: the stop descriptor announces a stop once its vCPU has
+/// parked, so the debugger woken by it takes the stop and finds that vCPU
+/// parked (its `stop_all` does not sleep a second time for it); and the
+/// debugger's `stop_all` after the stop kicks only the vCPUs that may be
+/// inside `KVM_RUN`, not the one that posted (EDGE.md §1: the kick would
+/// stay pending and turn its next entry into an `EINTR`).
+#[test]
+fn a_posted_stop_is_announced_when_its_vcpu_parks_and_it_is_not_kicked() {
+    let dbg = dbg();
+    let kicked = recording_kick(&dbg);
+    let (mut h0, h1) = (dbg.vcpu(0).expect("vCPU handle"), dbg.vcpu(1).expect("vCPU handle"));
+    let f0 = FakeVcpu::new();
+    dbg.insert(PHYS, BreakpointType::Hardware, 0x1000, 1).expect("insert");
+    h0.sync(&f0).expect("sync");
+    kicked.lock().expect("lock").clear();
+    let _ = post(&mut h0, &f0, exit(1, 0x1000, 0xffff_0ff1));
+    assert!(!readable(dbg.stop_fd()), "vCPU 0 has not parked yet");
+    assert!(dbg.try_take_stop().expect("take").is_some(), "posted all the same");
+    kicked.lock().expect("lock").clear();
+    assert!(matches!(dbg.stop_all(Duration::ZERO), Err(Error::StopTimeout { .. })));
+    assert_eq!(*kicked.lock().expect("lock"), [1], "the poster is not kicked");
+    assert_eq!(h0.poll_park(&f0).expect("park"), kvm_glue::vcpu_debug::Park::Held);
+    assert!(readable(dbg.stop_fd()), "announced at the park");
+    drop(h1);
+    dbg.stop_all(Duration::ZERO).expect("vCPU 0 parked, vCPU 1 gone");
+}

@@ -967,6 +967,49 @@ fn sim_kernel_registers_are_read_and_written_one_at_a_time() {
     assert_eq!(c.ask("D"), "OK");
 }
 
+/// Issue #20: `g`/`p` are answered from what was read at the stop, so
+/// the rule a register cache must keep is checked read by read — a read
+/// after any change to the parked vCPU sees the change: GDB's own `P` and
+/// `G`, the VMM's own write through `with_parked_vcpu` while the vCPU is
+/// parked (with no packet in between), and a step (the vCPU ran).
+#[test]
+fn sim_a_register_read_after_any_write_or_run_sees_the_new_value() {
+    let vm = SimVm::start(guest::SW);
+    let mut c = rsp(&vm);
+    let le = |v: u64| v.to_le_bytes().iter().map(|b| format!("{b:02x}")).collect::<String>();
+    assert_eq!(c.ask("Hg1"), "OK");
+    let before = c.ask("g");
+    assert_eq!(c.ask("g"), before, "nothing changed: the same answer");
+    // GDB's `P` (rax is regnum 0).
+    assert_eq!(c.ask(&format!("P0={}", le(0x1111))), "OK");
+    assert_eq!(c.ask("p0"), le(0x1111));
+    assert_eq!(&c.ask("g")[..16], le(0x1111));
+    // GDB's `G`: the whole file, rax changed.
+    let mut g = c.ask("g");
+    g.replace_range(..16, &le(0x2222));
+    assert_eq!(c.ask(&format!("G{g}")), "OK");
+    assert_eq!(c.ask("p0"), le(0x2222));
+    assert_eq!(vm.sims[0].fake.regs().rax, 0x2222);
+    // The VMM's own write on the parked vCPU's thread, between two reads.
+    vm.dbg
+        .with_parked_vcpu(0, |ops| {
+            let mut r = ops.get_regs().expect("get_regs");
+            r.rax = 0x3333;
+            r.rbx = 0x4444;
+            ops.set_regs(&r).expect("set_regs");
+        })
+        .expect("vCPU 0 is parked");
+    assert_eq!(c.ask("p0"), le(0x3333));
+    assert_eq!(&c.ask("g")[16..32], le(0x4444), "rbx (regnum 1)");
+    // A step: the vCPU ran, rip (regnum 16) is where it is now.
+    let rip = c.ask("p10");
+    assert!(c.ask("vCont;s:1").starts_with("T05"));
+    let now = le(vm.sims[0].fake.regs().rip);
+    assert_ne!(now, rip, "the step moved rip");
+    assert_eq!(c.ask("p10"), now);
+    assert_eq!(c.ask("D"), "OK");
+}
+
 /// Issue #17 item 6 on simulated vCPUs that say they cannot deliver int3
 /// exits or data breakpoints: `break` takes an execute slot (no int3 in
 /// memory), a fifth is refused, and Z2 gets "not supported".

@@ -101,6 +101,7 @@
 
 pub mod conn;
 mod event_loop;
+mod paging;
 pub mod regs;
 pub mod stop;
 mod target;

@@ -88,6 +88,7 @@ use x86_debugreg::watch::{Watch, WatchError, WatchHit, WatchKind as CoreWatchKin
 use x86_debugreg::{BreakpointError, BreakpointType};
 
 use super::event_loop::Waiter;
+use super::paging::{Paging, Walk};
 use super::regs::{self, ApplyError, VcpuRegs, VmRegId, VmRegisters, X86_64Vm};
 use super::stop;
 use super::wire;
@@ -164,6 +165,27 @@ pub struct VmTarget<M> {
     bad_action: bool,
     /// What the packet being handled declared (the wire records it).
     pub(super) declared: wire::Shared,
+    /// What was read of each parked vCPU, while nothing changed it.
+    seen: BTreeMap<usize, Seen>,
+}
+
+/// What GDB read of one parked vCPU, kept while its
+/// [`parked_epoch`](VmDebug::parked_epoch) stands — it has not left its
+/// park, and no job that may write it (a `G`/`P`, or the VMM's own
+/// [`with_parked_vcpu`](VmDebug::with_parked_vcpu)) was queued since. `g`,
+/// `p` and the page walk of `m` are answered from it without waking the
+/// vCPU: a vCPU's registers change only on its own thread, and that thread
+/// is parked.
+#[derive(Debug)]
+struct Seen {
+    epoch: u64,
+    /// The control registers the page walk needs (`None`: each page is
+    /// translated by the vCPU — its translation is not a page walk, see
+    /// [`VcpuOps::translates_by_page_walk`](crate::VcpuOps::translates_by_page_walk),
+    /// or `KVM_GET_SREGS` failed).
+    paging: Option<Paging>,
+    /// Every register as GDB sees them, once a `g` or `p` asked.
+    regs: Option<VmRegisters>,
 }
 
 /// What this host's KVM delivers, as far as the GDB server's choices go:
@@ -371,13 +393,94 @@ impl<M: GuestMemory + Send + Sync + 'static> VmTarget<M> {
             refused: None,
             bad_action: false,
             declared: wire::Shared::default(),
+            seen: BTreeMap::new(),
+        })
+    }
+
+    /// What was read of parked `id` if it is still current.
+    fn seen(&mut self, id: usize) -> Result<Option<&mut Seen>, TargetError<Error>> {
+        let epoch = self.dbg.parked_epoch(id).map_err(TargetError::Fatal)?;
+        Ok(match (epoch, self.seen.get_mut(&id)) {
+            (Some(e), Some(seen)) if seen.epoch == e => Some(seen),
+            _ => None,
         })
     }
 
     /// Reads every register of `id`'s vCPU, as GDB sees them.
-    fn read_all(&self, id: usize) -> Result<VmRegisters, TargetError<Error>> {
-        let got = self.on_vcpu(id, |_, ops| VcpuRegs::read(ops))?;
-        Ok(regs::to_gdb(&got.map_err(|_| TargetError::Errno(EIO))?))
+    /// Answered from [`Seen`] while it is current; else read on the vCPU's
+    /// thread (its ioctls are the expensive part: each one loads the vCPU).
+    fn read_all(&mut self, id: usize) -> Result<VmRegisters, TargetError<Error>> {
+        if let Some(Seen { regs: Some(regs), .. }) = self.seen(id)? {
+            return Ok(regs.clone());
+        }
+        let ((got, walks), epoch) = self
+            .dbg
+            .with_parked_vcpu_reading(id, |ops| (VcpuRegs::read(ops), ops.translates_by_page_walk()))
+            .map_err(TargetError::Fatal)?;
+        let raw = got.map_err(|_| TargetError::Errno(EIO))?;
+        let regs = regs::to_gdb(&raw);
+        self.seen.insert(
+            id,
+            Seen {
+                epoch,
+                paging: walks.then(|| Paging::of(&raw.sregs)),
+                regs: Some(regs.clone()),
+            },
+        );
+        Ok(regs)
+    }
+
+    /// `len` bytes from `start` through the page walk `p` on this thread
+    /// (a page it leaves to the vCPU, a 1 GiB one, by `KVM_TRANSLATE` on
+    /// parked `id`'s thread).
+    fn read_walked(&self, id: usize, p: Paging, start: u64, len: usize) -> Result<Vec<u8>, TargetError<Error>> {
+        let dbg = &self.dbg;
+        read_pages(dbg, start, len, |at| {
+            match dbg.with_raw_memory(|mem| p.walk(mem, at))? {
+                Walk::Gpa(gpa) => Ok(Some(gpa)),
+                Walk::Unmapped => Ok(None),
+                Walk::Ask => dbg
+                    .with_parked_vcpu_reading(id, move |ops| memory::translate(ops, at).ok())
+                    .map(|(g, _)| g),
+            }
+        })
+        .map_err(TargetError::Fatal)
+    }
+
+    /// `len` bytes from `start`, each page translated on parked `id`'s
+    /// thread (`KVM_TRANSLATE`).
+    fn read_translated(&self, id: usize, start: u64, len: usize) -> Result<Vec<u8>, TargetError<Error>> {
+        self.on_vcpu(id, move |dbg, ops| {
+            read_pages(dbg, start, len, |at| Ok(memory::translate(ops, at).ok()))
+        })?
+        .map_err(TargetError::Fatal)
+    }
+
+    /// The paging registers of parked `id` (one `KVM_GET_SREGS` on its
+    /// thread unless [`Seen`] has them); `None`: translate on its thread.
+    fn paging(&mut self, id: usize) -> Result<Option<Paging>, TargetError<Error>> {
+        if let Some(seen) = self.seen(id)? {
+            return Ok(seen.paging);
+        }
+        let (paging, epoch) = self
+            .dbg
+            .with_parked_vcpu_reading(id, |ops| {
+                if ops.translates_by_page_walk() {
+                    ops.get_sregs().ok().map(|s| Paging::of(&s))
+                } else {
+                    None
+                }
+            })
+            .map_err(TargetError::Fatal)?;
+        self.seen.insert(
+            id,
+            Seen {
+                epoch,
+                paging,
+                regs: None,
+            },
+        );
+        Ok(paging)
     }
 
     /// Writes GDB's `new` values into `id`'s vCPU: read, check and write on
@@ -385,16 +488,21 @@ impl<M: GuestMemory + Send + Sync + 'static> VmTarget<M> {
     /// failed ioctl (KVM refusing a control-register value included) EIO, a
     /// value KVM takes but does not apply ENOTSUP, each with every register
     /// as it was.
-    fn write_all(&self, id: usize, new: VmRegisters) -> TargetResult<(), Self> {
-        self.on_vcpu(id, move |_, ops| {
-            let now = VcpuRegs::read(ops).map_err(|_| TargetError::Errno(EIO))?;
-            let set = regs::from_gdb(&new, &now).map_err(|_| TargetError::Errno(EINVAL))?;
-            regs::apply(ops, &now, &set).map_err(|e| match e {
-                ApplyError::Failed { .. } => TargetError::Errno(EIO),
-                ApplyError::NotApplied { .. } => TargetError::Errno(ENOTSUP),
-                ApplyError::Restore { op, source } => TargetError::Fatal(Error::Vcpu { vcpu: id, op, source }),
+    fn write_all(&mut self, id: usize, new: VmRegisters) -> TargetResult<(), Self> {
+        // A job that writes: `with_parked_vcpu` moves the epoch, so what
+        // `seen` holds of `id` is read again next time.
+        self.seen.remove(&id);
+        self.dbg
+            .with_parked_vcpu(id, move |ops| {
+                let now = VcpuRegs::read(ops).map_err(|_| TargetError::Errno(EIO))?;
+                let set = regs::from_gdb(&new, &now).map_err(|_| TargetError::Errno(EINVAL))?;
+                regs::apply(ops, &now, &set).map_err(|e| match e {
+                    ApplyError::Failed { .. } => TargetError::Errno(EIO),
+                    ApplyError::NotApplied { .. } => TargetError::Errno(ENOTSUP),
+                    ApplyError::Restore { op, source } => TargetError::Fatal(Error::Vcpu { vcpu: id, op, source }),
+                })
             })
-        })?
+            .map_err(TargetError::Fatal)?
     }
 
     /// An execute slot for GDB's breakpoint at `addr` (`Z1`, and `Z0`
@@ -465,7 +573,8 @@ impl<M: GuestMemory + Send + Sync + 'static> VmTarget<M> {
         }
     }
 
-    /// Runs `f` on the parked vCPU `id`'s thread.
+    /// Runs `f` on the parked vCPU `id`'s thread; `f` does not change the
+    /// vCPU's registers (guest memory is not the vCPU: [`Seen`] stays).
     fn on_vcpu<R: Send + 'static>(
         &self,
         id: usize,
@@ -473,7 +582,8 @@ impl<M: GuestMemory + Send + Sync + 'static> VmTarget<M> {
     ) -> Result<R, TargetError<Error>> {
         let dbg = self.dbg.clone();
         self.dbg
-            .with_parked_vcpu(id, move |ops| f(&dbg, ops))
+            .with_parked_vcpu_reading(id, move |ops| f(&dbg, ops))
+            .map(|(r, _)| r)
             .map_err(TargetError::Fatal)
     }
 
@@ -548,6 +658,38 @@ impl<M: GuestMemory + Send + Sync + 'static> VmTarget<M> {
         hits.retain(|hit| slots.count(&hit.watch) > 0);
         Ok(hits)
     }
+}
+
+/// Reads `len` bytes from canonical `start` (`len` at most
+/// [`room`]`(start)`) page by page, each page by the guest-physical address
+/// `translate` gives: the bytes up to the first page that does not
+/// translate (`Ok(None)`) or cannot be read (`int3`s hidden, as every read).
+///
+/// # Errors
+/// What `translate` failed with; [`Error::Poisoned`]. A page that cannot be
+/// read ends the read.
+fn read_pages<M: GuestMemory>(
+    dbg: &VmDebug<M>,
+    start: u64,
+    len: usize,
+    mut translate: impl FnMut(u64) -> Result<Option<u64>, Error>,
+) -> Result<Vec<u8>, Error> {
+    let mut buf = vec![0u8; len];
+    let mut done = 0usize;
+    while done < len {
+        // No overflow: done < len <= room(start).
+        let at = start + done as u64;
+        let in_page = (PAGE - at % PAGE) as usize;
+        let n = in_page.min(len - done);
+        let Some(gpa) = translate(at)? else { break };
+        match dbg.read_memory(AddressSpace::Physical, gpa, &mut buf[done..done + n]) {
+            Ok(()) => done += n,
+            Err(Error::Poisoned) => return Err(Error::Poisoned),
+            Err(_) => break,
+        }
+    }
+    buf.truncate(done);
+    Ok(buf)
 }
 
 /// The core's kind for a GDB watch kind (`Z2` write, `Z3` read, `Z4` access).
@@ -660,27 +802,13 @@ impl<M: GuestMemory + Send + Sync + 'static> MultiThreadBase for VmTarget<M> {
         // Page by page: a read that runs into an unmapped page returns the
         // bytes before it (GDB asks again for the rest and gets the error).
         // Each page is translated here and read by its guest-physical
-        // address, so a page ending at 2^64 reads like any other.
-        let read = self.on_vcpu(id, move |dbg, ops| {
-            let mut buf = vec![0u8; len];
-            let mut done = 0usize;
-            while done < len {
-                // No overflow: done < len <= room(start).
-                let at = start + done as u64;
-                let in_page = (PAGE - at % PAGE) as usize;
-                let n = in_page.min(len - done);
-                let Ok(gpa) = memory::translate(ops, at) else { break };
-                if dbg
-                    .read_memory(AddressSpace::Physical, gpa, &mut buf[done..done + n])
-                    .is_err()
-                {
-                    break;
-                }
-                done += n;
-            }
-            buf.truncate(done);
-            buf
-        })?;
+        // address, so a page ending at 2^64 reads like any other. The walk
+        // is done on this thread from the paging registers of the stop
+        // where it can be (`paging`), else on the vCPU's (`KVM_TRANSLATE`).
+        let read = match self.paging(id)? {
+            Some(p) if p.walkable() => self.read_walked(id, p, start, len)?,
+            _ => self.read_translated(id, start, len)?,
+        };
         if read.is_empty() && len > 0 {
             return Err(TargetError::Errno(EFAULT));
         }
