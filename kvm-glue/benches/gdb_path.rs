@@ -16,6 +16,9 @@
 //! * `Z1` + `z1`: insert and remove a hardware breakpoint;
 //! * `qXfer:features:read:target.xml`: the target description's first
 //!   chunk (no vCPU involved);
+//! * gdb's `stepi`: the 8 packets gdb 13 sends for one (`vCont;s:1;c`, `g`,
+//!   four 1-byte `m` at the pc, `qfThreadInfo`, `qsThreadInfo` until its
+//!   `l`);
 //! * continue to a hardware breakpoint: `vCont;c` until the stop reply, with
 //!   `Z1` on the loop's `jmp` (the server steps off it at each resume);
 //! * Ctrl-C: from the `0x03` byte to the stop reply, the guest running
@@ -599,6 +602,32 @@ fn bench_ops(group: &mut BenchmarkGroup<'_, WallTime>, c: &mut Client, t: &Targe
             black_box(r)
         })
     });
+    // What gdb 13 sends for one `stepi` (its `set debug remote 1`, default
+    // scheduler mode): the step-and-continue-the-others, then `g`, the
+    // instruction byte at the new pc twice, the thread list, the byte twice.
+    let m1 = format!("m{:x},1", t.mem);
+    group.bench_function(id("gdb_stepi"), |b| {
+        b.iter(|| {
+            c.expect("vCont;s:1;c", "T05");
+            black_box(c.cmd(b"g"));
+            for _ in 0..2 {
+                black_box(c.cmd(m1.as_bytes()));
+            }
+            c.expect("qfThreadInfo", "m");
+            // QEMU lists one thread per reply: ask on until the end, as gdb does.
+            loop {
+                let r = c.cmd(b"qsThreadInfo");
+                match r.first() {
+                    Some(b'm') => {}
+                    Some(b'l') => break,
+                    _ => panic!("qsThreadInfo: {:?}", String::from_utf8_lossy(&r)),
+                }
+            }
+            for _ in 0..2 {
+                black_box(c.cmd(m1.as_bytes()));
+            }
+        })
+    });
     c.expect(&z, "OK");
     if round == 0 {
         let moved = c.continue_moves();
@@ -715,6 +744,7 @@ fn summary(since: SystemTime, qemu: Option<&str>) {
         ("g", "g"),
         ("m64", "m addr,64"),
         ("qxfer", "qXfer:features:read"),
+        ("gdb_stepi", "gdb's stepi (its 8 packets)"),
         ("continue_to_hbreak", "continue to a hw breakpoint"),
         ("ctrl_c", "Ctrl-C to the stop reply"),
     ];
