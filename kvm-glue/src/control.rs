@@ -297,6 +297,14 @@ impl<M: GuestMemory> VmDebug<M> {
         Ok(event)
     }
 
+    /// A number that moves whenever a vCPU posts a stop (read without the
+    /// lock): while it stands, [`try_take_stop`](Self::try_take_stop) has
+    /// nothing new to find.
+    #[cfg(feature = "gdb")]
+    pub(crate) fn posts(&self) -> u64 {
+        self.shared.posts.load(crate::sync::Ordering::Acquire)
+    }
+
     /// A file descriptor (an eventfd) that is readable while a posted stop may
     /// be waiting: poll it beside a debugger connection, then
     /// [`try_take_stop`](Self::try_take_stop). Owned by the handle.

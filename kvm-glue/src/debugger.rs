@@ -194,6 +194,11 @@ pub(crate) struct Shared<M> {
     kick: RwLock<Option<std::sync::Arc<dyn Kick>>>,
     /// Readable while a posted stop may be waiting.
     pub(crate) stop_fd: EventFd,
+    /// Moves (under the `inner` lock) whenever a vCPU posts a stop: a
+    /// debugger that saw it unchanged since it last looked under the lock
+    /// knows no stop was posted meanwhile without taking the lock (which a
+    /// vCPU it just released is about to take).
+    pub(crate) posts: AtomicU64,
     /// 1: single-steps carry `KVM_GUESTDBG_BLOCKIRQ` ([`StepIrqs::Blocked`]).
     pub(crate) block_irq: AtomicU64,
 }
@@ -366,6 +371,7 @@ impl<M: GuestMemory> VmDebug<M> {
                 cond_waiters: AtomicU64::new(0),
                 kick: RwLock::new(None),
                 stop_fd,
+                posts: AtomicU64::new(0),
                 block_irq: AtomicU64::new(u64::from(crate::probe::host_block_irq())),
             }),
         }

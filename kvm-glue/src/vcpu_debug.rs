@@ -383,7 +383,11 @@ impl<M: GuestMemory> VcpuDebug<M> {
                 return Ok(Park::Free);
             }
             if inner.run.park(self.id) {
+                // Announced with the lock released (see `park`).
+                drop(inner);
                 shared.signal_stop();
+                inner = shared.lock()?;
+                continue;
             }
             match inner.jobs.get_mut(&self.id).and_then(|q| q.pop_front()) {
                 Some(job) => {
@@ -415,12 +419,16 @@ impl<M: GuestMemory> VcpuDebug<M> {
         }
         let posted = inner.run.park(self.id);
         let wake = inner.wake_of(self.id);
+        // Announced once parked: the debugger's stop_all that follows then
+        // need not wait for this vCPU (one wake-up, not two). With the lock
+        // released: the woken debugger takes it first thing, and would
+        // otherwise sleep on it until this thread's wait lets it go.
+        drop(inner);
         if posted {
-            // Announced once parked: the debugger's stop_all that follows
-            // then need not wait for this vCPU (one wake-up, not two).
             shared.signal_stop();
         }
         shared.notify_debugger();
+        let mut inner = shared.lock()?;
         loop {
             if let Some(job) = inner.jobs.get_mut(&self.id).and_then(|q| q.pop_front()) {
                 drop(inner);
@@ -893,6 +901,9 @@ impl<M: GuestMemory> VcpuDebug<M> {
         let post = {
             let mut inner = self.shared.lock()?;
             let post = inner.run.post_fault(self.id, Pending { event, gpa: None }, fault)?;
+            if let Post::Posted { .. } = post {
+                self.shared.posts.fetch_add(1, Ordering::AcqRel);
+            }
             // A step-over in flight ends here: an `int3` whose byte it had
             // put back is re-armed for the other vCPUs (best effort: the
             // byte was written a moment ago).
@@ -942,7 +953,13 @@ impl<M: GuestMemory> VcpuDebug<M> {
         let post = {
             let mut inner = self.shared.lock()?;
             match self.applied {
-                Some(r) => inner.run.post(self.id, Pending { event, gpa }, r.session),
+                Some(r) => {
+                    let post = inner.run.post(self.id, Pending { event, gpa }, r.session);
+                    if let Post::Posted { .. } = post {
+                        self.shared.posts.fetch_add(1, Ordering::AcqRel);
+                    }
+                    post
+                }
                 // Never synced: nothing of the debugger's could have stopped it.
                 None => inner.run.discard(self.id),
             }

@@ -128,15 +128,25 @@ where
             conn.reply(body.as_bytes())
                 .map_err(WaitForStopReasonError::Connection)?;
         }
+        // The stop descriptor said a stop may wait.
+        let mut stop_ready = false;
         loop {
             if let Some(byte) = conn.next_ready() {
                 return Ok(Event::IncomingData(byte));
             }
-            // A posted stop first: all-stop, then report it.
+            // A posted stop first: all-stop, then report it. Looked for
+            // under the lock only when one may be new: every stop is posted
+            // with the count moved, and one left waiting by a resume is
+            // announced on the descriptor (`VmDebug::resume`).
             if target.running {
-                if let Some(reason) = take_stop(target).map_err(WaitForStopReasonError::Target)? {
-                    target.running = false;
-                    return Ok(Event::TargetStopped(reason));
+                let posts = target.dbg.posts();
+                if stop_ready || target.seen_posts != Some(posts) {
+                    stop_ready = false;
+                    target.seen_posts = Some(posts);
+                    if let Some(reason) = take_stop(target).map_err(WaitForStopReasonError::Target)? {
+                        target.running = false;
+                        return Ok(Event::TargetStopped(reason));
+                    }
                 }
             }
             if let Some(code) = target.end.as_ref().and_then(|e| e.code()) {
@@ -158,6 +168,7 @@ where
                 continue;
             }
             let ready = waiter.wait().map_err(WaitForStopReasonError::Connection)?;
+            stop_ready |= ready.stop;
             if ready.conn {
                 // A byte from GDB, for gdbstub if it is part of a packet (a
                 // stop that came with it is taken next, first thing).

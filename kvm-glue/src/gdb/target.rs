@@ -159,6 +159,11 @@ pub struct VmTarget<M> {
     /// Resumed and not stopped since: a stop or Ctrl-C has something to
     /// report.
     pub(super) running: bool,
+    /// [`VmDebug::posts`] when the event loop last looked for a stop under
+    /// the lock (`None`: never): while it stands, and the stop descriptor
+    /// said nothing, no stop was posted since, and the loop sleeps without
+    /// taking the lock a vCPU it just released is about to take.
+    pub(super) seen_posts: Option<u64>,
     /// A resume refused with this errno: the event loop sends the reply.
     pub(super) refused: Option<u8>,
     /// A resume action named a thread that does not exist.
@@ -390,6 +395,7 @@ impl<M: GuestMemory + Send + Sync + 'static> VmTarget<M> {
             host,
             resume_log,
             running: false,
+            seen_posts: None,
             refused: None,
             bad_action: false,
             declared: wire::Shared::default(),
