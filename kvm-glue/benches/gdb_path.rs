@@ -22,7 +22,16 @@
 //! * continue to a hardware breakpoint: `vCont;c` until the stop reply, with
 //!   `Z1` on the loop's `jmp` (the server steps off it at each resume);
 //! * Ctrl-C: from the `0x03` byte to the stop reply, the guest running
-//!   (`vCont;c` first, then 200 µs untimed).
+//!   (`vCont;c` first, then 200 µs untimed);
+//! * the whole target description as gdb reads it at connect (the root
+//!   document and every `xi:include`d one, in `0xffb`-byte chunks).
+//!
+//! And the floor under every row, with the same client: the wire alone (a
+//! thread of this process that answers each packet with `OK` at once), and
+//! the wire with a hand-off to a second thread and back (the least a
+//! server whose socket's thread is not the vCPU's adds to a step). A step
+//! can be no faster than the wire alone plus the raw step; the summary
+//! gives both, and what the step costs above the wire.
 //!
 //! Two configurations: vCPU 1 spinning in the same two-instruction loop as
 //! vCPU 0, and vCPU 1 halted. In the tiny guest (no interrupt controller)
@@ -301,6 +310,48 @@ impl Client {
         after != before[(tid - 1) as usize]
     }
 
+    /// The whole target description as gdb 13 reads it at connect: the
+    /// root document, then each `xi:include`d one, each in chunks of
+    /// `0xffb` bytes (gdb's for a 4096-byte `PacketSize`, which both
+    /// servers advertise) until the reply that starts with `l`. Returns
+    /// the documents' total length and the packets it took.
+    fn whole_description(&mut self) -> (usize, usize) {
+        let mut todo = vec![String::from("target.xml")];
+        let (mut bytes, mut packets) = (0, 0);
+        while let Some(annex) = todo.pop() {
+            let mut doc = Vec::new();
+            loop {
+                let r = self.cmd(format!("qXfer:features:read:{annex}:{:x},ffb", doc.len()).as_bytes());
+                packets += 1;
+                let (last, data) = match r.split_first() {
+                    Some((b'm', d)) => (false, d),
+                    Some((b'l', d)) => (true, d),
+                    _ => panic!("qXfer {annex}: {:?}", String::from_utf8_lossy(&r)),
+                };
+                // Binary data: `}` escapes the byte after it (XOR 0x20).
+                let mut it = data.iter();
+                while let Some(&b) = it.next() {
+                    doc.push(if b == b'}' {
+                        it.next().map_or(b, |&n| n ^ 0x20)
+                    } else {
+                        b
+                    });
+                }
+                if last {
+                    break;
+                }
+            }
+            let text = String::from_utf8_lossy(&doc);
+            for part in text.split("<xi:include href=\"").skip(1) {
+                if let Some(href) = part.split('"').next() {
+                    todo.push(href.to_string());
+                }
+            }
+            bytes += doc.len();
+        }
+        (bytes, packets)
+    }
+
     /// Lets the guest run for `d`, then stops it (Ctrl-C).
     fn run_for(&mut self, d: Duration) {
         self.send(b"vCont;c");
@@ -570,6 +621,96 @@ impl RawStep {
     }
 }
 
+/// The wire alone, as the floor under every row: a thread of this process
+/// that answers each packet with `$OK#9a` at once (`hand_off`: after
+/// handing it to a second thread and back through a mutex and condition
+/// variable, the least a server whose vCPU threads are not its socket's
+/// thread must add to a step). The same client, socket options and loopback
+/// as the servers'.
+struct Floor {
+    client: Client,
+    _server: std::thread::JoinHandle<()>,
+}
+
+/// One hand-off between the socket's thread and a worker: the count of
+/// requests and of answers.
+#[derive(Default)]
+struct HandOff {
+    state: Mutex<(u64, u64)>,
+    cond: std::sync::Condvar,
+}
+
+impl Floor {
+    fn new(hand_off: bool) -> Result<Floor, Error> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let shared = std::sync::Arc::new(HandOff::default());
+        if hand_off {
+            let w = std::sync::Arc::clone(&shared);
+            std::thread::Builder::new().name("floor-worker".into()).spawn(move || {
+                let Ok(mut st) = w.state.lock() else { return };
+                loop {
+                    while st.0 == st.1 {
+                        st = match w.cond.wait(st) {
+                            Ok(g) => g,
+                            Err(_) => return,
+                        };
+                    }
+                    st.1 = st.0;
+                    w.cond.notify_all();
+                }
+            })?;
+        }
+        let server = std::thread::Builder::new().name("floor".into()).spawn(move || {
+            let Ok((mut s, _)) = listener.accept() else { return };
+            let _ = s.set_nodelay(true);
+            let mut buf = [0u8; 4096];
+            let mut have = Vec::new();
+            loop {
+                let n = match s.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                have.extend_from_slice(&buf[..n]);
+                // Answer each whole packet (`$...#xx`) in it.
+                while let Some(h) = have.iter().position(|&b| b == b'#') {
+                    if have.len() < h + 3 {
+                        break;
+                    }
+                    have.drain(..h + 3);
+                    if hand_off {
+                        let Ok(mut st) = shared.state.lock() else { return };
+                        st.0 += 1;
+                        shared.cond.notify_all();
+                        while st.1 != st.0 {
+                            st = match shared.cond.wait(st) {
+                                Ok(g) => g,
+                                Err(_) => return,
+                            };
+                        }
+                    }
+                    if s.write_all(b"$OK#9a").is_err() {
+                        return;
+                    }
+                }
+            }
+        })?;
+        let mut client = Client::connect(port)?;
+        client.no_ack = true;
+        Ok(Floor {
+            client,
+            _server: server,
+        })
+    }
+
+    fn bench(&mut self, group: &mut BenchmarkGroup<'_, WallTime>, name: &str, round: usize) {
+        let c = &mut self.client;
+        group.bench_function(format!("{name}/{round}"), |b| {
+            b.iter(|| black_box(c.expect("vCont;s:1", "OK")))
+        });
+    }
+}
+
 /// Every operation on `t` in one configuration, `round`.
 fn bench_ops(group: &mut BenchmarkGroup<'_, WallTime>, c: &mut Client, t: &Target, other: Other, round: usize) {
     let id = |op: &str| format!("{}/{}/{op}/{round}", t.name, other.name());
@@ -602,6 +743,15 @@ fn bench_ops(group: &mut BenchmarkGroup<'_, WallTime>, c: &mut Client, t: &Targe
             black_box(r)
         })
     });
+    if round == 0 {
+        let (bytes, packets) = c.whole_description();
+        note(format!(
+            "{} ({}): the whole target description is {bytes} bytes in {packets} qXfer packets",
+            t.name,
+            other.name()
+        ));
+    }
+    group.bench_function(id("qxfer_all"), |b| b.iter(|| black_box(c.whole_description())));
     // What gdb 13 sends for one `stepi` (its `set debug remote 1`, default
     // scheduler mode): the step-and-continue-the-others, then `g`, the
     // instruction byte at the new pc twice, the thread list, the byte twice.
@@ -733,6 +883,17 @@ fn summary(since: SystemTime, qemu: Option<&str>) {
         dir.display(),
         raw / 1e3
     );
+    let floor = op_median(&dir, "wire_floor", since);
+    if let (Some(f), Some(h)) = (floor, op_median(&dir, "wire_floor_hand_off", since)) {
+        println!(
+            "the wire alone (a thread answering at once): {:.2} µs = {:.2}x the raw step; \
+             with a hand-off to a second thread and back: {:.2} µs = {:.2}x",
+            f / 1e3,
+            f / raw,
+            h / 1e3,
+            h / raw
+        );
+    }
     match qemu {
         Some(q) => println!("QEMU: {q} (its halted vCPU halts in the kernel: in-kernel irqchip)"),
         None => println!("QEMU: not measured"),
@@ -744,6 +905,7 @@ fn summary(since: SystemTime, qemu: Option<&str>) {
         ("g", "g"),
         ("m64", "m addr,64"),
         ("qxfer", "qXfer:features:read"),
+        ("qxfer_all", "the whole description"),
         ("gdb_stepi", "gdb's stepi (its 8 packets)"),
         ("continue_to_hbreak", "continue to a hw breakpoint"),
         ("ctrl_c", "Ctrl-C to the stop reply"),
@@ -769,6 +931,14 @@ fn summary(since: SystemTime, qemu: Option<&str>) {
                 .map(|q| format!("; QEMU's {:.2}x", q / raw))
                 .unwrap_or_default();
             println!("step / raw KVM step: {:.2}x (goal <= 2.5x: {verdict}){q}", t / raw);
+            if let Some(f) = floor {
+                println!(
+                    "step above the wire alone: {:.2} µs = {:.2}x the raw step (the wire alone is {:.2}x)",
+                    (t - f) / 1e3,
+                    (t - f) / raw,
+                    f / raw
+                );
+            }
         }
         for op in ["continue_to_hbreak", "ctrl_c"] {
             if let (Other::Halted, Some(t)) = (other, op_median(&dir, &format!("kvm-glue/halted/{op}"), since)) {
@@ -799,6 +969,8 @@ fn run(c: &mut Criterion) -> Result<Option<String>, Error> {
     let Some(mut raw) = RawStep::new()? else {
         return Ok(None);
     };
+    let mut floor = Floor::new(false)?;
+    let mut hand_off = Floor::new(true)?;
     let qemu = match find_qemu() {
         Ok(q) => Some(q),
         Err(why) => {
@@ -815,6 +987,8 @@ fn run(c: &mut Criterion) -> Result<Option<String>, Error> {
                 for round in 0..ROUNDS {
                     if let Other::Spinning = other {
                         raw.bench(&mut group, round);
+                        floor.bench(&mut group, "wire_floor", round);
+                        hand_off.bench(&mut group, "wire_floor_hand_off", round);
                     }
                     bench_ops(&mut group, kc, kt, other, round);
                     if let Some((q, t)) = qc.as_mut() {
