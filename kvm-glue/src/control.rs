@@ -297,6 +297,32 @@ impl<M: GuestMemory> VmDebug<M> {
         Ok(event)
     }
 
+    /// Turns on (or off, dropping what was read) the read of
+    /// [`AtStop`](crate::debugger::AtStop) by each vCPU that parks with its
+    /// stop posted.
+    #[cfg(feature = "gdb")]
+    pub(crate) fn set_read_at_stop(&self, on: bool) -> Result<()> {
+        let mut inner = self.shared.lock()?;
+        inner.read_at_stop = on;
+        if !on {
+            inner.at_stop.clear();
+        }
+        Ok(())
+    }
+
+    /// What parked `vcpu` read of itself when it parked with its stop
+    /// posted, if that is still current (it has not left its park, and no
+    /// job that writes was queued since); taken either way.
+    #[cfg(feature = "gdb")]
+    pub(crate) fn take_at_stop(&self, vcpu: usize) -> Result<Option<crate::debugger::AtStop>> {
+        let mut inner = self.shared.lock()?;
+        let Some(a) = inner.at_stop.remove(&vcpu) else {
+            return Ok(None);
+        };
+        let parked = inner.run.state(vcpu)? == RunState::Parked;
+        Ok((parked && a.epoch == inner.epoch(vcpu)).then_some(a))
+    }
+
     /// A number that moves whenever a vCPU posts a stop (read without the
     /// lock): while it stands, [`try_take_stop`](Self::try_take_stop) has
     /// nothing new to find.

@@ -109,6 +109,30 @@ pub(crate) struct Inner<M> {
     /// shared one, `Shared::cond`, is for the debugger's waits: parks and
     /// posted stops). Used with the same lock as everything else.
     pub(crate) wakes: BTreeMap<usize, Arc<Condvar>>,
+    /// Whether a vCPU that parks with its own stop posted first reads its
+    /// general and segment registers ([`AtStop`]) on its thread, before the
+    /// stop is announced (the GDB server asks, for its session).
+    #[cfg(feature = "gdb")]
+    pub(crate) read_at_stop: bool,
+    /// What each such vCPU read, until the debugger takes it.
+    #[cfg(feature = "gdb")]
+    pub(crate) at_stop: BTreeMap<usize, AtStop>,
+}
+
+/// The registers a vCPU read as it parked with its stop posted: what a
+/// debugger needs first at every stop (the pc, stack and frame pointers
+/// for the stop reply; the paging registers for memory reads), without
+/// waking the vCPU again.
+#[cfg(feature = "gdb")]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AtStop {
+    /// The vCPU's epoch when they were read: they are current while it
+    /// stands (see `Inner::epochs`).
+    pub(crate) epoch: u64,
+    pub(crate) regs: kvm_bindings::kvm_regs,
+    pub(crate) sregs: kvm_bindings::kvm_sregs,
+    /// [`VcpuOps::translates_by_page_walk`] of the vCPU.
+    pub(crate) walks: bool,
 }
 
 impl<M> Inner<M> {
@@ -366,6 +390,10 @@ impl<M: GuestMemory> VmDebug<M> {
                     idle_wakes: BTreeSet::new(),
                     epochs: BTreeMap::new(),
                     wakes: BTreeMap::new(),
+                    #[cfg(feature = "gdb")]
+                    read_at_stop: false,
+                    #[cfg(feature = "gdb")]
+                    at_stop: BTreeMap::new(),
                 }),
                 cond: Condvar::new(),
                 cond_waiters: AtomicU64::new(0),
@@ -908,6 +936,92 @@ mod tests {
             _ => Int1Pc::Unknown,
         };
         assert_eq!(int1_pc_from_cpuid(), expected, "vendor {vendor:?}");
+    }
+
+    /// A vCPU parked by `before_run` after posting the stop decoded from
+    /// `f`'s exit at `pc` (hardware breakpoint in slot 0), with the read at
+    /// stop on; `body` runs once the stop is taken and every vCPU parked.
+    #[cfg(feature = "gdb")]
+    fn parked_at_a_stop(f: &crate::fake::FakeVcpu, body: impl FnOnce(&VmDebug<vm_memory::GuestMemoryMmap>)) {
+        use crate::vcpu_debug::Handled;
+        use std::time::Duration;
+        let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).expect("mmap");
+        let dbg = VmDebug::new(mem);
+        dbg.set_read_at_stop(true).expect("read at stop");
+        let mut h = dbg.vcpu(0).expect("vCPU handle");
+        let pc = f.regs().rip;
+        dbg.insert(AddressSpace::Physical, BreakpointType::Hardware, pc, 1)
+            .expect("insert");
+        h.sync(f).expect("sync");
+        let exit = kvm_bindings::kvm_debug_exit_arch {
+            exception: 1,
+            pad: 0,
+            pc,
+            dr6: 0xffff_0ff1, // B0 (SDM 18.2.3)
+            dr7: 0,
+        };
+        let Handled::Stop(ev) = h.handle_exit(f, &exit).expect("exit") else {
+            panic!("the breakpoint's exit was not a stop");
+        };
+        h.report_stop(ev).expect("report");
+        std::thread::scope(|s| {
+            let vcpu = s.spawn(|| h.before_run(f).map(|_| ()));
+            let taken = dbg.wait_stop(Some(Duration::from_secs(10))).expect("wait");
+            assert_eq!(taken.map(|e| e.pc), Some(pc));
+            dbg.stop_all(Duration::from_secs(10)).expect("parked");
+            // The vCPU is released whatever `body` asserted, so a failed
+            // check fails the test instead of hanging it.
+            let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&dbg)));
+            dbg.detach().expect("detach");
+            vcpu.join().expect("vCPU thread").expect("before_run");
+            if let Err(failed) = checked {
+                std::panic::resume_unwind(failed);
+            }
+        });
+    }
+
+    #[cfg(feature = "gdb")]
+    fn fake_at(rip: u64, rsp: u64, rbp: u64, cr3: u64) -> crate::fake::FakeVcpu {
+        let f = crate::fake::FakeVcpu::new();
+        let mut regs = f.regs();
+        (regs.rip, regs.rsp, regs.rbp) = (rip, rsp, rbp);
+        f.put_regs(regs);
+        let mut sregs = f.sregs();
+        sregs.cr3 = cr3;
+        f.put_sregs(sregs);
+        f
+    }
+
+    /// The vCPU that posted a stop reads its registers as it parks, and the
+    /// debugger gets what it holds, once.
+    #[cfg(feature = "gdb")]
+    #[test]
+    fn a_vcpu_parking_at_its_stop_hands_over_the_registers_it_holds() {
+        let f = fake_at(0x1234, 0x8ff0, 0x8ff8, 0x5000);
+        parked_at_a_stop(&f, |dbg| {
+            let a = dbg.take_at_stop(0).expect("take").expect("read at the park");
+            assert_eq!((a.regs.rip, a.regs.rsp, a.regs.rbp), (0x1234, 0x8ff0, 0x8ff8));
+            assert_eq!(a.sregs.cr3, 0x5000);
+            assert!(dbg.take_at_stop(0).expect("take").is_none(), "taken once");
+        });
+    }
+
+    /// A job that may write the parked vCPU (the VMM's `with_parked_vcpu`)
+    /// makes what it read at its stop stale: the debugger does not get it.
+    #[cfg(feature = "gdb")]
+    #[test]
+    fn what_a_vcpu_read_at_its_stop_is_dropped_once_a_job_may_have_written_it() {
+        let f = fake_at(0x1234, 0x8ff0, 0x8ff8, 0x5000);
+        parked_at_a_stop(&f, |dbg| {
+            dbg.with_parked_vcpu(0, |ops| {
+                let mut r = ops.get_regs().expect("regs");
+                r.rsp = 0x7000;
+                ops.set_regs(&r).expect("set")
+            })
+            .expect("job");
+            assert!(dbg.take_at_stop(0).expect("take").is_none(), "stale after the write");
+        });
+        assert_eq!(f.regs().rsp, 0x7000, "the job ran on the vCPU");
     }
 
     #[test]

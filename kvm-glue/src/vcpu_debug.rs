@@ -383,7 +383,9 @@ impl<M: GuestMemory> VcpuDebug<M> {
                 return Ok(Park::Free);
             }
             if inner.run.park(self.id) {
-                // Announced with the lock released (see `park`).
+                // Announced with the lock released (see `park`). Nothing is
+                // read for the stop here: the thread goes back to the VMM,
+                // which may change the vCPU, so it would be stale at once.
                 drop(inner);
                 shared.signal_stop();
                 inner = shared.lock()?;
@@ -408,6 +410,29 @@ impl<M: GuestMemory> VcpuDebug<M> {
         }
     }
 
+    /// Reads what the debugger needs first at this vCPU's stop
+    /// ([`AtStop`](crate::debugger::AtStop)), as of `epoch` (taken when it
+    /// parked: a job that writes, queued meanwhile, moves it and so makes
+    /// this read stale). A failed read records nothing: the debugger then
+    /// reads as it would without.
+    #[cfg(feature = "gdb")]
+    fn read_at_stop<V: VcpuOps>(&self, vcpu: &V, epoch: u64) -> Result<()> {
+        let (Ok(regs), Ok(sregs)) = (vcpu.get_regs(), vcpu.get_sregs()) else {
+            return Ok(());
+        };
+        let walks = vcpu.translates_by_page_walk();
+        self.shared.lock()?.at_stop.insert(
+            self.id,
+            crate::debugger::AtStop {
+                epoch,
+                regs,
+                sregs,
+                walks,
+            },
+        );
+        Ok(())
+    }
+
     /// Parks while held; returns the step-over debt taken on the way out
     /// (when no step-over is in flight).
     fn park<V: VcpuOps>(&mut self, vcpu: &V) -> Result<Option<u64>> {
@@ -419,11 +444,17 @@ impl<M: GuestMemory> VcpuDebug<M> {
         }
         let posted = inner.run.park(self.id);
         let wake = inner.wake_of(self.id);
+        #[cfg(feature = "gdb")]
+        let read = (posted && inner.read_at_stop).then(|| inner.epoch(self.id));
         // Announced once parked: the debugger's stop_all that follows then
         // need not wait for this vCPU (one wake-up, not two). With the lock
         // released: the woken debugger takes it first thing, and would
         // otherwise sleep on it until this thread's wait lets it go.
         drop(inner);
+        #[cfg(feature = "gdb")]
+        if let Some(epoch) = read {
+            self.read_at_stop(vcpu, epoch)?;
+        }
         if posted {
             shared.signal_stop();
         }

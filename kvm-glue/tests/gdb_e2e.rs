@@ -672,3 +672,82 @@ fn breakpoints_are_served_the_way_this_host_can_deliver_them() {
         );
     }
 }
+
+/// The expedited registers of a stop reply (`NN:value;` fields, regnum in
+/// hex) and the thread it names.
+fn expedited(reply: &str) -> (std::collections::BTreeMap<String, String>, String) {
+    let mut regs = std::collections::BTreeMap::new();
+    let mut thread = String::new();
+    // `T05` then `name:value;` fields.
+    for field in reply.get(3..).unwrap_or("").split(';') {
+        match field.split_once(':') {
+            Some(("thread", t)) => thread = t.to_string(),
+            Some((n, v)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                regs.insert(n.to_string(), v.to_string());
+            }
+            _ => {}
+        }
+    }
+    (regs, thread)
+}
+
+/// `v` as a `g` packet holds it: 8 bytes, little-endian, in hex.
+fn le_hex(v: u64) -> String {
+    format!("{:016x}", v.swap_bytes())
+}
+
+/// A stop reply carries the stopped thread's rbp, rsp and rip (regnums 6, 7
+/// and 0x10: gdbserver's expedited registers for x86-64) with the values
+/// `g` then reads, after a step and at a hardware breakpoint; the pcs are
+/// the guest's (`STRAIGHT_CODE`: a 1-byte `nop` at +0, `add eax, 2` at +6).
+#[test]
+fn a_stop_reply_carries_the_pc_and_the_stack_and_frame_pointers() {
+    let test = "a_stop_reply_carries_the_pc_and_the_stack_and_frame_pointers";
+    if ready(test).is_none() {
+        return;
+    }
+    let server = Server::start(&["--vcpu1", "loop"]);
+    let mut rsp = scenarios::Rsp::connect(server.port, TIMEOUT);
+    assert!(rsp.ask("?").starts_with('T'));
+    let check = |rsp: &mut scenarios::Rsp, reply: &str, pc: u64| {
+        assert!(reply.starts_with("T05"), "{reply}");
+        let (regs, thread) = expedited(reply);
+        assert_eq!(regs.keys().collect::<Vec<_>>(), ["06", "07", "10"], "{reply}");
+        assert_eq!(regs["10"], le_hex(pc), "the pc in {reply}");
+        assert_eq!(rsp.ask(&format!("Hg{thread}")), "OK");
+        let g = rsp.ask("g");
+        assert_eq!(regs["06"], g[96..112], "rbp as g reads it");
+        assert_eq!(regs["07"], g[112..128], "rsp as g reads it");
+        assert_eq!(regs["10"], g[256..272], "rip as g reads it");
+    };
+    let step = rsp.ask("vCont;s:1");
+    check(&mut rsp, &step, guest::STRAIGHT + 1);
+    assert_eq!(rsp.ask(&format!("Z1,{:x},1", guest::STRAIGHT + 6)), "OK");
+    let hit = rsp.ask("vCont;c");
+    assert!(hit.contains("hwbreak"), "{hit}");
+    check(&mut rsp, &hit, guest::STRAIGHT + 6);
+    assert_eq!(rsp.ask(&format!("z1,{:x},1", guest::STRAIGHT + 6)), "OK");
+    rsp.ask("D");
+}
+
+/// Because the stop reply carries the pc, GDB's `stepi` and `info
+/// registers rip` send no `g` (what gdb does with gdbserver, whose replies
+/// carry the same three registers): one round trip and one register read of
+/// the vCPU fewer per step.
+#[test]
+fn gdb_steps_without_reading_every_register() {
+    let test = "gdb_steps_without_reading_every_register";
+    let Some(gdb_path) = ready(test) else { return };
+    let server = Server::start(&["--vcpu1", "loop"]);
+    let script = "set debug remote 1\nstepi\nstepi\ninfo registers rip\ndetach\n";
+    let out = scenarios::gdb(&gdb_path, server.port, &|| server.output(), "stepi-no-g", script);
+    scenarios::expect(&out, &format!("rip            {:#x}", guest::STRAIGHT + 6));
+    let steps = out.matches("Sending packet: $vCont;s:").count();
+    assert_eq!(steps, 2, "two steps sent:\n{out}");
+    // Nothing after the first step asks for every register.
+    let after_step = out.split("Sending packet: $vCont;s:").nth(1).unwrap_or("");
+    assert!(
+        !after_step.contains("Sending packet: $g#67"),
+        "gdb read every register after a step:\n{out}"
+    );
+}

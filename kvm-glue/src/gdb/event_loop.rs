@@ -7,20 +7,29 @@
 //!
 //! It never polls in a loop: firecracker's and cloud-hypervisor's GDB loops
 //! spin on `try_recv` + `peek` and keep a core busy while the guest runs.
+//!
+//! [`run`] drives gdbstub's state machine as its `run_blocking` does, with
+//! one difference: a stop reply carries `rbp`, `rsp` and `rip` (gdbserver's
+//! expedited registers for x86-64) when the stopped vCPU read them as it
+//! parked, so GDB needs no `g` packet to see where a step or breakpoint
+//! left it (`run_blocking` has no way to send them).
 
 use std::io;
 use std::marker::PhantomData;
 use std::net::TcpStream;
 use std::os::fd::RawFd;
 
+use gdbstub::common::Tid;
 use gdbstub::conn::{Connection, ConnectionExt};
 use gdbstub::stub::run_blocking::{BlockingEventLoop, Event, WaitForStopReasonError};
-use gdbstub::stub::MultiThreadStopReason;
+use gdbstub::stub::state_machine::GdbStubStateMachine;
+use gdbstub::stub::{DisconnectReason, GdbStub, GdbStubError, MultiThreadStopReason};
 use vm_memory::GuestMemory;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
+use super::regs::VmRegId;
 use super::stop;
-use super::target::VmTarget;
+use super::target::{VmTarget, EXPEDITED};
 use super::wire::Wire;
 use crate::error::Error;
 
@@ -191,6 +200,72 @@ where
             return Ok(Some(reason));
         }
         Ok(stop::interrupted(target.current))
+    }
+}
+
+/// Why [`run`] ended a session other than by GDB's or the guest's doing.
+#[derive(Debug)]
+pub(super) enum LoopError {
+    /// gdbstub's own error (the protocol, the target, the connection).
+    Stub(GdbStubError<Error, io::Error>),
+    /// Reading the connection failed.
+    Connection(io::Error),
+    /// The VM failed.
+    Target(Error),
+}
+
+/// Runs one session to its end: gdbstub's `run_blocking` over
+/// [`VmEventLoop`], with stop replies that carry the expedited registers
+/// when they are at hand (see the [module docs](self)).
+pub(super) fn run<M, C>(
+    stub: GdbStub<'_, VmTarget<M>, Wire<C>>,
+    target: &mut VmTarget<M>,
+) -> Result<DisconnectReason, LoopError>
+where
+    M: GuestMemory + Send + Sync + 'static,
+    C: ConnectionExt<Error = io::Error>,
+{
+    let mut gdb = stub.run_state_machine(target).map_err(LoopError::Stub)?;
+    loop {
+        let next = match gdb {
+            GdbStubStateMachine::Idle(mut gdb) => {
+                let byte = gdb.borrow_conn().read().map_err(LoopError::Connection)?;
+                gdb.incoming_data(target, byte)
+            }
+            GdbStubStateMachine::Disconnected(gdb) => return Ok(gdb.get_reason()),
+            GdbStubStateMachine::CtrlCInterrupt(gdb) => {
+                let reason = VmEventLoop::<M, C>::on_interrupt(target).map_err(LoopError::Target)?;
+                gdb.interrupt_handled(target, reason)
+            }
+            GdbStubStateMachine::Running(mut gdb) => {
+                match VmEventLoop::<M, C>::wait_for_stop_reason(target, gdb.borrow_conn()) {
+                    Ok(Event::TargetStopped(reason)) => match stopped_thread(&reason).and_then(|t| target.expedited(t))
+                    {
+                        Some(values) => {
+                            let bytes = values.map(u64::to_le_bytes);
+                            let mut regs = EXPEDITED.iter().zip(bytes.iter()).map(|(&n, b)| (VmRegId(n), &b[..]));
+                            gdb.report_stop_with_regs(target, reason, &mut regs)
+                        }
+                        None => gdb.report_stop(target, reason),
+                    },
+                    Ok(Event::IncomingData(byte)) => gdb.incoming_data(target, byte),
+                    Err(WaitForStopReasonError::Target(e)) => return Err(LoopError::Target(e)),
+                    Err(WaitForStopReasonError::Connection(e)) => return Err(LoopError::Connection(e)),
+                }
+            }
+        };
+        gdb = next.map_err(LoopError::Stub)?;
+    }
+}
+
+/// The thread a stop reply names (`T` packets), for its registers.
+fn stopped_thread(reason: &MultiThreadStopReason<u64>) -> Option<Tid> {
+    match *reason {
+        MultiThreadStopReason::SignalWithThread { tid, .. }
+        | MultiThreadStopReason::SwBreak(tid)
+        | MultiThreadStopReason::HwBreak(tid)
+        | MultiThreadStopReason::Watch { tid, .. } => Some(tid),
+        _ => None,
     }
 }
 

@@ -72,7 +72,10 @@
 //!   the thread: `swbreak`, `hwbreak`, `watch:ADDR`/`rwatch:ADDR`/
 //!   `awatch:ADDR` with the address GDB set (not the piece that fired),
 //!   `SIGTRAP` for a step, `SIGINT` for Ctrl-C. The guest's own `#DB`/`#BP`
-//!   never reach GDB.
+//!   never reach GDB. A stop reply for a vCPU's own stop carries its `rbp`,
+//!   `rsp` and `rip` (as gdbserver's do), read by that vCPU as it parked,
+//!   so GDB stepping or stopping at a breakpoint sends no `g`; the same
+//!   read gives the first memory reads their paging registers.
 //! * **kill**: `vKill`/`k` is answered `OK` and the session ends cleanly
 //!   (no "Remote connection closed", no wait); by default the debugger is
 //!   detached and the guest runs on, and a VMM for which `kill` ends the
@@ -128,7 +131,7 @@ use vm_memory::GuestMemory;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::VmDebug;
-use event_loop::{Ready, Waiter};
+use event_loop::{LoopError, Ready, Waiter};
 use target::{ResumeLog, Watched};
 
 /// Why [`serve`] stopped serving.
@@ -749,13 +752,22 @@ where
         Ok(stub) => stub,
         Err(e) => return SessionEnd::Protocol(e.to_string()),
     };
-    match stub.run_blocking::<VmEventLoop<M, Watched<C>>>(&mut target) {
+    // Each vCPU that parks with its stop posted reads what the stop reply
+    // and the first memory reads need, on its own thread (no wake-up).
+    if let Err(e) = dbg.set_read_at_stop(true) {
+        return SessionEnd::Fatal(e);
+    }
+    let end = match event_loop::run(stub, &mut target) {
         Ok(DisconnectReason::Disconnect) => SessionEnd::Detached,
         Ok(DisconnectReason::Kill) => SessionEnd::Killed,
         Ok(DisconnectReason::TargetExited(code)) => SessionEnd::GuestEnded(code),
         Ok(DisconnectReason::TargetTerminated(sig)) => SessionEnd::Protocol(format!("terminated by {sig}")),
-        Err(e) => classify(e),
-    }
+        Err(LoopError::Stub(e)) => classify(e),
+        Err(LoopError::Connection(e)) => SessionEnd::ConnectionLost(e),
+        Err(LoopError::Target(e)) => SessionEnd::Fatal(e),
+    };
+    let _ = dbg.set_read_at_stop(false);
+    end
 }
 
 fn classify(e: GdbStubError<crate::Error, io::Error>) -> SessionEnd {

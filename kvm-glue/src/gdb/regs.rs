@@ -403,6 +403,10 @@ impl RegId for VmRegId {
         let info = REGS.get(id)?;
         Some((VmRegId(id), NonZeroUsize::new(info.bits / 8)))
     }
+
+    fn to_raw_id(&self) -> Option<usize> {
+        Some(self.0)
+    }
 }
 
 /// The target description (`target.xml`): every register with its regnum,

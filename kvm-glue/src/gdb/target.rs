@@ -191,6 +191,17 @@ struct Seen {
     paging: Option<Paging>,
     /// Every register as GDB sees them, once a `g` or `p` asked.
     regs: Option<VmRegisters>,
+    /// `rbp`, `rsp` and `rip` (regnums 6, 7, 16), for the stop reply.
+    expedite: Option<[u64; 3]>,
+}
+
+/// The registers a stop reply carries (gdbserver's choice for x86-64): the
+/// frame and stack pointers and the pc, so that GDB stepping or stopping
+/// at a breakpoint needs no `g` to find where it is.
+pub(super) const EXPEDITED: [usize; 3] = [6, 7, 16];
+
+fn expedite_of(r: &kvm_bindings::kvm_regs) -> [u64; 3] {
+    [r.rbp, r.rsp, r.rip]
 }
 
 /// What this host's KVM delivers, as far as the GDB server's choices go:
@@ -403,13 +414,38 @@ impl<M: GuestMemory + Send + Sync + 'static> VmTarget<M> {
         })
     }
 
-    /// What was read of parked `id` if it is still current.
+    /// What was read of parked `id` if it is still current: read by this
+    /// thread since it parked, or by the vCPU itself as it parked with its
+    /// stop posted ([`VmDebug::take_at_stop`]).
     fn seen(&mut self, id: usize) -> Result<Option<&mut Seen>, TargetError<Error>> {
-        let epoch = self.dbg.parked_epoch(id).map_err(TargetError::Fatal)?;
-        Ok(match (epoch, self.seen.get_mut(&id)) {
-            (Some(e), Some(seen)) if seen.epoch == e => Some(seen),
-            _ => None,
-        })
+        let Some(epoch) = self.dbg.parked_epoch(id).map_err(TargetError::Fatal)? else {
+            return Ok(None);
+        };
+        if self.seen.get(&id).is_none_or(|s| s.epoch != epoch) {
+            match self.dbg.take_at_stop(id).map_err(TargetError::Fatal)? {
+                Some(a) if a.epoch == epoch => {
+                    self.seen.insert(
+                        id,
+                        Seen {
+                            epoch,
+                            paging: a.walks.then(|| Paging::of(&a.sregs)),
+                            regs: None,
+                            expedite: Some(expedite_of(&a.regs)),
+                        },
+                    );
+                }
+                _ => return Ok(None),
+            }
+        }
+        Ok(self.seen.get_mut(&id))
+    }
+
+    /// The values of [`EXPEDITED`] for the stop reply of thread `tid`, if
+    /// they are at hand without waking its vCPU (`None`: the reply carries
+    /// none, and GDB asks).
+    pub(super) fn expedited(&mut self, tid: Tid) -> Option<[u64; 3]> {
+        let id = self.vcpu_of(tid).ok()?;
+        self.seen(id).ok().flatten().and_then(|s| s.expedite)
     }
 
     /// Reads every register of `id`'s vCPU, as GDB sees them.
@@ -431,6 +467,7 @@ impl<M: GuestMemory + Send + Sync + 'static> VmTarget<M> {
                 epoch,
                 paging: walks.then(|| Paging::of(&raw.sregs)),
                 regs: Some(regs.clone()),
+                expedite: Some(expedite_of(&raw.regs)),
             },
         );
         Ok(regs)
@@ -484,6 +521,7 @@ impl<M: GuestMemory + Send + Sync + 'static> VmTarget<M> {
                 epoch,
                 paging,
                 regs: None,
+                expedite: None,
             },
         );
         Ok(paging)
