@@ -27,6 +27,9 @@
 //! * the whole target description as gdb reads it at connect (the root
 //!   document and every `xi:include`d one, in `0xffb`-byte chunks).
 //!
+//! Beside the raw step, the raw `KVM_GET_REGS` + `KVM_GET_SREGS` the
+//! stopped vCPU makes as it parks (for the stop reply's registers).
+//!
 //! And the floor under every row, with the same client: the wire alone (a
 //! thread of this process that answers each packet with `OK` at once), and
 //! the wire with a hand-off to a second thread and back (the least a
@@ -619,6 +622,10 @@ impl RawStep {
                 other => panic!("raw step: {other:?}"),
             })
         });
+        // What a vCPU reads of itself as it parks at its own stop.
+        group.bench_function(format!("raw_kvm_get_regs_sregs/{round}"), |b| {
+            b.iter(|| black_box((vcpu.get_regs().expect("regs"), vcpu.get_sregs().expect("sregs"))))
+        });
     }
 }
 
@@ -898,6 +905,14 @@ fn summary(since: SystemTime, qemu: Option<&str>) {
             f / raw,
             h / 1e3,
             h / raw
+        );
+    }
+    if let Some(r) = op_median(&dir, "raw_kvm_get_regs_sregs", since) {
+        println!(
+            "KVM_GET_REGS + KVM_GET_SREGS on a vCPU: {:.2} µs = {:.2}x the raw step \
+             (what the stopped vCPU reads as it parks, for the stop reply)",
+            r / 1e3,
+            r / raw
         );
     }
     match qemu {
