@@ -1031,7 +1031,10 @@ fn structured_session(vm: &SimVm, bytes: &[u8]) {
                 resume_all = tid == -1;
             }
         }
-        if is_stop(&reply) {
+        // A stop after a resume names its thread, which becomes gdbstub's
+        // resume thread; the answer to `?` is a stop reply too but changes
+        // nothing (gdbstub 0.7.10's `report_reasonable_stop_reason`).
+        if matches!(op, Op::Resume(_)) && is_stop(&reply) {
             resume_all = false;
         }
         model.check_read(&op, &reply);
