@@ -137,8 +137,6 @@ where
             conn.reply(body.as_bytes())
                 .map_err(WaitForStopReasonError::Connection)?;
         }
-        // The stop descriptor said a stop may wait.
-        let mut stop_ready = false;
         loop {
             if let Some(byte) = conn.next_ready() {
                 return Ok(Event::IncomingData(byte));
@@ -149,8 +147,8 @@ where
             // announced on the descriptor (`VmDebug::resume`).
             if target.running {
                 let posts = target.dbg.posts();
-                if stop_ready || target.seen_posts != Some(posts) {
-                    stop_ready = false;
+                if target.stop_signalled || target.seen_posts != Some(posts) {
+                    target.stop_signalled = false;
                     target.seen_posts = Some(posts);
                     if let Some(reason) = take_stop(target).map_err(WaitForStopReasonError::Target)? {
                         target.running = false;
@@ -177,7 +175,9 @@ where
                 continue;
             }
             let ready = waiter.wait().map_err(WaitForStopReasonError::Connection)?;
-            stop_ready |= ready.stop;
+            // Kept until a look under the lock, also when a byte from GDB
+            // ends this wait first (the descriptor's edge is gone by then).
+            target.stop_signalled |= ready.stop;
             if ready.conn {
                 // A byte from GDB, for gdbstub if it is part of a packet (a
                 // stop that came with it is taken next, first thing).

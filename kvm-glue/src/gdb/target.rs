@@ -164,6 +164,9 @@ pub struct VmTarget<M> {
     /// said nothing, no stop was posted since, and the loop sleeps without
     /// taking the lock a vCPU it just released is about to take.
     pub(super) seen_posts: Option<u64>,
+    /// The stop descriptor became readable since the event loop last
+    /// looked for a stop under the lock.
+    pub(super) stop_signalled: bool,
     /// A resume refused with this errno: the event loop sends the reply.
     pub(super) refused: Option<u8>,
     /// A resume action named a thread that does not exist.
@@ -407,6 +410,7 @@ impl<M: GuestMemory + Send + Sync + 'static> VmTarget<M> {
             resume_log,
             running: false,
             seen_posts: None,
+            stop_signalled: false,
             refused: None,
             bad_action: false,
             declared: wire::Shared::default(),
