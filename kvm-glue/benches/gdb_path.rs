@@ -31,8 +31,9 @@
 //! stopped vCPU makes as it parks (for the stop reply's registers).
 //!
 //! And the floor under every row, with the same client: the wire alone (a
-//! thread of this process that answers each packet with `OK` at once), and
-//! the wire with a hand-off to a second thread and back (the least a
+//! thread of this process that answers each packet with `OK` at once; and
+//! with a reply as long as a `g`, the floor under `g`), and the wire with a
+//! hand-off to a second thread and back (the least a
 //! server whose socket's thread is not the vCPU's adds to a step). A step
 //! can be no faster than the wire alone plus the raw step; the summary
 //! gives both, and what the step costs above the wire.
@@ -630,7 +631,8 @@ impl RawStep {
 }
 
 /// The wire alone, as the floor under every row: a thread of this process
-/// that answers each packet with `$OK#9a` at once (`hand_off`: after
+/// that answers each packet at once with `OK` and `pad` more characters
+/// (`G_HEX`: as long as a `g` reply without run-length encoding) (`hand_off`: after
 /// handing it to a second thread and back through a mutex and condition
 /// variable, the least a server whose vCPU threads are not its socket's
 /// thread must add to a step). The same client, socket options and loopback
@@ -648,8 +650,16 @@ struct HandOff {
     cond: std::sync::Condvar,
 }
 
+/// Hex characters in kvm-glue's `g` reply before run-length encoding
+/// (608 bytes of registers).
+const G_HEX: usize = 1216;
+
 impl Floor {
-    fn new(hand_off: bool) -> Result<Floor, Error> {
+    fn new(hand_off: bool, pad: usize) -> Result<Floor, Error> {
+        // `OK`, then hex digits with no run of three (nothing to encode).
+        let mut body = b"OK".to_vec();
+        body.extend(b"0123456789abcdef".iter().cycle().take(pad));
+        let reply = format!("${}#{:02x}", String::from_utf8_lossy(&body), checksum(&body)).into_bytes();
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let port = listener.local_addr()?.port();
         let shared = std::sync::Arc::new(HandOff::default());
@@ -697,7 +707,7 @@ impl Floor {
                             };
                         }
                     }
-                    if s.write_all(b"$OK#9a").is_err() {
+                    if s.write_all(&reply).is_err() {
                         return;
                     }
                 }
@@ -915,6 +925,12 @@ fn summary(since: SystemTime, qemu: Option<&str>) {
             r / raw
         );
     }
+    if let Some(f) = op_median(&dir, "wire_floor_g_sized", since) {
+        println!(
+            "the wire alone with a {G_HEX}-character reply (a g before run-length encoding): {:.2} µs",
+            f / 1e3
+        );
+    }
     match qemu {
         Some(q) => println!("QEMU: {q} (its halted vCPU halts in the kernel: in-kernel irqchip)"),
         None => println!("QEMU: not measured"),
@@ -990,8 +1006,9 @@ fn run(c: &mut Criterion) -> Result<Option<String>, Error> {
     let Some(mut raw) = RawStep::new()? else {
         return Ok(None);
     };
-    let mut floor = Floor::new(false)?;
-    let mut hand_off = Floor::new(true)?;
+    let mut floor = Floor::new(false, 0)?;
+    let mut floor_g = Floor::new(false, G_HEX - 2)?;
+    let mut hand_off = Floor::new(true, 0)?;
     let qemu = match find_qemu() {
         Ok(q) => Some(q),
         Err(why) => {
@@ -1009,6 +1026,7 @@ fn run(c: &mut Criterion) -> Result<Option<String>, Error> {
                     if let Other::Spinning = other {
                         raw.bench(&mut group, round);
                         floor.bench(&mut group, "wire_floor", round);
+                        floor_g.bench(&mut group, "wire_floor_g_sized", round);
                         hand_off.bench(&mut group, "wire_floor_hand_off", round);
                     }
                     bench_ops(&mut group, kc, kt, other, round);
