@@ -37,6 +37,11 @@ use crate::vcpu::VcpuOps;
 
 pub use crate::run_control::{Action, RunState, StopEvent};
 
+/// The longest [`VmDebug::take_at_stop`] waits for a vCPU's read at its
+/// stop (two ioctls; a vCPU thread that never finishes it costs this once).
+#[cfg(feature = "gdb")]
+const AT_STOP_WAIT: Duration = Duration::from_millis(100);
+
 impl<M: GuestMemory> VmDebug<M> {
     /// Whether vCPU `vcpu` must not just re-enter `KVM_RUN`: a stop is
     /// requested for it, or the intent changed since it last applied it. A
@@ -312,10 +317,20 @@ impl<M: GuestMemory> VmDebug<M> {
 
     /// What parked `vcpu` read of itself when it parked with its stop
     /// posted, if that is still current (it has not left its park, and no
-    /// job that writes was queued since); taken either way.
+    /// job that writes was queued since); taken either way. A read still
+    /// under way (the vCPU reads after announcing its stop) is waited for,
+    /// at most [`AT_STOP_WAIT`].
     #[cfg(feature = "gdb")]
     pub(crate) fn take_at_stop(&self, vcpu: usize) -> Result<Option<crate::debugger::AtStop>> {
+        let deadline = Instant::now() + AT_STOP_WAIT;
         let mut inner = self.shared.lock()?;
+        while inner.reading_at_stop.contains(&vcpu) {
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            inner = self.shared.wait_debugger(inner, Some(deadline - now))?;
+        }
         let Some(a) = inner.at_stop.remove(&vcpu) else {
             return Ok(None);
         };

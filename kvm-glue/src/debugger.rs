@@ -109,14 +109,18 @@ pub(crate) struct Inner<M> {
     /// shared one, `Shared::cond`, is for the debugger's waits: parks and
     /// posted stops). Used with the same lock as everything else.
     pub(crate) wakes: BTreeMap<usize, Arc<Condvar>>,
-    /// Whether a vCPU that parks with its own stop posted first reads its
-    /// general and segment registers ([`AtStop`]) on its thread, before the
+    /// Whether a vCPU that parks with its own stop posted reads its general
+    /// and segment registers ([`AtStop`]) on its thread, just after the
     /// stop is announced (the GDB server asks, for its session).
     #[cfg(feature = "gdb")]
     pub(crate) read_at_stop: bool,
     /// What each such vCPU read, until the debugger takes it.
     #[cfg(feature = "gdb")]
     pub(crate) at_stop: BTreeMap<usize, AtStop>,
+    /// The vCPUs reading it now: parked, their stop announced, the read
+    /// not yet in `at_stop`.
+    #[cfg(feature = "gdb")]
+    pub(crate) reading_at_stop: BTreeSet<usize>,
 }
 
 /// The registers a vCPU read as it parked with its stop posted: what a
@@ -394,6 +398,8 @@ impl<M: GuestMemory> VmDebug<M> {
                     read_at_stop: false,
                     #[cfg(feature = "gdb")]
                     at_stop: BTreeMap::new(),
+                    #[cfg(feature = "gdb")]
+                    reading_at_stop: BTreeSet::new(),
                 }),
                 cond: Condvar::new(),
                 cond_waiters: AtomicU64::new(0),
@@ -1003,6 +1009,35 @@ mod tests {
             assert_eq!((a.regs.rip, a.regs.rsp, a.regs.rbp), (0x1234, 0x8ff0, 0x8ff8));
             assert_eq!(a.sregs.cr3, 0x5000);
             assert!(dbg.take_at_stop(0).expect("take").is_none(), "taken once");
+        });
+    }
+
+    /// The vCPU reads after announcing its stop: a debugger that asks while
+    /// the read is under way gets it when it is done, not nothing.
+    #[cfg(feature = "gdb")]
+    #[test]
+    fn a_read_at_the_stop_still_under_way_is_waited_for() {
+        let f = fake_at(0x1234, 0x8ff0, 0x8ff8, 0x5000);
+        parked_at_a_stop(&f, |dbg| {
+            // Make the finished read look unfinished, and finish it later
+            // from another thread as the vCPU's `read_at_stop` does.
+            let read = {
+                let mut inner = dbg.shared.lock().expect("lock");
+                inner.reading_at_stop.insert(0);
+                inner.at_stop.remove(&0).expect("read at the park")
+            };
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    let mut inner = dbg.shared.lock().expect("lock");
+                    inner.reading_at_stop.remove(&0);
+                    inner.at_stop.insert(0, read);
+                    drop(inner);
+                    dbg.shared.notify_debugger();
+                });
+                let a = dbg.take_at_stop(0).expect("take").expect("waited for the read");
+                assert_eq!(a.regs.rip, 0x1234);
+            });
         });
     }
 

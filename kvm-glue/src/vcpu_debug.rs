@@ -413,23 +413,28 @@ impl<M: GuestMemory> VcpuDebug<M> {
     /// Reads what the debugger needs first at this vCPU's stop
     /// ([`AtStop`](crate::debugger::AtStop)), as of `epoch` (taken when it
     /// parked: a job that writes, queued meanwhile, moves it and so makes
-    /// this read stale). A failed read records nothing: the debugger then
-    /// reads as it would without.
+    /// this read stale), then ends the read `park` began (`reading_at_stop`)
+    /// and wakes a debugger that waits for it. A failed read records
+    /// nothing: the debugger then reads as it would without.
     #[cfg(feature = "gdb")]
     fn read_at_stop<V: VcpuOps>(&self, vcpu: &V, epoch: u64) -> Result<()> {
-        let (Ok(regs), Ok(sregs)) = (vcpu.get_regs(), vcpu.get_sregs()) else {
-            return Ok(());
-        };
-        let walks = vcpu.translates_by_page_walk();
-        self.shared.lock()?.at_stop.insert(
-            self.id,
-            crate::debugger::AtStop {
+        let read = match (vcpu.get_regs(), vcpu.get_sregs()) {
+            (Ok(regs), Ok(sregs)) => Some(crate::debugger::AtStop {
                 epoch,
                 regs,
                 sregs,
-                walks,
-            },
-        );
+                walks: vcpu.translates_by_page_walk(),
+            }),
+            _ => None,
+        };
+        {
+            let mut inner = self.shared.lock()?;
+            inner.reading_at_stop.remove(&self.id);
+            if let Some(a) = read {
+                inner.at_stop.insert(self.id, a);
+            }
+        }
+        self.shared.notify_debugger();
         Ok(())
     }
 
@@ -444,21 +449,29 @@ impl<M: GuestMemory> VcpuDebug<M> {
         }
         let posted = inner.run.park(self.id);
         let wake = inner.wake_of(self.id);
+        // The read for the stop reply starts now, with the park: a debugger
+        // that asks for it meanwhile waits for it (`take_at_stop`).
         #[cfg(feature = "gdb")]
         let read = (posted && inner.read_at_stop).then(|| inner.epoch(self.id));
+        #[cfg(feature = "gdb")]
+        if read.is_some() {
+            inner.reading_at_stop.insert(self.id);
+        }
         // Announced once parked: the debugger's stop_all that follows then
         // need not wait for this vCPU (one wake-up, not two). With the lock
         // released: the woken debugger takes it first thing, and would
         // otherwise sleep on it until this thread's wait lets it go.
         drop(inner);
-        #[cfg(feature = "gdb")]
-        if let Some(epoch) = read {
-            self.read_at_stop(vcpu, epoch)?;
-        }
         if posted {
             shared.signal_stop();
         }
         shared.notify_debugger();
+        // After the announcement: the read's ioctls overlap the debugger's
+        // wake-up instead of adding to it.
+        #[cfg(feature = "gdb")]
+        if let Some(epoch) = read {
+            self.read_at_stop(vcpu, epoch)?;
+        }
         let mut inner = shared.lock()?;
         loop {
             if let Some(job) = inner.jobs.get_mut(&self.id).and_then(|q| q.pop_front()) {
