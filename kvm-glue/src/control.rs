@@ -40,7 +40,7 @@ pub use crate::run_control::{Action, RunState, StopEvent};
 /// The longest [`VmDebug::take_at_stop`] waits for a vCPU's read at its
 /// stop (two ioctls; a vCPU thread that never finishes it costs this once).
 #[cfg(feature = "gdb")]
-const AT_STOP_WAIT: Duration = Duration::from_millis(100);
+const AT_STOP_WAIT: Duration = Duration::from_secs(1);
 
 impl<M: GuestMemory> VmDebug<M> {
     /// Whether vCPU `vcpu` must not just re-enter `KVM_RUN`: a stop is

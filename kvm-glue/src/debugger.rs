@@ -1019,13 +1019,24 @@ mod tests {
     fn a_read_at_the_stop_still_under_way_is_waited_for() {
         let f = fake_at(0x1234, 0x8ff0, 0x8ff8, 0x5000);
         parked_at_a_stop(&f, |dbg| {
-            // Make the finished read look unfinished, and finish it later
+            // Once the vCPU's own read is done (it reads after announcing
+            // the stop), make it look unfinished again, and finish it later
             // from another thread as the vCPU's `read_at_stop` does.
-            let read = {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            let read = loop {
                 let mut inner = dbg.shared.lock().expect("lock");
-                inner.reading_at_stop.insert(0);
-                inner.at_stop.remove(&0).expect("read at the park")
+                if !inner.reading_at_stop.contains(&0) {
+                    let read = inner.at_stop.remove(&0);
+                    if read.is_some() {
+                        inner.reading_at_stop.insert(0);
+                    }
+                    break read;
+                }
+                drop(inner);
+                assert!(std::time::Instant::now() < deadline, "the vCPU's read never ended");
+                std::thread::sleep(std::time::Duration::from_millis(1));
             };
+            let read = read.expect("read at the park");
             std::thread::scope(|s| {
                 s.spawn(|| {
                     std::thread::sleep(std::time::Duration::from_millis(20));
