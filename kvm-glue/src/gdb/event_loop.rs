@@ -50,7 +50,10 @@ impl Waiter {
     /// stay readable after the stop it announced was taken (or dropped as
     /// stale), and the end is a latch. The caller checks for a stop and for
     /// the end *before* each [`wait`](Self::wait), so an edge that came
-    /// before the check is not needed, and one after it wakes the wait.
+    /// before the check is not needed, and one after it wakes the wait. (The
+    /// session's check skips the lock while no stop was posted and no edge
+    /// was seen since its last look; an edge it has not looked at yet is
+    /// still queued in epoll, so the wait returns at once with it.)
     ///
     /// # Errors
     /// `epoll_create1` or `epoll_ctl` failing.
