@@ -40,7 +40,7 @@ pub use crate::run_control::{Action, RunState, StopEvent};
 /// The longest [`VmDebug::take_at_stop`] waits for a vCPU's read at its
 /// stop (two ioctls; a vCPU thread that never finishes it costs this once).
 #[cfg(feature = "gdb")]
-const AT_STOP_WAIT: Duration = Duration::from_secs(1);
+pub(crate) const AT_STOP_WAIT: Duration = Duration::from_secs(1);
 
 impl<M: GuestMemory> VmDebug<M> {
     /// Whether vCPU `vcpu` must not just re-enter `KVM_RUN`: a stop is
@@ -319,15 +319,29 @@ impl<M: GuestMemory> VmDebug<M> {
     /// posted, if that is still current (it has not left its park, and no
     /// job that writes was queued since); taken either way. A read still
     /// under way (the vCPU reads after announcing its stop) is waited for,
-    /// at most [`AT_STOP_WAIT`].
+    /// at most [`AT_STOP_WAIT`]: busy-polled (without the lock) for up to
+    /// `spin`, then asleep.
     #[cfg(feature = "gdb")]
-    pub(crate) fn take_at_stop(&self, vcpu: usize) -> Result<Option<crate::debugger::AtStop>> {
-        let deadline = Instant::now() + AT_STOP_WAIT;
+    pub(crate) fn take_at_stop(&self, vcpu: usize, spin: Duration) -> Result<Option<crate::debugger::AtStop>> {
+        let start = Instant::now();
+        let deadline = start + AT_STOP_WAIT;
         let mut inner = self.shared.lock()?;
         while inner.reading_at_stop.contains(&vcpu) {
             let now = Instant::now();
             if now >= deadline {
                 return Ok(None);
+            }
+            if now.duration_since(start) < spin {
+                // The count moves under the lock when a read ends: seen
+                // unmoved here, the read has not ended yet.
+                let reads = self.shared.reads_at_stop.load(crate::sync::Ordering::Acquire);
+                drop(inner);
+                while self.shared.reads_at_stop.load(crate::sync::Ordering::Acquire) == reads && start.elapsed() < spin
+                {
+                    std::thread::yield_now();
+                }
+                inner = self.shared.lock()?;
+                continue;
             }
             inner = self.shared.wait_debugger(inner, Some(deadline - now))?;
         }

@@ -227,6 +227,11 @@ pub(crate) struct Shared<M> {
     /// knows no stop was posted meanwhile without taking the lock (which a
     /// vCPU it just released is about to take).
     pub(crate) posts: AtomicU64,
+    /// Moves (under the `inner` lock) whenever a vCPU ends its read at a
+    /// stop (`reading_at_stop`): a debugger waiting for one may watch it
+    /// without the lock.
+    #[cfg(feature = "gdb")]
+    pub(crate) reads_at_stop: AtomicU64,
     /// 1: single-steps carry `KVM_GUESTDBG_BLOCKIRQ` ([`StepIrqs::Blocked`]).
     pub(crate) block_irq: AtomicU64,
 }
@@ -293,6 +298,23 @@ impl<M> Shared<M> {
     pub(crate) fn kick_running(&self) -> Result<()> {
         let ids = self.lock()?.run.unparked();
         self.kick(&ids)
+    }
+
+    /// Ends vCPU `id`'s read at its stop (`reading_at_stop`), keeping
+    /// what it read if it read anything, and wakes a debugger waiting for
+    /// it (asleep, or watching `reads_at_stop`).
+    #[cfg(feature = "gdb")]
+    pub(crate) fn end_read_at_stop(&self, id: usize, read: Option<AtStop>) -> Result<()> {
+        {
+            let mut inner = self.lock()?;
+            inner.reading_at_stop.remove(&id);
+            if let Some(a) = read {
+                inner.at_stop.insert(id, a);
+            }
+            self.reads_at_stop.fetch_add(1, Ordering::AcqRel);
+        }
+        self.notify_debugger();
+        Ok(())
     }
 
     pub(crate) fn signal_stop(&self) {
@@ -406,6 +428,8 @@ impl<M: GuestMemory> VmDebug<M> {
                 kick: RwLock::new(None),
                 stop_fd,
                 posts: AtomicU64::new(0),
+                #[cfg(feature = "gdb")]
+                reads_at_stop: AtomicU64::new(0),
                 block_irq: AtomicU64::new(u64::from(crate::probe::host_block_irq())),
             }),
         }
@@ -1005,18 +1029,25 @@ mod tests {
     fn a_vcpu_parking_at_its_stop_hands_over_the_registers_it_holds() {
         let f = fake_at(0x1234, 0x8ff0, 0x8ff8, 0x5000);
         parked_at_a_stop(&f, |dbg| {
-            let a = dbg.take_at_stop(0).expect("take").expect("read at the park");
+            let a = dbg
+                .take_at_stop(0, std::time::Duration::ZERO)
+                .expect("take")
+                .expect("read at the park");
             assert_eq!((a.regs.rip, a.regs.rsp, a.regs.rbp), (0x1234, 0x8ff0, 0x8ff8));
             assert_eq!(a.sregs.cr3, 0x5000);
-            assert!(dbg.take_at_stop(0).expect("take").is_none(), "taken once");
+            assert!(
+                dbg.take_at_stop(0, std::time::Duration::ZERO).expect("take").is_none(),
+                "taken once"
+            );
         });
     }
 
     /// The vCPU reads after announcing its stop: a debugger that asks while
-    /// the read is under way gets it when it is done, not nothing.
+    /// the read is under way gets it when it is done, not nothing — asleep
+    /// (`spin` zero) or busy-polling (`spin` longer than the whole wait, so
+    /// only the count `end_read_at_stop` moves can end it in time).
     #[cfg(feature = "gdb")]
-    #[test]
-    fn a_read_at_the_stop_still_under_way_is_waited_for() {
+    fn a_read_under_way_is_waited_for(spin: std::time::Duration) {
         let f = fake_at(0x1234, 0x8ff0, 0x8ff8, 0x5000);
         parked_at_a_stop(&f, |dbg| {
             // Once the vCPU's own read is done (it reads after announcing
@@ -1040,16 +1071,32 @@ mod tests {
             std::thread::scope(|s| {
                 s.spawn(|| {
                     std::thread::sleep(std::time::Duration::from_millis(20));
-                    let mut inner = dbg.shared.lock().expect("lock");
-                    inner.reading_at_stop.remove(&0);
-                    inner.at_stop.insert(0, read);
-                    drop(inner);
-                    dbg.shared.notify_debugger();
+                    dbg.shared.end_read_at_stop(0, Some(read)).expect("end the read");
                 });
-                let a = dbg.take_at_stop(0).expect("take").expect("waited for the read");
+                let asked = std::time::Instant::now();
+                let a = dbg.take_at_stop(0, spin).expect("take").expect("waited for the read");
                 assert_eq!(a.regs.rip, 0x1234);
+                // Ended by the read's end, not by the window running out.
+                assert!(
+                    asked.elapsed() < spin.max(crate::control::AT_STOP_WAIT),
+                    "the wait outlasted the read"
+                );
             });
         });
+    }
+
+    #[cfg(feature = "gdb")]
+    #[test]
+    fn a_read_at_the_stop_still_under_way_is_waited_for() {
+        a_read_under_way_is_waited_for(std::time::Duration::ZERO);
+    }
+
+    #[cfg(feature = "gdb")]
+    #[test]
+    fn a_read_at_the_stop_still_under_way_is_busy_polled_for() {
+        // Longer than AT_STOP_WAIT: a spin that missed the read's end would
+        // outlast the whole wait and come back with nothing.
+        a_read_under_way_is_waited_for(std::time::Duration::from_secs(3));
     }
 
     /// A job that may write the parked vCPU (the VMM's `with_parked_vcpu`)
@@ -1065,7 +1112,10 @@ mod tests {
                 ops.set_regs(&r).expect("set")
             })
             .expect("job");
-            assert!(dbg.take_at_stop(0).expect("take").is_none(), "stale after the write");
+            assert!(
+                dbg.take_at_stop(0, std::time::Duration::ZERO).expect("take").is_none(),
+                "stale after the write"
+            );
         });
         assert_eq!(f.regs().rsp, 0x7000, "the job ran on the vCPU");
     }

@@ -427,15 +427,7 @@ impl<M: GuestMemory> VcpuDebug<M> {
             }),
             _ => None,
         };
-        {
-            let mut inner = self.shared.lock()?;
-            inner.reading_at_stop.remove(&self.id);
-            if let Some(a) = read {
-                inner.at_stop.insert(self.id, a);
-            }
-        }
-        self.shared.notify_debugger();
-        Ok(())
+        self.shared.end_read_at_stop(self.id, read)
     }
 
     /// Parks while held; returns the step-over debt taken on the way out

@@ -17,9 +17,29 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 /// What `serve_stream` reported, in order, as text.
 type Events = Arc<Mutex<Vec<String>>>;
 
+/// What one serving reported.
+struct Served {
+    result: Result<u8, GdbError>,
+    events: Vec<String>,
+    /// The CPU time the serving thread used, all of it.
+    cpu: Duration,
+}
+
+/// The CPU time the calling thread has used.
+fn thread_cpu() -> Duration {
+    // SAFETY: `rusage` is plain old data, zeroed is a valid value, and
+    // getrusage writes only the one struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_THREAD reports the calling thread.
+    let r = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) };
+    assert_eq!(r, 0, "getrusage: {}", std::io::Error::last_os_error());
+    let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
 /// Serves `stream` on a thread with one simulated vCPU; returns what
-/// serving returned and the events it reported.
-fn serve_with_one_vcpu(stream: UnixStream, drive: impl FnOnce()) -> (Result<u8, GdbError>, Vec<String>) {
+/// serving returned, the events it reported and the CPU time it took.
+fn serve_with_one_vcpu(stream: UnixStream, drive: impl FnOnce()) -> Served {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).expect("memory");
     let dbg = VmDebug::new(mem);
     let mut h = dbg.vcpu(0).expect("vCPU handle");
@@ -44,7 +64,7 @@ fn serve_with_one_vcpu(stream: UnixStream, drive: impl FnOnce()) -> (Result<u8, 
                 host: Some(HostDebug::full("simulated vCPUs")),
                 ..Options::default()
             };
-            serve_stream(&stream, "test-serial", &dbg, &options, |e: &ServeEvent| {
+            let served = serve_stream(&stream, "test-serial", &dbg, &options, |e: &ServeEvent| {
                 let line = match e {
                     ServeEvent::Connected(Peer::Stream(name)) => format!("connected {name}"),
                     ServeEvent::Connected(other) => format!("connected from a non-stream {other}"),
@@ -53,22 +73,25 @@ fn serve_with_one_vcpu(stream: UnixStream, drive: impl FnOnce()) -> (Result<u8, 
                     ServeEvent::NotGdb(peer) => format!("not gdb {peer}"),
                 };
                 events.lock().expect("events").push(line);
-            })
+            });
+            (served, thread_cpu())
         })
     };
     drive();
-    let served = server.join().expect("the server thread panicked");
+    let (result, cpu) = server.join().expect("the server thread panicked");
     done.store(true, Ordering::Release);
     // Serving ended with a detach: the vCPU is released and sees `done`.
     vcpu_thread.join().expect("the vCPU thread panicked");
     let events = events.lock().expect("events").clone();
-    (served, events)
+    Served { result, events, cpu }
 }
 
 #[test]
 fn a_stray_ack_on_a_stream_starts_no_session_and_end_of_file_ends_serving() {
     let (ours, theirs) = UnixStream::pair().expect("socketpair");
-    let (served, events) = serve_with_one_vcpu(ours, move || {
+    let Served {
+        result: served, events, ..
+    } = serve_with_one_vcpu(ours, move || {
         let mut theirs = theirs;
         // What a debugger that detached may still send: acks.
         theirs.write_all(b"++-").expect("write");
@@ -87,7 +110,9 @@ fn a_packet_on_a_stream_starts_a_session_that_answers_on_the_stream() {
     let (ours, theirs) = UnixStream::pair().expect("socketpair");
     let reply = Arc::new(Mutex::new(Vec::new()));
     let got = Arc::clone(&reply);
-    let (served, events) = serve_with_one_vcpu(ours, move || {
+    let Served {
+        result: served, events, ..
+    } = serve_with_one_vcpu(ours, move || {
         let mut theirs = theirs;
         // `?`: why did the target stop (checksum 0x3f).
         theirs.write_all(b"$?#3f").expect("write");
@@ -109,4 +134,64 @@ fn a_packet_on_a_stream_starts_a_session_that_answers_on_the_stream() {
     assert!(reply.contains("thread:"), "{reply:?}");
     assert_eq!(events, ["connected test-serial", "lost"]);
     assert!(matches!(&served, Err(GdbError::StreamClosed { .. })), "{served:?}");
+}
+
+/// Reads one reply (`$…#xx`, after any acks) from `s`; its body.
+fn reply(s: &mut UnixStream) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut b = [0u8];
+    while !buf.ends_with(b"#") {
+        s.read_exact(&mut b).expect("a reply");
+        buf.push(b[0]);
+    }
+    let mut sum = [0u8; 2];
+    s.read_exact(&mut sum).expect("checksum");
+    let start = buf.iter().position(|&c| c == b'$').expect("a packet") + 1;
+    buf[start..buf.len() - 1].to_vec()
+}
+
+fn send(s: &mut UnixStream, body: &[u8]) {
+    let sum = body.iter().fold(0u8, |a, b| a.wrapping_add(*b));
+    s.write_all(&[b"$", body, format!("#{sum:02x}").as_bytes()].concat())
+        .expect("write");
+}
+
+/// The session's busy-polling (`Options::busy_poll`) is bounded: while the
+/// guest runs freely the serving thread sleeps, so half a second of a
+/// continued guest costs it next to no CPU time. A loop that polled for as
+/// long as the guest runs (firecracker's, cloud-hypervisor's) would use
+/// all of that half second.
+#[test]
+fn the_session_sleeps_while_the_guest_runs_freely() {
+    let (ours, theirs) = UnixStream::pair().expect("socketpair");
+    const RUN: Duration = Duration::from_millis(500);
+    let stop = Arc::new(Mutex::new(Vec::new()));
+    let got = Arc::clone(&stop);
+    let served = serve_with_one_vcpu(ours, move || {
+        let mut theirs = theirs;
+        theirs.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        send(&mut theirs, b"QStartNoAckMode");
+        assert_eq!(reply(&mut theirs), b"OK");
+        send(&mut theirs, b"vCont;c");
+        std::thread::sleep(RUN);
+        theirs.write_all(&[0x03]).expect("Ctrl-C");
+        *got.lock().expect("stop") = reply(&mut theirs);
+        send(&mut theirs, b"D");
+        assert_eq!(reply(&mut theirs), b"OK");
+    });
+    let stop = String::from_utf8_lossy(&stop.lock().expect("stop")).into_owned();
+    assert!(stop.starts_with("T02"), "Ctrl-C stops the guest: {stop:?}");
+    assert!(
+        served.events.iter().any(|e| e.starts_with("ended Detached")),
+        "{:?}",
+        served.events
+    );
+    // A fifth of the run: the whole session's packets and polling windows
+    // take a few milliseconds.
+    assert!(
+        served.cpu < RUN / 5,
+        "the serving thread used {:?} of CPU over a {RUN:?} run",
+        served.cpu
+    );
+    println!("serving thread CPU over a {RUN:?} run: {:?}", served.cpu);
 }

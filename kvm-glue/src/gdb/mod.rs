@@ -235,6 +235,9 @@ impl GuestEnd {
     }
 }
 
+/// [`Options::busy_poll`]'s default.
+pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(100);
+
 /// How [`serve`] behaves.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -248,6 +251,19 @@ pub struct Options {
     /// process ([`HostDebug::probed`]). A VMM that knows better (it probed
     /// already, or runs somewhere the probe cannot) says so here.
     pub host: Option<HostDebug>,
+    /// How long the session's thread busy-polls, after each reply and
+    /// after each resume, before it sleeps (`Duration::ZERO`: never).
+    ///
+    /// GDB sends its next packet within microseconds of a reply, and a
+    /// step's stop comes within microseconds of the `vCont;s`: a thread
+    /// that looks for them without sleeping takes them without the
+    /// wake-up of a sleeping thread, which on an idle host costs more than
+    /// the whole answer (a round trip on loopback TCP: 80–100 µs when the
+    /// server sleeps, 26–30 µs when it polls; see `docs/gdb.md`). The cost
+    /// is CPU time: at most this much per packet answered and per resume,
+    /// and none while the session waits for longer than that — the guest
+    /// running, GDB at its prompt.
+    pub busy_poll: Duration,
 }
 
 impl Default for Options {
@@ -256,6 +272,7 @@ impl Default for Options {
             stop_timeout: Duration::from_secs(5),
             end: None,
             host: None,
+            busy_poll: DEFAULT_BUSY_POLL,
         }
     }
 }
@@ -744,6 +761,7 @@ where
         Err(e) => return SessionEnd::Fatal(e),
     };
     target.waiter = Some(waiter);
+    target.busy_poll = options.busy_poll;
     target.declared = declared;
     // A fixed buffer: gdbstub grows an owned one with any longer packet,
     // and its `m` loop steps by the grown size (see `wire`).

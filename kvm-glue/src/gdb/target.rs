@@ -152,6 +152,9 @@ pub struct VmTarget<M> {
     pub(super) end: Option<GuestEnd>,
     /// What the event loop sleeps on while the guest runs.
     pub(super) waiter: Option<Waiter>,
+    /// How long the event loop busy-polls before it sleeps
+    /// ([`Options::busy_poll`](super::Options::busy_poll)).
+    pub(super) busy_poll: Duration,
     /// What this host delivers: how `Z0`–`Z4` are served.
     host: HostDebug,
     /// Which resume packet GDB sent (read off the connection).
@@ -159,6 +162,10 @@ pub struct VmTarget<M> {
     /// Resumed and not stopped since: a stop or Ctrl-C has something to
     /// report.
     pub(super) running: bool,
+    /// Every vCPU the last resume ran single-steps: its stop comes within
+    /// microseconds, and nothing else runs (the event loop busy-polls for
+    /// it, see [`Options::busy_poll`](super::Options::busy_poll)).
+    pub(super) stepping: bool,
     /// [`VmDebug::posts`] when the event loop last looked for a stop under
     /// the lock (`None`: never): while it stands, and the stop descriptor
     /// said nothing, no stop was posted since, and the loop sleeps without
@@ -406,6 +413,8 @@ impl<M: GuestMemory + Send + Sync + 'static> VmTarget<M> {
             stop_timeout,
             end,
             waiter: None,
+            busy_poll: Duration::ZERO,
+            stepping: false,
             host,
             resume_log,
             running: false,
@@ -426,7 +435,7 @@ impl<M: GuestMemory + Send + Sync + 'static> VmTarget<M> {
             return Ok(None);
         };
         if self.seen.get(&id).is_none_or(|s| s.epoch != epoch) {
-            match self.dbg.take_at_stop(id).map_err(TargetError::Fatal)? {
+            match self.dbg.take_at_stop(id, self.busy_poll).map_err(TargetError::Fatal)? {
                 Some(a) if a.epoch == epoch => {
                     self.seen.insert(
                         id,
@@ -987,6 +996,7 @@ impl<M: GuestMemory + Send + Sync + 'static> MultiThreadResume for VmTarget<M> {
             other => other?,
         }
         self.running = true;
+        self.stepping = plan.iter().all(|&(_, action)| action == Action::Step);
         Ok(())
     }
 
