@@ -32,7 +32,9 @@
 //!
 //! And the floor under every row, with the same client: the wire alone (a
 //! thread of this process that answers each packet with `OK` at once; and
-//! with a reply as long as a `g`, the floor under `g`), and the wire with a
+//! with a reply as long as a `g`, the floor under `g`; and one that
+//! busy-polls for the next packet before it sleeps in a read, as kvm-glue's
+//! session does, [`Options::busy_poll`]), and the wire with a
 //! hand-off to a second thread and back (the least a
 //! server whose socket's thread is not the vCPU's adds to a step). A step
 //! can be no faster than the wire alone plus the raw step; the summary
@@ -59,6 +61,10 @@
 //! whose KVM ignores RFLAGS.RF (`kvm_pvm`, HOST.md) QEMU's continue from a
 //! hardware breakpoint re-hits it without executing anything, so its row
 //! there is cheaper work than kvm-glue's step-over.
+//!
+//! kvm-glue's session busy-polls for the default window
+//! ([`kvm_glue::gdb::DEFAULT_BUSY_POLL`]), or for `$GDB_PATH_BUSY_POLL_US`
+//! µs if set (`0`: it sleeps at once, as QEMU's stub does).
 //!
 //! The client negotiates `QStartNoAckMode` where the server offers it, as
 //! gdb does (QEMU's gdbstub does not: there each reply is acknowledged). Without `/dev/kvm`
@@ -397,6 +403,7 @@ fn with_vm(other: Other, body: impl FnOnce(&mut Client, &Target)) -> Result<bool
     let end = GuestEnd::new()?;
     let options = Options {
         end: Some(end.clone()),
+        busy_poll: busy_poll(),
         ..Options::default()
     };
     let target = Target {
@@ -655,7 +662,10 @@ struct HandOff {
 const G_HEX: usize = 1216;
 
 impl Floor {
-    fn new(hand_off: bool, pad: usize) -> Result<Floor, Error> {
+    /// `poll`: before sleeping in a read, look for the next packet for this
+    /// long, yielding between looks, as kvm-glue's session does
+    /// ([`Options::busy_poll`]).
+    fn new(hand_off: bool, pad: usize, poll: Duration) -> Result<Floor, Error> {
         // `OK`, then hex digits with no run of three (nothing to encode).
         let mut body = b"OK".to_vec();
         body.extend(b"0123456789abcdef".iter().cycle().take(pad));
@@ -685,6 +695,17 @@ impl Floor {
             let mut buf = [0u8; 4096];
             let mut have = Vec::new();
             loop {
+                if !poll.is_zero() {
+                    let start = Instant::now();
+                    let mut one = [0u8];
+                    let _ = s.set_nonblocking(true);
+                    while matches!(s.peek(&mut one), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                        && start.elapsed() < poll
+                    {
+                        std::thread::yield_now();
+                    }
+                    let _ = s.set_nonblocking(false);
+                }
                 let n = match s.read(&mut buf) {
                     Ok(0) | Err(_) => return,
                     Ok(n) => n,
@@ -727,6 +748,15 @@ impl Floor {
             b.iter(|| black_box(c.expect("vCont;s:1", "OK")))
         });
     }
+}
+
+/// kvm-glue's busy-polling window: `$GDB_PATH_BUSY_POLL_US` µs if set (0:
+/// none, the session sleeps at once), else the default.
+fn busy_poll() -> Duration {
+    std::env::var("GDB_PATH_BUSY_POLL_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(kvm_glue::gdb::DEFAULT_BUSY_POLL, Duration::from_micros)
 }
 
 /// Every operation on `t` in one configuration, `round`.
@@ -917,6 +947,16 @@ fn summary(since: SystemTime, qemu: Option<&str>) {
             h / raw
         );
     }
+    let polling = op_median(&dir, "wire_floor_polling", since);
+    if let Some(p) = polling {
+        println!(
+            "the wire alone, answered by a thread that busy-polls for {} µs before it sleeps \
+             (as kvm-glue's session does): {:.2} µs = {:.2}x the raw step",
+            busy_poll().as_micros(),
+            p / 1e3,
+            p / raw
+        );
+    }
     if let Some(r) = op_median(&dir, "raw_kvm_get_regs_sregs", since) {
         println!(
             "KVM_GET_REGS + KVM_GET_SREGS on a vCPU: {:.2} µs = {:.2}x the raw step \
@@ -968,7 +1008,8 @@ fn summary(since: SystemTime, qemu: Option<&str>) {
                 .map(|q| format!("; QEMU's {:.2}x", q / raw))
                 .unwrap_or_default();
             println!("step / raw KVM step: {:.2}x (goal <= 2.5x: {verdict}){q}", t / raw);
-            if let Some(f) = floor {
+            // Against the floor that answers as kvm-glue's session does.
+            if let Some(f) = if busy_poll().is_zero() { floor } else { polling } {
                 println!(
                     "step above the wire alone: {:.2} µs = {:.2}x the raw step (the wire alone is {:.2}x)",
                     (t - f) / 1e3,
@@ -1006,9 +1047,10 @@ fn run(c: &mut Criterion) -> Result<Option<String>, Error> {
     let Some(mut raw) = RawStep::new()? else {
         return Ok(None);
     };
-    let mut floor = Floor::new(false, 0)?;
-    let mut floor_g = Floor::new(false, G_HEX - 2)?;
-    let mut hand_off = Floor::new(true, 0)?;
+    let mut floor = Floor::new(false, 0, Duration::ZERO)?;
+    let mut floor_polling = Floor::new(false, 0, busy_poll())?;
+    let mut floor_g = Floor::new(false, G_HEX - 2, Duration::ZERO)?;
+    let mut hand_off = Floor::new(true, 0, Duration::ZERO)?;
     let qemu = match find_qemu() {
         Ok(q) => Some(q),
         Err(why) => {
@@ -1026,6 +1068,7 @@ fn run(c: &mut Criterion) -> Result<Option<String>, Error> {
                     if let Other::Spinning = other {
                         raw.bench(&mut group, round);
                         floor.bench(&mut group, "wire_floor", round);
+                        floor_polling.bench(&mut group, "wire_floor_polling", round);
                         floor_g.bench(&mut group, "wire_floor_g_sized", round);
                         hand_off.bench(&mut group, "wire_floor_hand_off", round);
                     }

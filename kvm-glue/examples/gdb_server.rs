@@ -30,6 +30,9 @@
 //! How `break` and watchpoints are served follows kvm-glue's probe of this
 //! host; `--host full` overrides it (int3 and debug-register watchpoints
 //! as on a VMX/SVM host), as a VMM that knows its host may.
+//! `--busy-poll-us N` sets how long the session's thread looks for GDB's
+//! next packet (and a step's stop) before it sleeps (`Options::busy_poll`;
+//! `0`: it sleeps at once).
 
 use std::net::TcpListener;
 use std::os::unix::fs::FileTypeExt;
@@ -61,9 +64,11 @@ struct Args {
     kill_ends: bool,
     /// `--host full`: serve as on a KVM that delivers everything.
     host_full: bool,
+    /// `--busy-poll-us N`: `Options::busy_poll`.
+    busy_poll: Option<Duration>,
 }
 
-const USAGE: &str = "usage: gdb_server (--port N | --socket PATH) [--vcpu1 sw|data|straight|loop|int3] [--kill-ends] [--host full|probe]";
+const USAGE: &str = "usage: gdb_server (--port N | --socket PATH) [--vcpu1 sw|data|straight|loop|int3] [--kill-ends] [--host full|probe] [--busy-poll-us N]";
 
 /// The exit code when GDB's `kill` ends the guest (`--kill-ends`): 128 + SIGKILL.
 const KILLED: u8 = 137;
@@ -74,6 +79,7 @@ fn parse_args() -> Result<Args, String> {
     let mut vcpu1 = ("sw", guest::SW);
     let mut kill_ends = false;
     let mut host_full = false;
+    let mut busy_poll = None;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--port" => {
@@ -108,6 +114,11 @@ fn parse_args() -> Result<Args, String> {
                     _ => return Err("--host needs full or probe".into()),
                 };
             }
+            "--busy-poll-us" => {
+                let v = args.next().ok_or("--busy-poll-us needs a value")?;
+                let us = v.parse::<u64>().map_err(|e| format!("--busy-poll-us {v}: {e}"))?;
+                busy_poll = Some(Duration::from_micros(us));
+            }
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other}")),
         }
@@ -117,6 +128,7 @@ fn parse_args() -> Result<Args, String> {
         vcpu1,
         kill_ends,
         host_full,
+        busy_poll,
     })
 }
 
@@ -315,6 +327,7 @@ fn run(args: &Args) -> Result<u8, Error> {
             host: args
                 .host_full
                 .then(|| HostDebug::full("--host full on the command line")),
+            busy_poll: args.busy_poll.unwrap_or(kvm_glue::gdb::DEFAULT_BUSY_POLL),
             ..Options::default()
         };
         let on_event = |event: &ServeEvent| {
