@@ -183,7 +183,7 @@ impl<M: GuestMemory> VmDebug<M> {
         };
         if released {
             self.shared.notify_debugger();
-            wake(&wakes);
+            wake(&self.shared, &wakes);
         }
         Ok(released)
     }
@@ -222,7 +222,7 @@ impl<M: GuestMemory> VmDebug<M> {
             self.shared.signal_stop();
         } else {
             self.shared.notify_debugger();
-            wake(&wakes);
+            wake(&self.shared, &wakes);
         }
         Ok(())
     }
@@ -312,6 +312,14 @@ impl<M: GuestMemory> VmDebug<M> {
         if !on {
             inner.at_stop.clear();
         }
+        Ok(())
+    }
+
+    /// How long a vCPU that parks with its own stop posted busy-polls for
+    /// its release before it sleeps (`Duration::ZERO`: it sleeps at once).
+    #[cfg(feature = "gdb")]
+    pub(crate) fn set_park_poll(&self, window: Duration) -> Result<()> {
+        self.shared.lock()?.park_poll = window;
         Ok(())
     }
 
@@ -439,7 +447,7 @@ impl<M: GuestMemory> VmDebug<M> {
             (epoch, inner.wake_of(vcpu))
         };
         let (epoch, parked) = epoch;
-        parked.notify_all();
+        wake(&self.shared, &[parked]);
         let r = rx.recv().map_err(|_| Error::NotParked { vcpu })?;
         Ok((r, epoch))
     }
@@ -469,7 +477,7 @@ impl<M: GuestMemory> VmDebug<M> {
         };
         let _ = self.shared.stop_fd.read();
         self.shared.notify_debugger();
-        wake(&wakes);
+        wake(&self.shared, &wakes);
         self.shared.kick_running()?;
         Ok(out)
     }

@@ -121,6 +121,11 @@ pub(crate) struct Inner<M> {
     /// not yet in `at_stop`.
     #[cfg(feature = "gdb")]
     pub(crate) reading_at_stop: BTreeSet<usize>,
+    /// How long a vCPU that parks with its own stop posted busy-polls for
+    /// its release before it sleeps (the GDB server sets its session's
+    /// window: the vCPU stepped is usually stepped again at once).
+    #[cfg(feature = "gdb")]
+    pub(crate) park_poll: std::time::Duration,
 }
 
 /// The registers a vCPU read as it parked with its stop posted: what a
@@ -198,8 +203,13 @@ pub(crate) fn still_valid(state: &DebugState, watch: &WatchSlots, p: &Pending, s
 }
 
 /// Wakes the parked vCPUs that wait on `wakes` (call with the lock
-/// released: a woken vCPU takes it first thing).
-pub(crate) fn wake(wakes: &[Arc<Condvar>]) {
+/// released: a woken vCPU takes it first thing), and moves
+/// `Shared::wakes_sent` for a vCPU that busy-polls instead.
+pub(crate) fn wake<M>(shared: &Shared<M>, wakes: &[Arc<Condvar>]) {
+    #[cfg(feature = "gdb")]
+    shared.wakes_sent.fetch_add(1, Ordering::AcqRel);
+    #[cfg(not(feature = "gdb"))]
+    let _ = shared;
     for w in wakes {
         w.notify_all();
     }
@@ -227,6 +237,11 @@ pub(crate) struct Shared<M> {
     /// knows no stop was posted meanwhile without taking the lock (which a
     /// vCPU it just released is about to take).
     pub(crate) posts: AtomicU64,
+    /// Moves (after the state change, under the `inner` lock, that made
+    /// it) whenever parked vCPUs are woken: one that busy-polls for its
+    /// release watches it without the lock.
+    #[cfg(feature = "gdb")]
+    pub(crate) wakes_sent: AtomicU64,
     /// Moves (under the `inner` lock) whenever a vCPU ends its read at a
     /// stop (`reading_at_stop`): a debugger waiting for one may watch it
     /// without the lock.
@@ -419,6 +434,8 @@ impl<M: GuestMemory> VmDebug<M> {
                     #[cfg(feature = "gdb")]
                     read_at_stop: false,
                     #[cfg(feature = "gdb")]
+                    park_poll: std::time::Duration::ZERO,
+                    #[cfg(feature = "gdb")]
                     at_stop: BTreeMap::new(),
                     #[cfg(feature = "gdb")]
                     reading_at_stop: BTreeSet::new(),
@@ -428,6 +445,8 @@ impl<M: GuestMemory> VmDebug<M> {
                 kick: RwLock::new(None),
                 stop_fd,
                 posts: AtomicU64::new(0),
+                #[cfg(feature = "gdb")]
+                wakes_sent: AtomicU64::new(0),
                 #[cfg(feature = "gdb")]
                 reads_at_stop: AtomicU64::new(0),
                 block_irq: AtomicU64::new(u64::from(crate::probe::host_block_irq())),
@@ -973,11 +992,23 @@ mod tests {
     /// stop on; `body` runs once the stop is taken and every vCPU parked.
     #[cfg(feature = "gdb")]
     fn parked_at_a_stop(f: &crate::fake::FakeVcpu, body: impl FnOnce(&VmDebug<vm_memory::GuestMemoryMmap>)) {
+        parked_at_a_stop_polling(f, std::time::Duration::ZERO, body);
+    }
+
+    /// As [`parked_at_a_stop`], the vCPU busy-polling for its release for
+    /// `window` first.
+    #[cfg(feature = "gdb")]
+    fn parked_at_a_stop_polling(
+        f: &crate::fake::FakeVcpu,
+        window: std::time::Duration,
+        body: impl FnOnce(&VmDebug<vm_memory::GuestMemoryMmap>),
+    ) {
         use crate::vcpu_debug::Handled;
         use std::time::Duration;
         let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).expect("mmap");
         let dbg = VmDebug::new(mem);
         dbg.set_read_at_stop(true).expect("read at stop");
+        dbg.set_park_poll(window).expect("park poll");
         let mut h = dbg.vcpu(0).expect("vCPU handle");
         let pc = f.regs().rip;
         dbg.insert(AddressSpace::Physical, BreakpointType::Hardware, pc, 1)
@@ -1039,6 +1070,37 @@ mod tests {
                 dbg.take_at_stop(0, std::time::Duration::ZERO).expect("take").is_none(),
                 "taken once"
             );
+        });
+    }
+
+    /// A vCPU parked at its own stop that busy-polls for its release
+    /// (the GDB session's window) leaves its park when released, without
+    /// waiting out the window: the count the release moves ends the poll.
+    /// A job queued for it meanwhile runs too (it moves the count as well).
+    #[cfg(feature = "gdb")]
+    #[test]
+    fn a_vcpu_polling_for_its_release_leaves_its_park_when_released() {
+        use crate::run_control::{Action, RunState};
+        use std::time::{Duration, Instant};
+        // Far longer than the test may take: only the count can end the
+        // poll within a quarter of it (the window starts at the park,
+        // before the body runs).
+        const WINDOW: Duration = Duration::from_secs(20);
+        const BOUND: Duration = Duration::from_secs(5);
+        let f = fake_at(0x1234, 0x8ff0, 0x8ff8, 0x5000);
+        parked_at_a_stop_polling(&f, WINDOW, |dbg| {
+            let asked = Instant::now();
+            let rip = dbg
+                .with_parked_vcpu(0, |ops| ops.get_regs().map(|r| r.rip))
+                .expect("job");
+            assert_eq!(rip.expect("regs"), 0x1234);
+            assert!(asked.elapsed() < BOUND, "the job waited out the poll");
+            let released = Instant::now();
+            dbg.resume(&[(0, Action::Continue)]).expect("resume");
+            while dbg.run_state(0).expect("state") == RunState::Parked {
+                assert!(released.elapsed() < BOUND, "the release waited out the poll");
+                std::thread::sleep(Duration::from_millis(1));
+            }
         });
     }
 

@@ -465,6 +465,11 @@ impl<M: GuestMemory> VcpuDebug<M> {
             self.read_at_stop(vcpu, epoch)?;
         }
         let mut inner = shared.lock()?;
+        // A vCPU parked at its own stop is usually released again at once
+        // (GDB steps it): it busy-polls for that for the session's window,
+        // and so needs no wake-up from sleep.
+        #[cfg(feature = "gdb")]
+        let poll = (posted && !inner.park_poll.is_zero()).then(|| (std::time::Instant::now(), inner.park_poll));
         loop {
             if let Some(job) = inner.jobs.get_mut(&self.id).and_then(|q| q.pop_front()) {
                 drop(inner);
@@ -474,6 +479,18 @@ impl<M: GuestMemory> VcpuDebug<M> {
             }
             if !inner.run.held(self.id) {
                 break;
+            }
+            #[cfg(feature = "gdb")]
+            if let Some((start, window)) = poll.filter(|(start, window)| start.elapsed() < *window) {
+                // Read under the lock: a release (and a job) changes the
+                // state under it and moves the count after.
+                let sent = shared.wakes_sent.load(Ordering::Acquire);
+                drop(inner);
+                while shared.wakes_sent.load(Ordering::Acquire) == sent && start.elapsed() < window {
+                    std::thread::yield_now();
+                }
+                inner = shared.lock()?;
+                continue;
             }
             inner = wake.wait(inner).map_err(|_| Error::Poisoned)?;
         }

@@ -9,7 +9,8 @@
 //! ([`Options::busy_poll`](super::Options::busy_poll), 100 µs by default),
 //! and only where an answer is due within microseconds: GDB's next packet
 //! after a reply, a step's stop after a resume that only steps. Then it
-//! sleeps. While the guest runs freely it sleeps at once: firecracker's and
+//! sleeps. (The vCPU that parks at its own stop polls for its release for
+//! the same window, on its own thread: see `VcpuDebug`'s park.) While the guest runs freely it sleeps at once: firecracker's and
 //! cloud-hypervisor's GDB loops spin on `try_recv` + `peek` and keep a core
 //! busy for as long as the guest runs.
 //!

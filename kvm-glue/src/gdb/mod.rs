@@ -251,18 +251,22 @@ pub struct Options {
     /// process ([`HostDebug::probed`]). A VMM that knows better (it probed
     /// already, or runs somewhere the probe cannot) says so here.
     pub host: Option<HostDebug>,
-    /// How long the session's thread busy-polls, after each reply and
-    /// after each resume, before it sleeps (`Duration::ZERO`: never).
+    /// How long the session's thread busy-polls before it sleeps — for
+    /// GDB's next packet after each reply, for a step's stop after a resume
+    /// that only steps — and how long a vCPU that parks at its own stop
+    /// busy-polls for its release (`Duration::ZERO`: everyone sleeps at
+    /// once).
     ///
-    /// GDB sends its next packet within microseconds of a reply, and a
-    /// step's stop comes within microseconds of the `vCont;s`: a thread
-    /// that looks for them without sleeping takes them without the
-    /// wake-up of a sleeping thread, which on an idle host costs more than
-    /// the whole answer (a round trip on loopback TCP: 80–100 µs when the
-    /// server sleeps, 26–30 µs when it polls; see `docs/gdb.md`). The cost
-    /// is CPU time: at most this much per packet answered and per resume,
-    /// and none while the session waits for longer than that — the guest
-    /// running, GDB at its prompt.
+    /// GDB sends its next packet within microseconds of a reply, a step's
+    /// stop comes within microseconds of the `vCont;s`, and the vCPU that
+    /// stopped is the one GDB steps next: a thread that looks for these
+    /// without sleeping takes them without the wake-up of a sleeping
+    /// thread, which on an idle host costs more than the whole answer (a
+    /// round trip on loopback TCP: 80–115 µs when the server sleeps,
+    /// 27–38 µs when it polls; see `docs/gdb.md`). The pollers yield their
+    /// CPU between looks. The cost is CPU time: at most this much per
+    /// packet answered and per stop, and none while a wait lasts longer —
+    /// the guest running freely, GDB at its prompt.
     pub busy_poll: Duration,
 }
 
@@ -775,6 +779,10 @@ where
     if let Err(e) = dbg.set_read_at_stop(true) {
         return SessionEnd::Fatal(e);
     }
+    // And busy-polls for its release for the session's window.
+    if let Err(e) = dbg.set_park_poll(options.busy_poll) {
+        return SessionEnd::Fatal(e);
+    }
     let end = match event_loop::run(stub, &mut target) {
         Ok(DisconnectReason::Disconnect) => SessionEnd::Detached,
         Ok(DisconnectReason::Kill) => SessionEnd::Killed,
@@ -785,6 +793,7 @@ where
         Err(LoopError::Target(e)) => SessionEnd::Fatal(e),
     };
     let _ = dbg.set_read_at_stop(false);
+    let _ = dbg.set_park_poll(Duration::ZERO);
     end
 }
 
