@@ -82,7 +82,7 @@ use std::time::{Duration, Instant, SystemTime};
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion};
 use kvm_bindings::{KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP};
-use kvm_glue::gdb::{serve, GuestEnd, Options};
+use kvm_glue::gdb::{serve, GuestEnd, Options, ServeEvent};
 use kvm_glue::guest::{self, Exit, Guest, GuestError};
 use kvm_glue::kick::SignalKick;
 use kvm_glue::vcpu_debug::{effective, to_kvm};
@@ -429,7 +429,15 @@ fn with_vm(other: Other, body: impl FnOnce(&mut Client, &Target)) -> Result<bool
         let (listener, dbg, options) = (&listener, &dbg, &options);
         let server = std::thread::Builder::new()
             .name("gdb".into())
-            .spawn_scoped(s, move || serve(listener, dbg, options, |_| {}))?;
+            .spawn_scoped(s, move || {
+                serve(listener, dbg, options, |e| {
+                    // Why a session ended, for a bench that fails with the
+                    // connection closed.
+                    if let ServeEvent::Ended(end) = e {
+                        eprintln!("gdb_path: kvm-glue's session ended: {end:?}");
+                    }
+                })
+            })?;
         let mut client = Client::connect(port)?;
         client.handshake();
         if let Other::Halted = other {

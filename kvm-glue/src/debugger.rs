@@ -98,6 +98,10 @@ pub(crate) struct Inner<M> {
     /// vCPUs an [`IdleWaker`](crate::idle::IdleWaker) woke that have not
     /// seen it yet ([`crate::idle`]).
     pub(crate) idle_wakes: BTreeSet<usize>,
+    /// vCPUs in [`wait_idle`](crate::VcpuDebug::wait_idle) now: outside
+    /// `KVM_RUN`, and not kicked (what would kick them ends the wait; a
+    /// signal kick would stay queued there, one more per stop).
+    pub(crate) idle_waiting: BTreeSet<usize>,
     /// Per vCPU, moves whenever what a parked reader saw of it may have
     /// changed: it left its park (or handed its thread back to the VMM from
     /// `poll_park`), or a job that may write it was queued. What was read
@@ -229,7 +233,7 @@ pub(crate) struct Shared<M> {
     /// and after each wait): with none, a notify is skipped — it would be a
     /// system call that wakes nobody, several per step.
     pub(crate) cond_waiters: AtomicU64,
-    kick: RwLock<Option<std::sync::Arc<dyn Kick>>>,
+    pub(crate) kick: RwLock<Option<std::sync::Arc<dyn Kick>>>,
     /// Readable while a posted stop may be waiting.
     pub(crate) stop_fd: EventFd,
     /// Moves (under the `inner` lock) whenever a vCPU posts a stop: a
@@ -295,11 +299,28 @@ impl<M> Shared<M> {
         // A vCPU waiting after a `hlt` exit (crate::idle) is outside
         // KVM_RUN, where no kick reaches it: what kicks it ends that wait.
         // Every caller changed the state under the lock before calling.
-        self.notify_debugger();
         let kick = self.kick.read().map_err(|_| Error::Poisoned)?.clone();
-        let Some(kick) = kick else { return Ok(()) };
+        let Some(kick) = kick else {
+            self.notify_debugger();
+            return Ok(());
+        };
+        // Nor is it kicked: it leaves the wait under the lock, after which
+        // it sees the change (made before this look) and calls before_run
+        // before any KVM_RUN. A signal kick sent to it would only queue
+        // (blocked outside KVM_RUN), one more per stop, until the queue is
+        // full and kicks fail. Looked at before the notify that ends the
+        // wait; one that ended meanwhile (a caller notified already, or a
+        // timeout) drops what it was sent as it leaves (`Kick::drop_pending`).
+        let ids: Vec<usize> = {
+            let inner = self.lock()?;
+            ids.iter()
+                .copied()
+                .filter(|id| !inner.idle_waiting.contains(id))
+                .collect()
+        };
+        self.notify_debugger();
         let mut first = Ok(());
-        for &id in ids {
+        for &id in &ids {
             if let Err(source) = kick.kick(id) {
                 if first.is_ok() {
                     first = Err(Error::Kick { vcpu: id, source });
@@ -429,6 +450,7 @@ impl<M: GuestMemory> VmDebug<M> {
                     run,
                     jobs: BTreeMap::new(),
                     idle_wakes: BTreeSet::new(),
+                    idle_waiting: BTreeSet::new(),
                     epochs: BTreeMap::new(),
                     wakes: BTreeMap::new(),
                     #[cfg(feature = "gdb")]

@@ -17,6 +17,13 @@
 //!   source: a timer, a device, another vCPU's IPI) — [`Woke::Vmm`];
 //! * the timeout passes — [`Woke::TimedOut`].
 //!
+//! A vCPU in this wait is not kicked (no kick could reach it; what would
+//! kick it ends the wait instead), and as it leaves the wait it drops any
+//! kick sent to its thread meanwhile ([`Kick::drop_pending`](crate::Kick::drop_pending)):
+//! a real-time signal kick would otherwise stay queued, one more per stop
+//! while the guest stays halted, until the queue is full and kicking fails
+//! (`EAGAIN`, which ends a GDB session).
+//!
 //! No wake-up is lost: a stop, intent change or [`IdleWaker::wake`] that
 //! comes before the wait (after the `hlt` exit, or even while the vCPU still
 //! ran) ends the next wait at once. The conditions are read under the debug
@@ -174,17 +181,20 @@ impl<M: GuestMemory> VcpuDebug<M> {
         let shared = self.shared();
         let applied = self.applied_generation();
         let mut inner = shared.lock()?;
-        loop {
+        // Not kicked while here (see `Shared::kick`): it leaves under the
+        // lock, and so sees every change made before a kick was skipped.
+        inner.idle_waiting.insert(self.id());
+        let woke = loop {
             if inner.run.held(self.id()) {
-                return Ok(Woke::Stop);
+                break Woke::Stop;
             }
             if inner.idle_wakes.remove(&self.id()) {
-                return Ok(Woke::Vmm);
+                break Woke::Vmm;
             }
             // Bumped under this lock: read while holding it.
             let now_generation = shared.generation.load(Ordering::Acquire);
             if applied.is_some_and(|g| g != now_generation) {
-                return Ok(Woke::Intent);
+                break Woke::Intent;
             }
             // Counted as a waiter on the debugger's condition variable, which
             // every kick and wake notifies.
@@ -193,11 +203,24 @@ impl<M: GuestMemory> VcpuDebug<M> {
                 Some(d) => {
                     let now = Instant::now();
                     if now >= d {
-                        return Ok(Woke::TimedOut);
+                        break Woke::TimedOut;
                     }
                     shared.wait_debugger(inner, Some(d - now))?
                 }
             };
+        };
+        inner.idle_waiting.remove(&self.id());
+        drop(inner);
+        // Kicks sent to this thread while it waited (a wait that ended
+        // before a kick's look, see `Shared::kick`) are dropped: their
+        // changes are in the state before_run reads next.
+        let kick = shared.kick.read().map_err(|_| crate::Error::Poisoned)?.clone();
+        if let Some(kick) = kick {
+            kick.drop_pending().map_err(|source| crate::Error::Kick {
+                vcpu: self.id(),
+                source,
+            })?;
         }
+        Ok(woke)
     }
 }

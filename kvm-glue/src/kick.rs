@@ -56,6 +56,21 @@ pub trait Kick: Send + Sync {
     /// # Errors
     /// If the kick could not be delivered.
     fn kick(&self, vcpu: usize) -> io::Result<()>;
+
+    /// Called on a vCPU's own thread, outside `KVM_RUN`, when it leaves a
+    /// wait after a `hlt` exit ([`wait_idle`](crate::VcpuDebug::wait_idle)):
+    /// drops kicks pending for this thread. Each kick's change is already
+    /// visible to the [`before_run`](crate::VcpuDebug::before_run) that
+    /// comes before any `KVM_RUN`, and a kick sent later still lands. A
+    /// kick that queues while its thread is outside `KVM_RUN` (a real-time
+    /// signal) would otherwise pile up while the guest stays halted, one
+    /// more per stop, until sending fails. The default does nothing.
+    ///
+    /// # Errors
+    /// If the pending kicks could not be dropped.
+    fn drop_pending(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl<F: Fn(usize) -> io::Result<()> + Send + Sync> Kick for F {
@@ -262,6 +277,12 @@ impl Kick for SignalKick {
             Err(io::Error::from_raw_os_error(rc))
         }
     }
+
+    /// Consumes the kick signals pending for the calling thread (as
+    /// [`drain`](SignalKick::drain)).
+    fn drop_pending(&self) -> io::Result<()> {
+        self.drain().map_err(io::Error::other)
+    }
 }
 
 fn set_kvm_signal_mask(fd: &VcpuFd, mask: u64) -> io::Result<()> {
@@ -308,5 +329,44 @@ mod tests {
         };
         k.kick(3).expect("kick");
         assert_eq!(*seen.lock().expect("lock"), [3]);
+    }
+
+    /// Whether `signo` is pending for the calling thread.
+    fn pending(signo: c_int) -> bool {
+        // SAFETY: a zeroed sigset_t is a valid (empty) set; sigpending
+        // writes only the one set it is given.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::sigpending(&mut set) }, 0, "sigpending");
+        // SAFETY: `set` is a valid, initialised set.
+        unsafe { libc::sigismember(&set, signo) == 1 }
+    }
+
+    /// Kicks sent to a thread outside `KVM_RUN` (the signal blocked, as a
+    /// prepared vCPU thread has it there) queue up, one per kick;
+    /// `drop_pending` on that thread takes them all, so a vCPU halted for a
+    /// long debug session does not pile up one per stop until sending fails.
+    #[test]
+    fn drop_pending_takes_every_kick_queued_for_the_calling_thread() {
+        // An offset of its own: other tests' kicks use other signals.
+        let kick = SignalKick::new(5).expect("signal kick");
+        std::thread::spawn(move || {
+            // SAFETY: the set is zeroed then filled by sigemptyset /
+            // sigaddset; pthread_sigmask changes only this thread's mask.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, kick.signo);
+                assert_eq!(libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()), 0);
+                for _ in 0..3 {
+                    assert_eq!(libc::pthread_kill(libc::pthread_self(), kick.signo), 0);
+                }
+            }
+            assert!(pending(kick.signo), "the kicks are queued while blocked");
+            kick.drop_pending().expect("drop pending");
+            assert!(!pending(kick.signo), "every queued kick was taken");
+        })
+        .join()
+        .expect("the test thread");
     }
 }

@@ -203,3 +203,72 @@ fn a_waker_for_an_unknown_vcpu_is_a_run_error() {
         other => panic!("expected UnknownVcpu, got {other:?}"),
     }
 }
+
+/// Counts each vCPU's kicks.
+fn counting_kicks(dbg: &VmDebug<GuestMemoryMmap>) -> std::sync::Arc<[std::sync::atomic::AtomicUsize; 2]> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let kicks: Arc<[AtomicUsize; 2]> = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+    let counted = Arc::clone(&kicks);
+    dbg.set_kick(Arc::new(move |id: usize| {
+        counted[id].fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }) as Arc<dyn kvm_glue::Kick>)
+        .expect("set kick");
+    kicks
+}
+
+/// A vCPU waiting after `hlt` is outside `KVM_RUN`: a kick cannot reach it
+/// there (what would kick it ends its wait instead), so it is not kicked.
+/// A `SignalKick`'s real-time signal sent to it would stay queued, one
+/// more per stop, until the queue was full and the next kick failed with
+/// `EAGAIN`, ending the GDB session (the `gdb_path` bench hit it after
+/// about 96,000 stops with vCPU 1 halted).
+#[test]
+fn a_vcpu_waiting_after_hlt_is_not_kicked() {
+    use std::sync::atomic::Ordering;
+    let dbg = dbg();
+    let kicks = counting_kicks(&dbg);
+    const STOPS: usize = 5;
+    let (tx, rx) = mpsc::channel();
+    // Each wait is announced just before it starts: a stop that came
+    // before it would find the vCPU maybe in KVM_RUN, and rightly kick it.
+    let (waits_tx, waits) = mpsc::channel();
+    let dbg0 = dbg.clone();
+    std::thread::spawn(move || {
+        let fake = FakeVcpu::new();
+        let mut h = halted(&dbg0, 0, &fake);
+        for _ in 0..STOPS {
+            let _ = waits_tx.send(());
+            let woke = h.wait_idle(None).expect("wait");
+            assert_eq!(woke, Woke::Stop);
+            h.before_run(&fake).expect("park, then back to the wait when released");
+        }
+        let _ = tx.send(());
+    });
+    for _ in 0..STOPS {
+        waits.recv_timeout(GUARD).expect("vCPU 0 waits again");
+        let_it_wait();
+        dbg.stop_all(GUARD).expect("the waiting vCPU parks");
+        dbg.resume_all().expect("resume");
+    }
+    rx.recv_timeout(GUARD).expect("vCPU 0 saw every stop");
+    assert_eq!(kicks[0].load(Ordering::Acquire), 0, "the waiting vCPU was kicked");
+}
+
+/// The other side of the rule above: a vCPU that is not waiting after
+/// `hlt` may be in `KVM_RUN`, and a stop kicks it.
+#[test]
+fn a_vcpu_that_may_be_in_kvm_run_is_kicked() {
+    use std::sync::atomic::Ordering;
+    let dbg = dbg();
+    let kicks = counting_kicks(&dbg);
+    let fake = FakeVcpu::new();
+    // Synced, then (as far as kvm-glue knows) in KVM_RUN: it never parks.
+    let _h = halted(&dbg, 0, &fake);
+    assert!(
+        dbg.stop_all(QUIET).is_err(),
+        "a vCPU that never parks times the stop out"
+    );
+    assert_eq!(kicks[0].load(Ordering::Acquire), 1, "kicked once by the stop");
+}
