@@ -397,6 +397,18 @@ mod tests {
         (w, ours, theirs, stop)
     }
 
+    /// What a wait returns for a byte from GDB alone, and for a stop alone.
+    const A_BYTE: Ready = Ready {
+        conn: true,
+        stop: false,
+        end: false,
+    };
+    const A_STOP: Ready = Ready {
+        conn: false,
+        stop: true,
+        end: false,
+    };
+
     /// A long window: a poll that missed what came would outlast the test.
     const LONG: Duration = Duration::from_secs(600);
 
@@ -409,14 +421,7 @@ mod tests {
                 io::Write::write_all(&mut theirs, b"$").expect("write");
             });
             let ready = w.wait_busy(LONG, || false).expect("wait");
-            assert_eq!(
-                ready,
-                Ready {
-                    conn: true,
-                    stop: false,
-                    end: false
-                }
-            );
+            assert_eq!(ready, A_BYTE);
         });
     }
 
@@ -429,14 +434,7 @@ mod tests {
                 stop.write(1).expect("signal");
             });
             let ready = w.wait_busy(LONG, || false).expect("wait");
-            assert_eq!(
-                ready,
-                Ready {
-                    conn: false,
-                    stop: true,
-                    end: false
-                }
-            );
+            assert_eq!(ready, A_STOP);
         });
     }
 
@@ -470,14 +468,7 @@ mod tests {
                     false
                 })
                 .expect("wait");
-            assert_eq!(
-                ready,
-                Ready {
-                    conn: true,
-                    stop: false,
-                    end: false
-                }
-            );
+            assert_eq!(ready, A_BYTE);
         });
         assert!(asks > 0, "polled first");
     }
