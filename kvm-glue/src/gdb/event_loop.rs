@@ -10,9 +10,10 @@
 //! and only where an answer is due within microseconds: GDB's next packet
 //! after a reply, a step's stop after a resume that only steps. Then it
 //! sleeps. (The vCPU that parks at its own stop polls for its release for
-//! the same window, on its own thread: see `VcpuDebug`'s park.) While the guest runs freely it sleeps at once: firecracker's and
-//! cloud-hypervisor's GDB loops spin on `try_recv` + `peek` and keep a core
-//! busy for as long as the guest runs.
+//! the same window, on its own thread: see `VcpuDebug`'s park.) While the
+//! guest runs freely it sleeps at once: firecracker's and
+//! cloud-hypervisor's GDB loops spin on `try_recv` + `peek` and keep a
+//! core busy for as long as the guest runs.
 //!
 //! The polling yields the CPU between looks (`sched_yield`). A peer woken
 //! by a reply is often queued on the replying thread's own CPU (a socket
