@@ -344,10 +344,7 @@ impl<M: GuestMemory> VmDebug<M> {
                 // unmoved here, the read has not ended yet.
                 let reads = self.shared.reads_at_stop.load(crate::sync::Ordering::Acquire);
                 drop(inner);
-                while self.shared.reads_at_stop.load(crate::sync::Ordering::Acquire) == reads && start.elapsed() < spin
-                {
-                    std::thread::yield_now();
-                }
+                crate::debugger::poll_until_moved(&self.shared.reads_at_stop, reads, start, spin);
                 inner = self.shared.lock()?;
                 continue;
             }

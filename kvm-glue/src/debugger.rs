@@ -219,6 +219,16 @@ pub(crate) fn wake<M>(shared: &Shared<M>, wakes: &[Arc<Condvar>]) {
     }
 }
 
+/// Busy-polls, yielding the CPU between looks, until `count` has moved
+/// from `seen` (read under the lock, before it was dropped) or `window`
+/// has passed since `start`.
+#[cfg(feature = "gdb")]
+pub(crate) fn poll_until_moved(count: &AtomicU64, seen: u64, start: std::time::Instant, window: std::time::Duration) {
+    while count.load(Ordering::Acquire) == seen && start.elapsed() < window {
+        std::thread::yield_now();
+    }
+}
+
 pub(crate) struct Shared<M> {
     /// Moves (under the `inner` lock) whenever a vCPU's configuration may
     /// have changed.

@@ -486,9 +486,7 @@ impl<M: GuestMemory> VcpuDebug<M> {
                 // state under it and moves the count after.
                 let sent = shared.wakes_sent.load(Ordering::Acquire);
                 drop(inner);
-                while shared.wakes_sent.load(Ordering::Acquire) == sent && start.elapsed() < window {
-                    std::thread::yield_now();
-                }
+                crate::debugger::poll_until_moved(&shared.wakes_sent, sent, start, window);
                 inner = shared.lock()?;
                 continue;
             }
